@@ -1,0 +1,381 @@
+"""conv2d (stride 1) + bias + activation + 2x2/2 pooling: forward and backward as implicit GEMMs.
+
+Forward: GEMM rows are *pooled* output positions (n, ph, pw), columns are output channels, the
+reduction runs over C_in*k*k. Each program keeps four accumulators, one per position of the pooling
+window, so pooling happens in registers and only the pooled map is written. What backward needs is
+kept as small as we can defend: max pooling saves a 1-byte window index (the first maximum, as in
+PyTorch) and nothing else, because the activation derivative is recovered from the pooled output
+itself (act_grad(y), see activations.py). Average pooling needs act' at all four positions, so with a
+non-identity activation it saves the pre-pool activations (what eager PyTorch keeps); identity saves
+nothing. Recomputing the convolution in backward would save that memory at the cost of a second
+forward GEMM, a poor trade for LeNet where that map is small.
+
+Backward is ONE launch: programs [0, NUM_DX) compute grad input tiles (a GEMM over output channels x
+kernel taps, i.e. a transposed convolution), the rest compute the weight gradient, split over batch x
+positions and reduced deterministically (split_reduce.py). The bias gradient rides along as an extra
+column of the weight gradient against an implicit input of ones. The gradient with respect to the
+pre-activation (pool and activation derivatives) is never materialised: both GEMMs gather it on the
+fly from grad_output, the pooled output and the window index.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activations import ACTIVATIONS, act, act_grad
+from .launch import launch, next_pow2, use_tf32
+from .split_reduce import store_partial_and_arrive, sum_partials
+
+POOLS = ("max", "avg")
+
+
+@triton.jit
+def _im2col(x_ptr, n, oh, ow, row_mask, offs_k,
+            C_in, H, W,
+            stride_xn, stride_xc, stride_xh, stride_xw,
+            KSIZE: tl.constexpr, PADDING: tl.constexpr, ONES_COLUMN: tl.constexpr):
+    """Input patch values x[n, ci, oh + kh - p, ow + kw - p] for rows (n, oh, ow) and reduction
+    index offs_k = (ci, kh, kw), zero outside the image. n/oh/ow and offs_k broadcast against each
+    other, so the same gather serves the forward (rows x k) and the weight gradient (k x rows).
+    With ONES_COLUMN, index k == C_in*k*k reads 1: the bias column of the weight gradient."""
+    K = C_in * KSIZE * KSIZE
+    ci = offs_k // (KSIZE * KSIZE)
+    kh = (offs_k // KSIZE) % KSIZE
+    kw = offs_k % KSIZE
+    ih = oh + kh - PADDING
+    iw = ow + kw - PADDING
+    mask = row_mask & (offs_k < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    vals = tl.load(x_ptr + n * stride_xn + ci * stride_xc + ih * stride_xh + iw * stride_xw,
+                   mask=mask, other=0.0)
+    if ONES_COLUMN:
+        vals = tl.where(row_mask & (offs_k == K), 1.0, vals)
+    return vals
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_k, offs_co, C_in, C_out,
+                 stride_wo, stride_wi, stride_wh, stride_ww, KSIZE: tl.constexpr):
+    """w[co, ci, kh, kw] for reduction index offs_k = (ci, kh, kw) and output channels offs_co."""
+    ci = offs_k // (KSIZE * KSIZE)
+    kh = (offs_k // KSIZE) % KSIZE
+    kw = offs_k % KSIZE
+    mask = (offs_k < C_in * KSIZE * KSIZE) & (offs_co < C_out)
+    return tl.load(w_ptr + offs_co * stride_wo + ci * stride_wi + kh * stride_wh + kw * stride_ww,
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _running_max(best, win, z, j: tl.constexpr):
+    # Strictly greater keeps the first maximum on ties (PyTorch's choice); a NaN replaces a number.
+    take = (z > best) | ((z != z) & (best == best))
+    return tl.where(take, z, best), tl.where(take, j, win).to(tl.int8)
+
+
+@triton.jit
+def _pool_window(z00, z01, z10, z11, POOL: tl.constexpr):
+    """Pool the four window positions (row-major in the window). Max pooling also returns the
+    window index of the first maximum; a NaN anywhere wins, so NaN propagates as in PyTorch."""
+    if POOL == "max":
+        best, win = _running_max(z00, tl.zeros(z00.shape, dtype=tl.int8), z01, 1)
+        best, win = _running_max(best, win, z10, 2)
+        best, win = _running_max(best, win, z11, 3)
+        return best, win
+    else:
+        tl.static_assert(POOL == "avg", "unknown POOL")
+        return (z00 + z01 + z10 + z11) * 0.25, tl.zeros(z00.shape, dtype=tl.int8)
+
+
+@triton.jit
+def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
+                 C_out, PH, PW,
+                 ACTIVATION: tl.constexpr, POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr):
+    """dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the pooled
+    grad_output g, the pooled output y and the window index (max) or pre-pool activation (avg).
+    Zero where no pooling window covers (oh, ow): the floor-dropped last row/column, or outside."""
+    inside = mask & (oh >= 0) & (ow >= 0) & (oh < 2 * PH) & (ow < 2 * PW)
+    pooled = ((n * C_out + co) * PH + oh // 2) * PW + ow // 2
+    g = tl.load(g_ptr + pooled, mask=inside, other=0.0)
+    if POOL == "max":
+        y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
+        win = tl.load(win_ptr + pooled, mask=inside, other=-1)
+        dz = tl.where(win == (oh % 2) * 2 + ow % 2, g * act_grad(y, ACTIVATION), 0.0)
+    else:
+        dz = g * 0.25
+        if SAVED_PREPOOL:
+            a = tl.load(a_ptr + ((n * C_out + co) * 2 * PH + oh) * 2 * PW + ow, mask=inside, other=0.0)
+            dz = dz * act_grad(a, ACTIVATION)
+    return dz
+
+
+@triton.jit
+def conv2d_act_pool_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, a_ptr,
+    # sizes
+    N, C_in, H, W, C_out, PH, PW,
+    # strides
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    # meta-parameters
+    KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE_WIN: tl.constexpr, SAVE_PREPOOL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+
+    # Rows: pooled positions (n, ph, pw), in int64 since N*C*H*W may pass 2^31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N * PH * PW
+    pw = offs_m % PW
+    ph = (offs_m // PW) % PH
+    n = offs_m // (PW * PH)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_out
+
+    # Top-left conv position of each pooling window, as columns for the patch gather.
+    n_c, oh_c, ow_c, m_c = n[:, None], 2 * ph[:, None], 2 * pw[:, None], mask_m[:, None]
+    z00 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    z01 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    z10 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    z11 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, C_in * KSIZE * KSIZE, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w = _weight_tile(w_ptr, offs_k[:, None], offs_n[None, :], C_in, C_out,
+                         stride_wo, stride_wi, stride_wh, stride_ww, KSIZE)
+        k_r = offs_k[None, :]
+        x00 = _im2col(x_ptr, n_c, oh_c, ow_c, m_c, k_r, C_in, H, W,
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+        z00 = tl.dot(x00, w, z00, input_precision=DOT_PRECISION)
+        x01 = _im2col(x_ptr, n_c, oh_c, ow_c + 1, m_c, k_r, C_in, H, W,
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+        z01 = tl.dot(x01, w, z01, input_precision=DOT_PRECISION)
+        x10 = _im2col(x_ptr, n_c, oh_c + 1, ow_c, m_c, k_r, C_in, H, W,
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+        z10 = tl.dot(x10, w, z10, input_precision=DOT_PRECISION)
+        x11 = _im2col(x_ptr, n_c, oh_c + 1, ow_c + 1, m_c, k_r, C_in, H, W,
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+        z11 = tl.dot(x11, w, z11, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
+        z00 += b
+        z01 += b
+        z10 += b
+        z11 += b
+    a00 = act(z00, ACTIVATION)
+    a01 = act(z01, ACTIVATION)
+    a10 = act(z10, ACTIVATION)
+    a11 = act(z11, ACTIVATION)
+    y, win = _pool_window(a00, a01, a10, a11, POOL)
+
+    # Outputs are contiguous NCHW: y / win are [N, C_out, PH, PW], a is [N, C_out, 2PH, 2PW].
+    mask = mask_m[:, None] & mask_n[None, :]
+    nc = n[:, None] * C_out + offs_n[None, :]
+    pooled = (nc * PH + ph[:, None]) * PW + pw[:, None]
+    tl.store(y_ptr + pooled, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_WIN:
+        tl.store(win_ptr + pooled, win, mask=mask)
+    if SAVE_PREPOOL:
+        full = (nc * 2 * PH + 2 * ph[:, None]) * 2 * PW + 2 * pw[:, None]
+        a_dtype = a_ptr.dtype.element_ty
+        tl.store(a_ptr + full, a00.to(a_dtype), mask=mask)
+        tl.store(a_ptr + full + 1, a01.to(a_dtype), mask=mask)
+        tl.store(a_ptr + full + 2 * PW, a10.to(a_dtype), mask=mask)
+        tl.store(a_ptr + full + 2 * PW + 1, a11.to(a_dtype), mask=mask)
+
+
+@triton.jit
+def conv2d_act_pool_bwd_kernel(
+    # pointers
+    x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+    # sizes
+    N, C_in, H, W, C_out, PH, PW, NUM_DX, SPLIT, ROWS_PER_SPLIT,
+    # strides
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    # meta-parameters
+    KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
+    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
+    BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if pid < NUM_DX:
+        # grad input: rows are input positions (n, ih, iw), columns input channels; the reduction
+        # runs over (co, kh, kw) reading dz at conv position (ih + p - kh, iw + p - kw).
+        num_n = tl.cdiv(C_in, BLOCK_DX_N)
+        offs_m = (pid // num_n).to(tl.int64) * BLOCK_DX_M + tl.arange(0, BLOCK_DX_M)
+        offs_ci = (pid % num_n) * BLOCK_DX_N + tl.arange(0, BLOCK_DX_N)
+        mask_m = offs_m < N * H * W
+        iw = (offs_m % W)[:, None]
+        ih = ((offs_m // W) % H)[:, None]
+        n = (offs_m // (W * H))[:, None]
+        acc = tl.zeros([BLOCK_DX_M, BLOCK_DX_N], dtype=acc_dtype)
+        for k0 in range(0, C_out * KSIZE * KSIZE, BLOCK_DX_K):
+            offs_k = k0 + tl.arange(0, BLOCK_DX_K)
+            co = offs_k // (KSIZE * KSIZE)
+            kh = (offs_k // KSIZE) % KSIZE
+            kw = offs_k % KSIZE
+            k_mask = offs_k < C_out * KSIZE * KSIZE
+            dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co[None, :],
+                              ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
+                              mask_m[:, None] & k_mask[None, :], C_out, PH, PW,
+                              ACTIVATION, POOL, SAVED_PREPOOL)
+            w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
+                        + kh[:, None] * stride_wh + kw[:, None] * stride_ww,
+                        mask=k_mask[:, None] & (offs_ci[None, :] < C_in), other=0.0)
+            acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        dx = dx_ptr + ((n * C_in + offs_ci[None, :]) * H + ih) * W + iw
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_ci[None, :] < C_in))
+    else:
+        # grad weight (+ bias as column K): [C_out, K (+1)] = dz^T [C_out, R] @ patches [R, K (+1)],
+        # R = conv positions covered by a pooling window; this program sums one slice of R.
+        K = C_in * KSIZE * KSIZE
+        K_OUT = K + 1 if HAS_BIAS else K
+        pid_w = pid - NUM_DX
+        split = pid_w % SPLIT
+        tile = pid_w // SPLIT
+        num_k = tl.cdiv(K_OUT, BLOCK_DW_K)
+        offs_co = (tile // num_k) * BLOCK_DW_CO + tl.arange(0, BLOCK_DW_CO)
+        offs_k = (tile % num_k) * BLOCK_DW_K + tl.arange(0, BLOCK_DW_K)
+        OW2 = 2 * PW
+        OH2 = 2 * PH
+        R = N * OH2 * OW2
+        acc = tl.zeros([BLOCK_DW_CO, BLOCK_DW_K], dtype=acc_dtype)
+        r_start = split.to(tl.int64) * ROWS_PER_SPLIT
+        for r0 in range(0, ROWS_PER_SPLIT, BLOCK_DW_R):
+            offs_r = r_start + r0 + tl.arange(0, BLOCK_DW_R)
+            mask_r = offs_r < R
+            ow = offs_r % OW2
+            oh = (offs_r // OW2) % OH2
+            n = offs_r // (OW2 * OH2)
+            dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n[None, :], offs_co[:, None],
+                              oh[None, :], ow[None, :],
+                              mask_r[None, :] & (offs_co[:, None] < C_out), C_out, PH, PW,
+                              ACTIVATION, POOL, SAVED_PREPOOL)
+            patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
+                              offs_k[None, :], C_in, H, W,
+                              stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, HAS_BIAS)
+            acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
+        last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_co, offs_k, tile, split,
+                                        C_out, K_OUT, SPLIT)
+        if last:
+            total = sum_partials(ws_ptr, counter_ptr, offs_co, offs_k, tile, C_out, K_OUT, SPLIT,
+                                 BLOCK_DW_CO, BLOCK_DW_K, acc_dtype)
+            co = offs_co[:, None]
+            k = offs_k[None, :]
+            # dw is contiguous [C_out, C_in, k, k] == [C_out, K]; column K is the bias gradient.
+            tl.store(dw_ptr + co * K + k, total.to(dw_ptr.dtype.element_ty), mask=(co < C_out) & (k < K))
+            if HAS_BIAS:
+                tl.store(db_ptr + co + 0 * k, total.to(db_ptr.dtype.element_ty),
+                         mask=(co < C_out) & (k == K))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
+# --------------------------------------------------------------------------------------------------
+
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters for split_reduce, allocated once per device and re-armed by the kernel."""
+    key = (device, size)
+    if key not in _counters:
+        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
+def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
+    """(PH, PW) of pool2x2(conv_kxk(padding)) on an h x w input, with PyTorch's floor semantics."""
+    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
+
+
+def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool: str,
+                            save_for_backward: bool):
+    """Returns (y, win, prepool): y the pooled output; win the int8 window index (max pooling,
+    when saving for backward) or None; prepool the pre-pool activations (avg pooling with a
+    non-identity activation, when saving) or None. Inputs must already be validated."""
+    N, C_in, H, W = x.shape
+    C_out, _, ksize, _ = weight.shape
+    PH, PW = pooled_size(H, W, ksize, padding)
+    save_win = save_for_backward and pool == "max"
+    save_prepool = save_for_backward and pool == "avg" and activation != "identity"
+    y = torch.empty((N, C_out, PH, PW), device=x.device, dtype=x.dtype)
+    win = torch.empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8) if save_win else None
+    prepool = (torch.empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
+               if save_prepool else None)
+    BLOCK_M, BLOCK_N = 64, min(max(next_pow2(C_out), 16), 64)
+    BLOCK_K = 32 if C_in * ksize * ksize <= 32 else 64
+    # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
+    grid = (triton.cdiv(N * PH * PW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    launch(conv2d_act_pool_fwd_kernel, grid,
+           dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
+                win_ptr=win if save_win else y, a_ptr=prepool if save_prepool else y,
+                N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW,
+                stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+                stride_wo=weight.stride(0), stride_wi=weight.stride(1),
+                stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
+           dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
+                HAS_BIAS=bias is not None, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
+                DOT_PRECISION=_precision(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                num_warps=4))
+    return y, win, prepool
+
+
+def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, activation: str,
+                             pool: str, has_bias: bool, need_dx: bool, need_dw: bool):
+    """Returns (dx or None, dw or None, db or None) in one launch. grad_y/y/win/prepool must be
+    contiguous (the caller ensures it); x and weight may be strided."""
+    N, C_in, H, W = x.shape
+    C_out, _, ksize, _ = weight.shape
+    PH, PW = y.shape[2], y.shape[3]
+    K = C_in * ksize * ksize
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dw = torch.empty((C_out, C_in, ksize, ksize), device=x.device, dtype=x.dtype) if need_dw else None
+    db = torch.empty((C_out,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
+
+    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 64, min(max(next_pow2(C_in), 16), 64), 32
+    num_dx = (triton.cdiv(N * H * W, BLOCK_DX_M) * triton.cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
+
+    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(C_out), 16), 32), 32, 64
+    k_out = K + 1 if has_bias else K
+    num_tiles = triton.cdiv(C_out, BLOCK_DW_CO) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
+    rows = N * 2 * PH * 2 * PW
+    # Enough splits to fill a GPU at large batch, each still summing >= 8 row blocks.
+    split = max(1, min(256, triton.cdiv(rows, 8 * BLOCK_DW_R)))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, split), BLOCK_DW_R) * BLOCK_DW_R
+    split = max(1, triton.cdiv(rows, rows_per_split))
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ws = torch.empty((split * C_out * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
+    counters = _arrival_counters(x.device, max(num_tiles, 1))
+
+    # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
+    grid = (num_dx + num_tiles * split,)
+    launch(conv2d_act_pool_bwd_kernel, grid,
+           dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
+                win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
+                dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
+                db_ptr=db if db is not None else y, ws_ptr=ws, counter_ptr=counters,
+                N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW, NUM_DX=num_dx,
+                SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+                stride_wo=weight.stride(0), stride_wi=weight.stride(1),
+                stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
+           dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
+                SAVED_PREPOOL=prepool is not None, HAS_BIAS=has_bias, DOT_PRECISION=_precision(x),
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
+                BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
+                num_warps=4))
+    return dx, dw, db
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "tf32" if x.dtype == torch.float32 and use_tf32("conv") else "ieee"
+
+
+__all__ = ["ACTIVATIONS", "POOLS", "pooled_size", "conv2d_act_pool_forward", "conv2d_act_pool_backward",
+           "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel"]

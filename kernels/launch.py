@@ -1,0 +1,67 @@
+"""The one place every fastlenet kernel is launched from.
+
+Routing every launch through `launch` gives the tests and the benchmark two things without touching
+the kernels: a count of launches per training step, and a record of each launch's signature and
+constexprs, which tests/test_gpu_build.py compiles for real GPU targets with ptxas.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import triton
+
+_listeners: list[Callable[["Launch"], None]] = []
+
+
+@dataclass
+class Launch:
+    kernel: Any  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # runtime arguments, by name
+    meta: dict[str, Any]  # tl.constexpr arguments and launch options (num_warps, num_stages)
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        self.name = self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel)
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter was switched on (TRITON_INTERPRET=1 before triton's import)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, Any]) -> None:
+    if 0 in grid:
+        return  # an empty output: nothing to compute, and a zero-sized grid is an error on CUDA
+    record = Launch(kernel, grid, args, meta)
+    for listener in _listeners:
+        listener(record)
+    kernel[grid](**args, **meta)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect every Launch made inside the block (in order) into the yielded list."""
+    launches: list[Launch] = []
+    _listeners.append(launches.append)
+    try:
+        yield launches
+    finally:
+        _listeners.remove(launches.append)
+
+
+def use_tf32(kind: str) -> bool:
+    """Follow the switches PyTorch itself uses: cudnn.allow_tf32 for convolutions (on by default),
+    cuda.matmul.allow_tf32 for matmuls (off by default). The interpreter always computes exactly."""
+    if interpreting():
+        return False
+    if kind == "conv":
+        return bool(torch.backends.cudnn.allow_tf32)
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))

@@ -39,10 +39,12 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 # MD5s of the genuine *uncompressed* files. Hashing content rather than .gz archives accepts any
 # container: Debian re-gzipped Fashion-MNIST, so its .gz hashes differ from torchvision's.
 MD5 = {
-    "mnist": dict(zip(FILES, ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
-                              "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"))),
-    "fashion-mnist": dict(zip(FILES, ("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
-                                      "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"))),
+    "mnist": dict(zip(FILES, (
+        "6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+        "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"))),
+    "fashion-mnist": dict(zip(FILES, (
+        "f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+        "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"))),
 }
 _TITLE = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 _FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's class names and folders
@@ -87,7 +89,7 @@ def load(name: str = "mnist", data_dir="./data", *, log: Callable[[str], None] =
         else:
             found[fname] = content
     for problem in filter(None, problems.values()):
-        log(f"{title}: {problem}; not using it, fetching a verified copy")
+        log(f"{title}: {problem}; not using it")
     source = f"{title}: verified files in {raw}"
     if problems:
         log(f"{title}: {len(problems)} of 4 files missing or corrupt in {raw}; fetching")
@@ -105,11 +107,9 @@ def _read_verified(folder: Path, fname: str, expected: str, *, cache: bool = Fal
         if not path.is_file():
             continue
         try:
-            content = path.read_bytes()
-            if path.suffix == ".gz":
-                content = gzip.decompress(content)
-        except (OSError, EOFError, zlib.error) as e:
-            problem = problem or f"{path} is unreadable ({e})"
+            content = _read_bytes(path)
+        except DataError as e:
+            problem = problem or str(e)
             continue
         if (got := _md5(content)) == expected:
             if cache and path.suffix == ".gz":
@@ -133,8 +133,8 @@ def _fetch(name: str, raw: Path, problems: dict[str, str | None]) -> tuple[dict[
     for label, fetch in _sources(name):
         try:
             got = fetch(name, need)
-            bad = [f"{f} md5 {_md5(got[f])}, expected {MD5[name][f]}"
-                   for f in need if _md5(got[f]) != MD5[name][f]]
+            sums = {f: _md5(got[f]) for f in need}
+            bad = [f"{f} md5 {sums[f]}, expected {MD5[name][f]}" for f in need if sums[f] != MD5[name][f]]
             if bad:
                 raise DataError("corrupt copy: " + ", ".join(bad))
         except Exception as e:  # noqa: BLE001 - any failure of one source means: try the next
@@ -216,14 +216,16 @@ def _split(found: dict[str, bytes], prefix: str, n: int) -> Split:
 
 def read_idx(path) -> np.ndarray:
     """The array stored in an IDX file (gzip-compressed if its name ends in .gz)."""
-    path = Path(path)
+    return _parse_idx(_read_bytes(Path(path)), str(path))
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's content, decompressed if its name ends in .gz."""
     try:
         content = path.read_bytes()
-        if path.suffix == ".gz":
-            content = gzip.decompress(content)
+        return gzip.decompress(content) if path.suffix == ".gz" else content
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from e
-    return _parse_idx(content, str(path))
 
 
 def _parse_idx(content: bytes, where: str) -> np.ndarray:
@@ -272,14 +274,14 @@ def atomic_write_bytes(path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            pass
         raise
 
 
 def to_device(split: Split, device, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split on `device`, once: x float32 [N, 1, 28, 28] as (pixel/255 - mean)/std, y int64 [N]."""
     x = split.images.to(device)  # move uint8: a quarter of the bytes of float32
-    x = (x.unsqueeze(1).float().div_(255) - mean).div_(std)
+    x = x.unsqueeze(1).float().div_(255).sub_(mean).div_(std)
     return x, split.labels.to(device)
 
 

@@ -34,18 +34,22 @@ def _im2col(x_ptr, n, oh, ow, row_mask, offs_k,
             stride_xn, stride_xc, stride_xh, stride_xw,
             KSIZE: tl.constexpr, PADDING: tl.constexpr, ONES_COLUMN: tl.constexpr):
     """Input patch values x[n, ci, oh + kh - p, ow + kw - p] for rows (n, oh, ow) and reduction
-    index offs_k = (ci, kh, kw), zero outside the image. n/oh/ow and offs_k broadcast against each
+    index offs_k = (ci, kh, kw), zero outside the image. Rows and offs_k broadcast against each
     other, so the same gather serves the forward (rows x k) and the weight gradient (k x rows).
-    With ONES_COLUMN, index k == C_in*k*k reads 1: the bias column of the weight gradient."""
+    With ONES_COLUMN, index k == C_in*k*k reads 1: the bias column of the weight gradient.
+    n is int64 (a batch may pass 2^31 elements), oh/ow/offs_k int32 (one image never does)."""
     K = C_in * KSIZE * KSIZE
     ci = offs_k // (KSIZE * KSIZE)
-    kh = (offs_k // KSIZE) % KSIZE
-    kw = offs_k % KSIZE
-    ih = oh + kh - PADDING
-    iw = ow + kw - PADDING
+    kh = (offs_k // KSIZE) % KSIZE - PADDING
+    kw = offs_k % KSIZE - PADDING
+    # The address splits into a row part and a column part, so each element of the tile costs one
+    # 64-bit add instead of a chain of 64-bit multiplies (which spilled registers on sm_80).
+    row = n * stride_xn + oh * stride_xh + ow * stride_xw
+    col = ci * stride_xc + kh * stride_xh + kw * stride_xw
+    ih = oh + kh
+    iw = ow + kw
     mask = row_mask & (offs_k < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    vals = tl.load(x_ptr + n * stride_xn + ci * stride_xc + ih * stride_xh + iw * stride_xw,
-                   mask=mask, other=0.0)
+    vals = tl.load(x_ptr + row + col, mask=mask, other=0.0)
     if ONES_COLUMN:
         vals = tl.where(row_mask & (offs_k == K), 1.0, vals)
     return vals
@@ -90,9 +94,10 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
                  ACTIVATION: tl.constexpr, POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr):
     """dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the pooled
     grad_output g, the pooled output y and the window index (max) or pre-pool activation (avg).
-    Zero where no pooling window covers (oh, ow): the floor-dropped last row/column, or outside."""
+    Zero where no pooling window covers (oh, ow): the floor-dropped last row/column, or outside.
+    n is int64; co, oh, ow int32; all broadcast against each other."""
     inside = mask & (oh >= 0) & (ow >= 0) & (oh < 2 * PH) & (ow < 2 * PW)
-    pooled = ((n * C_out + co) * PH + oh // 2) * PW + ow // 2
+    pooled = n * (C_out * PH * PW) + (co * (PH * PW) + (oh // 2) * PW + ow // 2)
     g = tl.load(g_ptr + pooled, mask=inside, other=0.0)
     if POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
@@ -101,8 +106,8 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
     else:
         dz = g * 0.25
         if SAVED_PREPOOL:
-            a = tl.load(a_ptr + ((n * C_out + co) * 2 * PH + oh) * 2 * PW + ow, mask=inside, other=0.0)
-            dz = dz * act_grad(a, ACTIVATION)
+            full = n * (C_out * 4 * PH * PW) + (co * (4 * PH * PW) + oh * (2 * PW) + ow)
+            dz = dz * act_grad(tl.load(a_ptr + full, mask=inside, other=0.0), ACTIVATION)
     return dz
 
 
@@ -128,8 +133,8 @@ def conv2d_act_pool_fwd_kernel(
     # Rows: pooled positions (n, ph, pw), in int64 since N*C*H*W may pass 2^31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N * PH * PW
-    pw = offs_m % PW
-    ph = (offs_m // PW) % PH
+    pw = (offs_m % PW).to(tl.int32)
+    ph = ((offs_m // PW) % PH).to(tl.int32)
     n = offs_m // (PW * PH)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
@@ -172,18 +177,103 @@ def conv2d_act_pool_fwd_kernel(
 
     # Outputs are contiguous NCHW: y / win are [N, C_out, PH, PW], a is [N, C_out, 2PH, 2PW].
     mask = mask_m[:, None] & mask_n[None, :]
-    nc = n[:, None] * C_out + offs_n[None, :]
-    pooled = (nc * PH + ph[:, None]) * PW + pw[:, None]
+    pooled = (n * (C_out * PH * PW) + ph * PW + pw)[:, None] + (offs_n * (PH * PW))[None, :]
     tl.store(y_ptr + pooled, y.to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE_WIN:
         tl.store(win_ptr + pooled, win, mask=mask)
     if SAVE_PREPOOL:
-        full = (nc * 2 * PH + 2 * ph[:, None]) * 2 * PW + 2 * pw[:, None]
+        full = ((n * (C_out * 4 * PH * PW) + ph * (4 * PW) + 2 * pw)[:, None]
+                + (offs_n * (4 * PH * PW))[None, :])
         a_dtype = a_ptr.dtype.element_ty
         tl.store(a_ptr + full, a00.to(a_dtype), mask=mask)
         tl.store(a_ptr + full + 1, a01.to(a_dtype), mask=mask)
         tl.store(a_ptr + full + 2 * PW, a10.to(a_dtype), mask=mask)
         tl.store(a_ptr + full + 2 * PW + 1, a11.to(a_dtype), mask=mask)
+
+
+@triton.jit
+def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
+                     N, C_in, H, W, C_out, PH, PW,
+                     stride_wo, stride_wi, stride_wh, stride_ww,
+                     KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
+                     POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad input: rows are input positions (n, ih, iw), columns input channels; the reduction runs
+    over (co, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw)."""
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    num_n = tl.cdiv(C_in, BLOCK_N)
+    offs_m = (pid // num_n).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * H * W
+    iw = (offs_m % W).to(tl.int32)[:, None]
+    ih = ((offs_m // W) % H).to(tl.int32)[:, None]
+    n = (offs_m // (W * H))[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, C_out * KSIZE * KSIZE, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        co = offs_k // (KSIZE * KSIZE)
+        kh = (offs_k // KSIZE) % KSIZE
+        kw = offs_k % KSIZE
+        mask_k = offs_k < C_out * KSIZE * KSIZE
+        dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co[None, :],
+                          ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
+                          mask_m[:, None] & mask_k[None, :], C_out, PH, PW,
+                          ACTIVATION, POOL, SAVED_PREPOOL)
+        w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
+                    + kh[:, None] * stride_wh + kw[:, None] * stride_ww,
+                    mask=mask_k[:, None] & (offs_ci[None, :] < C_in), other=0.0)
+        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    # dx is contiguous NCHW.
+    dx = dx_ptr + ((n * C_in + offs_ci[None, :]) * H + ih) * W + iw
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_ci[None, :] < C_in))
+
+
+@triton.jit
+def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+                      N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT,
+                      stride_xn, stride_xc, stride_xh, stride_xw,
+                      KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
+                      POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
+                      BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grad weight (+ bias as column K): [C_out, K (+1)] = dz^T [C_out, R] @ patches [R, K (+1)],
+    R = the conv positions covered by a pooling window; this program sums one slice of R."""
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    K = C_in * KSIZE * KSIZE
+    K_OUT = K + 1 if HAS_BIAS else K
+    split = pid % SPLIT
+    tile = pid // SPLIT
+    num_k = tl.cdiv(K_OUT, BLOCK_K)
+    offs_co = (tile // num_k) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_k = (tile % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    OH2 = 2 * PH
+    OW2 = 2 * PW
+    acc = tl.zeros([BLOCK_CO, BLOCK_K], dtype=acc_dtype)
+    r_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
+        offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < N * OH2 * OW2
+        ow = (offs_r % OW2).to(tl.int32)
+        oh = ((offs_r // OW2) % OH2).to(tl.int32)
+        n = offs_r // (OW2 * OH2)
+        dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n[None, :], offs_co[:, None],
+                          oh[None, :], ow[None, :], mask_r[None, :] & (offs_co[:, None] < C_out),
+                          C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL)
+        patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
+                          offs_k[None, :], C_in, H, W,
+                          stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, HAS_BIAS)
+        acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
+    last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_co, offs_k, tile, split,
+                                    C_out, K_OUT, SPLIT)
+    if last:
+        total = sum_partials(ws_ptr, counter_ptr, offs_co, offs_k, tile, C_out, K_OUT, SPLIT,
+                             BLOCK_CO, BLOCK_K, acc_dtype)
+        co = offs_co[:, None]
+        k = offs_k[None, :]
+        # dw is contiguous [C_out, C_in, k, k] == [C_out, K]; column K is the bias gradient.
+        tl.store(dw_ptr + co * K + k, total.to(dw_ptr.dtype.element_ty), mask=(co < C_out) & (k < K))
+        if HAS_BIAS:
+            tl.store(db_ptr + co + 0 * k, total.to(db_ptr.dtype.element_ty), mask=(co < C_out) & (k == K))
 
 
 @triton.jit
@@ -201,77 +291,20 @@ def conv2d_act_pool_bwd_kernel(
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
+    # One launch, two jobs: the first NUM_DX programs compute grad-input tiles, the others
+    # weight-gradient (tile, split) pairs.
     pid = tl.program_id(0)
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     if pid < NUM_DX:
-        # grad input: rows are input positions (n, ih, iw), columns input channels; the reduction
-        # runs over (co, kh, kw) reading dz at conv position (ih + p - kh, iw + p - kw).
-        num_n = tl.cdiv(C_in, BLOCK_DX_N)
-        offs_m = (pid // num_n).to(tl.int64) * BLOCK_DX_M + tl.arange(0, BLOCK_DX_M)
-        offs_ci = (pid % num_n) * BLOCK_DX_N + tl.arange(0, BLOCK_DX_N)
-        mask_m = offs_m < N * H * W
-        iw = (offs_m % W)[:, None]
-        ih = ((offs_m // W) % H)[:, None]
-        n = (offs_m // (W * H))[:, None]
-        acc = tl.zeros([BLOCK_DX_M, BLOCK_DX_N], dtype=acc_dtype)
-        for k0 in range(0, C_out * KSIZE * KSIZE, BLOCK_DX_K):
-            offs_k = k0 + tl.arange(0, BLOCK_DX_K)
-            co = offs_k // (KSIZE * KSIZE)
-            kh = (offs_k // KSIZE) % KSIZE
-            kw = offs_k % KSIZE
-            k_mask = offs_k < C_out * KSIZE * KSIZE
-            dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co[None, :],
-                              ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
-                              mask_m[:, None] & k_mask[None, :], C_out, PH, PW,
-                              ACTIVATION, POOL, SAVED_PREPOOL)
-            w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
-                        + kh[:, None] * stride_wh + kw[:, None] * stride_ww,
-                        mask=k_mask[:, None] & (offs_ci[None, :] < C_in), other=0.0)
-            acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-        dx = dx_ptr + ((n * C_in + offs_ci[None, :]) * H + ih) * W + iw
-        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_ci[None, :] < C_in))
+        _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
+                         N, C_in, H, W, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
+                         KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, DOT_PRECISION,
+                         BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
     else:
-        # grad weight (+ bias as column K): [C_out, K (+1)] = dz^T [C_out, R] @ patches [R, K (+1)],
-        # R = conv positions covered by a pooling window; this program sums one slice of R.
-        K = C_in * KSIZE * KSIZE
-        K_OUT = K + 1 if HAS_BIAS else K
-        pid_w = pid - NUM_DX
-        split = pid_w % SPLIT
-        tile = pid_w // SPLIT
-        num_k = tl.cdiv(K_OUT, BLOCK_DW_K)
-        offs_co = (tile // num_k) * BLOCK_DW_CO + tl.arange(0, BLOCK_DW_CO)
-        offs_k = (tile % num_k) * BLOCK_DW_K + tl.arange(0, BLOCK_DW_K)
-        OW2 = 2 * PW
-        OH2 = 2 * PH
-        R = N * OH2 * OW2
-        acc = tl.zeros([BLOCK_DW_CO, BLOCK_DW_K], dtype=acc_dtype)
-        r_start = split.to(tl.int64) * ROWS_PER_SPLIT
-        for r0 in range(0, ROWS_PER_SPLIT, BLOCK_DW_R):
-            offs_r = r_start + r0 + tl.arange(0, BLOCK_DW_R)
-            mask_r = offs_r < R
-            ow = offs_r % OW2
-            oh = (offs_r // OW2) % OH2
-            n = offs_r // (OW2 * OH2)
-            dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n[None, :], offs_co[:, None],
-                              oh[None, :], ow[None, :],
-                              mask_r[None, :] & (offs_co[:, None] < C_out), C_out, PH, PW,
-                              ACTIVATION, POOL, SAVED_PREPOOL)
-            patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
-                              offs_k[None, :], C_in, H, W,
-                              stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, HAS_BIAS)
-            acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
-        last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_co, offs_k, tile, split,
-                                        C_out, K_OUT, SPLIT)
-        if last:
-            total = sum_partials(ws_ptr, counter_ptr, offs_co, offs_k, tile, C_out, K_OUT, SPLIT,
-                                 BLOCK_DW_CO, BLOCK_DW_K, acc_dtype)
-            co = offs_co[:, None]
-            k = offs_k[None, :]
-            # dw is contiguous [C_out, C_in, k, k] == [C_out, K]; column K is the bias gradient.
-            tl.store(dw_ptr + co * K + k, total.to(dw_ptr.dtype.element_ty), mask=(co < C_out) & (k < K))
-            if HAS_BIAS:
-                tl.store(db_ptr + co + 0 * k, total.to(db_ptr.dtype.element_ty),
-                         mask=(co < C_out) & (k == K))
+        _grad_weight_tile(pid - NUM_DX, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr,
+                          ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT,
+                          stride_xn, stride_xc, stride_xh, stride_xw,
+                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, DOT_PRECISION,
+                          BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,8 +341,9 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     win = torch.empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8) if save_win else None
     prepool = (torch.empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
                if save_prepool else None)
-    BLOCK_M, BLOCK_N = 64, min(max(next_pow2(C_out), 16), 64)
-    BLOCK_K = 32 if C_in * ksize * ksize <= 32 else 64
+    # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
+    # file on sm_80/sm_90 (64 rows spills: see tests/test_gpu_build.py).
+    BLOCK_M, BLOCK_N, BLOCK_K = 32, min(max(next_pow2(C_out), 16), 64), 32
     # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
     grid = (triton.cdiv(N * PH * PW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     launch(conv2d_act_pool_fwd_kernel, grid,
@@ -322,7 +356,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
            dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
                 HAS_BIAS=bias is not None, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=_precision(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                num_warps=4))
+                num_warps=8, num_stages=2))
     return y, win, prepool
 
 
@@ -369,7 +403,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
                 SAVED_PREPOOL=prepool is not None, HAS_BIAS=has_bias, DOT_PRECISION=_precision(x),
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=4))
+                num_warps=8, num_stages=2))
     return dx, dw, db
 
 

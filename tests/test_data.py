@@ -274,12 +274,15 @@ def test_batches_cover_every_index_once_and_keep_the_last():
 
 
 def test_batches_augment_shifts_images_not_labels():
-    x = torch.zeros(64, 1, 28, 28)
-    x[:, :, 14, 14] = 1.0
     y = torch.arange(64)
-    for xb, yb in data.batches(x, y, 16, shuffle=False, augment=True, generator=torch.Generator().manual_seed(0)):
-        assert xb.shape == (16, 1, 28, 28) and (xb.flatten(1).sum(1) == 1).all()
-        assert not (xb[:, 0, 14, 14] == 1).all()
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 14, 14] = y + 1.0  # one pixel per image, far enough from the edge to survive a shift
+    moved = 0
+    for xb, yb in data.batches(x, y, 16, augment=True, generator=torch.Generator().manual_seed(0)):
+        assert xb.shape == (16, 1, 28, 28)
+        assert torch.equal(xb.flatten(1).sum(1), yb + 1.0)  # each image still with its own label
+        moved += int((xb[:, 0, 14, 14] == 0).sum())
+    assert moved > 32  # 24 of the 25 shifts move the pixel
 
 
 def shift_reference(image, dy, dx, fill):

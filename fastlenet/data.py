@@ -274,7 +274,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            pass
+            os.unlink(tmp)
         raise
 
 

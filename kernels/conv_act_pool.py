@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_grad
-from .launch import launch, next_pow2, use_tf32
-from .split_reduce import store_partial_and_arrive, sum_partials
+from .launch import dot_precision, launch, next_pow2
+from .split_reduce import arrival_counters, finish_weight_grad, plan_split
 
 POOLS = ("max", "avg")
 
@@ -263,17 +263,9 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
                           offs_k[None, :], C_in, H, W,
                           stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, HAS_BIAS)
         acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
-    last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_co, offs_k, tile, split,
-                                    C_out, K_OUT, SPLIT)
-    if last:
-        total = sum_partials(ws_ptr, counter_ptr, offs_co, offs_k, tile, C_out, K_OUT, SPLIT,
-                             BLOCK_CO, BLOCK_K, acc_dtype)
-        co = offs_co[:, None]
-        k = offs_k[None, :]
-        # dw is contiguous [C_out, C_in, k, k] == [C_out, K]; column K is the bias gradient.
-        tl.store(dw_ptr + co * K + k, total.to(dw_ptr.dtype.element_ty), mask=(co < C_out) & (k < K))
-        if HAS_BIAS:
-            tl.store(db_ptr + co + 0 * k, total.to(db_ptr.dtype.element_ty), mask=(co < C_out) & (k == K))
+    # dw is contiguous [C_out, C_in, k, k] == [C_out, K].
+    finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
+                       C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K)
 
 
 @triton.jit
@@ -311,17 +303,6 @@ def conv2d_act_pool_bwd_kernel(
 # Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
 # --------------------------------------------------------------------------------------------------
 
-_counters: dict[tuple, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters for split_reduce, allocated once per device and re-armed by the kernel."""
-    key = (device, size)
-    if key not in _counters:
-        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _counters[key]
-
-
 def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
     """(PH, PW) of pool2x2(conv_kxk(padding)) on an h x w input, with PyTorch's floor semantics."""
     return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
@@ -355,7 +336,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
                 stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
            dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
                 HAS_BIAS=bias is not None, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
-                DOT_PRECISION=_precision(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                DOT_PRECISION=dot_precision(x, "conv"), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                 num_warps=8, num_stages=2))
     return y, win, prepool
 
@@ -379,13 +360,10 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     k_out = K + 1 if has_bias else K
     num_tiles = triton.cdiv(C_out, BLOCK_DW_CO) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
     rows = N * 2 * PH * 2 * PW
-    # Enough splits to fill a GPU at large batch, each still summing >= 8 row blocks.
-    split = max(1, min(256, triton.cdiv(rows, 8 * BLOCK_DW_R)))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, split), BLOCK_DW_R) * BLOCK_DW_R
-    split = max(1, triton.cdiv(rows, rows_per_split))
+    split, rows_per_split = plan_split(rows, BLOCK_DW_R, max_split=256)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     ws = torch.empty((split * C_out * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
-    counters = _arrival_counters(x.device, max(num_tiles, 1))
+    counters = arrival_counters(x.device, max(num_tiles, 1))
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
     grid = (num_dx + num_tiles * split,)
@@ -400,15 +378,12 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
                 stride_wo=weight.stride(0), stride_wi=weight.stride(1),
                 stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
            dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
-                SAVED_PREPOOL=prepool is not None, HAS_BIAS=has_bias, DOT_PRECISION=_precision(x),
+                SAVED_PREPOOL=prepool is not None, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "conv"),
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 num_warps=8, num_stages=2))
     return dx, dw, db
 
-
-def _precision(x: torch.Tensor) -> str:
-    return "tf32" if x.dtype == torch.float32 and use_tf32("conv") else "ieee"
 
 
 __all__ = ["ACTIVATIONS", "POOLS", "pooled_size", "conv2d_act_pool_forward", "conv2d_act_pool_backward",

@@ -53,14 +53,17 @@ def record_launches():
         _listeners.remove(launches.append)
 
 
-def use_tf32(kind: str) -> bool:
-    """Follow the switches PyTorch itself uses: cudnn.allow_tf32 for convolutions (on by default),
-    cuda.matmul.allow_tf32 for matmuls (off by default). The interpreter always computes exactly."""
-    if interpreting():
-        return False
+def dot_precision(x: torch.Tensor, kind: str) -> str:
+    """tl.dot's input_precision for x's dtype. float32 follows the switches PyTorch itself uses:
+    cudnn.allow_tf32 for convolutions (on by default), the float32 matmul precision for matmuls
+    ("highest", i.e. no TF32, by default). The interpreter always computes exactly."""
+    if x.dtype != torch.float32 or interpreting():
+        return "ieee"
     if kind == "conv":
-        return bool(torch.backends.cudnn.allow_tf32)
-    return torch.get_float32_matmul_precision() != "highest"
+        tf32 = torch.backends.cudnn.allow_tf32
+    else:
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def next_pow2(n: int) -> int:

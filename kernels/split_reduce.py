@@ -37,3 +37,53 @@ def sum_partials(ws_ptr, counter_ptr, offs_a, offs_b, tile_id, SIZE_A, SIZE_B, S
         total += tl.load(ptrs + s * SIZE_A * SIZE_B, mask=mask, other=0.0, cache_modifier=".cg")
     tl.atomic_xchg(counter_ptr + tile_id, 0)
     return total
+
+
+@triton.jit
+def finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile, split,
+                       OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
+                       BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Reduce a [BLOCK_O, BLOCK_K] weight-gradient partial over the SPLIT programs of its tile and
+    store it into the contiguous dw [OUT, K]; with HAS_BIAS, column K of the augmented gradient
+    (the products with an implicit input of ones) is the bias gradient db [OUT]."""
+    k_out = K + 1 if HAS_BIAS else K
+    last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_o, offs_k, tile, split,
+                                    OUT, k_out, SPLIT)
+    if last:
+        total = sum_partials(ws_ptr, counter_ptr, offs_o, offs_k, tile, OUT, k_out, SPLIT,
+                             BLOCK_O, BLOCK_K, acc.dtype)
+        o = offs_o[:, None]
+        k = offs_k[None, :]
+        tl.store(dw_ptr + o * K + k, total.to(dw_ptr.dtype.element_ty), mask=(o < OUT) & (k < K))
+        if HAS_BIAS:
+            tl.store(db_ptr + o + 0 * k, total.to(db_ptr.dtype.element_ty), mask=(o < OUT) & (k == K))
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: how to split, and the counters.
+# --------------------------------------------------------------------------------------------------
+
+_counters: dict = {}
+
+
+def arrival_counters(device, size: int):
+    """Zeroed int32 counters, allocated once per device and re-armed by the kernels themselves, so
+    steady-state training allocates and zeroes nothing (and CUDA-graph replays stay valid)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    # One grow-only buffer per device: every launch uses its first `size` counters, and launches on
+    # one stream run in order, so they never see each other's counts.
+    if device not in _counters or _counters[device].numel() < size:
+        _counters[device] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
+    return _counters[device]
+
+
+def plan_split(rows: int, block_rows: int, max_split: int) -> tuple[int, int]:
+    """(split, rows_per_split): enough splits to fill a GPU at large batch, while each program
+    still sums at least 8 row blocks; rows_per_split is a multiple of block_rows."""
+    split = max(1, min(max_split, triton.cdiv(rows, 8 * block_rows)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_rows) * block_rows
+    return max(1, triton.cdiv(rows, rows_per_split)), rows_per_split

@@ -1,0 +1,198 @@
+"""linear + bias + activation, y = act(x W^T + b): forward and backward.
+
+Forward is a plain tiled GEMM with bias and activation applied to the fp32 accumulator before the
+single store. Backward saves nothing beyond x, W and the output y: the activation derivative comes
+from y (activations.py), and the upstream gradient times it, dz, is never materialised: both
+backward GEMMs recompute their dz tile from grad_output and y as they load it.
+
+Backward is ONE launch: programs [0, NUM_DX) compute grad-input tiles dz @ W, the rest compute
+dz^T @ [x | 1], whose last column is the bias gradient, split over the batch and reduced
+deterministically (split_reduce.py).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activations import act, act_grad
+from .launch import dot_precision, launch, next_pow2
+from .split_reduce import arrival_counters, finish_weight_grad, plan_split
+
+
+@triton.jit
+def linear_act_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # meta-parameters
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
+    y = act(acc, ACTIVATION)
+    # y is contiguous [M, N].
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grad_preact(g_ptr, y_ptr, m, n, mask, N, ACTIVATION: tl.constexpr):
+    """dL/dz = g * act'(z) at rows m, columns n (broadcast against each other); g, y contiguous."""
+    offs = m * N + n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    return g * act_grad(y, ACTIVATION)
+
+
+@triton.jit
+def _grad_input_tile(pid, w_ptr, g_ptr, y_ptr, dx_ptr, M, N, K, stride_wn, stride_wk,
+                     ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[m, k] = sum_n dz[m, n] W[n, k]."""
+    acc_dtype = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    num_k = tl.cdiv(K, BLOCK_K)
+    offs_m = (pid // num_k).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=acc_dtype)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dz = _grad_preact(g_ptr, y_ptr, offs_m[:, None], offs_n[None, :],
+                          mask_m[:, None] & mask_n[None, :], N, ACTIVATION)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    # dx is contiguous [M, K].
+    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+                      M, N, K, SPLIT, ROWS_PER_SPLIT, stride_xm, stride_xk,
+                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """[dW | db] tile = dz^T [N, M] @ [x | 1] [M, K + 1], over one slice of the batch rows."""
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    k_out = K + 1 if HAS_BIAS else K
+    split = pid % SPLIT
+    tile = pid // SPLIT
+    num_k = tl.cdiv(k_out, BLOCK_K)
+    offs_n = (tile // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (tile % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
+    r_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
+        offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < M
+        dz_t = _grad_preact(g_ptr, y_ptr, offs_r[None, :], offs_n[:, None],
+                            mask_r[None, :] & mask_n[:, None], N, ACTIVATION)
+        x = tl.load(x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
+        if HAS_BIAS:
+            x = tl.where(mask_r[:, None] & (offs_k[None, :] == K), 1.0, x)
+        acc = tl.dot(dz_t.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+    finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
+                       N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def linear_act_bwd_kernel(
+    # pointers
+    x_ptr, w_ptr, g_ptr, y_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+    # sizes
+    M, N, K, NUM_DX, SPLIT, ROWS_PER_SPLIT,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # meta-parameters
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
+    BLOCK_DW_N: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
+):
+    # One launch, two jobs: the first NUM_DX programs compute grad-input tiles, the others
+    # weight-gradient (tile, split) pairs.
+    pid = tl.program_id(0)
+    if pid < NUM_DX:
+        _grad_input_tile(pid, w_ptr, g_ptr, y_ptr, dx_ptr, M, N, K, stride_wn, stride_wk,
+                         ACTIVATION, DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
+    else:
+        _grad_weight_tile(pid - NUM_DX, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+                          M, N, K, SPLIT, ROWS_PER_SPLIT, stride_xm, stride_xk,
+                          ACTIVATION, HAS_BIAS, DOT_PRECISION, BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
+# --------------------------------------------------------------------------------------------------
+
+def linear_act_forward(x, weight, bias, activation: str):
+    """y = act(x @ weight.T + bias) for a 2-D x [M, K]; returns a contiguous [M, N]."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
+    # grid: (row tiles of the batch, tiles of output features)
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    launch(linear_act_fwd_kernel, grid,
+           dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
+                M=M, N=N, K=K, stride_xm=x.stride(0), stride_xk=x.stride(1),
+                stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
+           dict(ACTIVATION=activation, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x, "matmul"),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=2))
+    return y
+
+
+def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
+                        need_dx: bool, need_dw: bool):
+    """Returns (dx or None, dw or None, db or None) in one launch; grad_y and y contiguous [M, N]."""
+    M, K = x.shape
+    N = weight.shape[0]
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
+    dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_dw else None
+    db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
+
+    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 64, 32, 64
+    num_dx = triton.cdiv(M, BLOCK_DX_M) * triton.cdiv(K, BLOCK_DX_K) if need_dx else 0
+    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(N), 16), 64), 64, 32
+    k_out = K + 1 if has_bias else K
+    num_tiles = triton.cdiv(N, BLOCK_DW_N) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
+    split, rows_per_split = plan_split(M, BLOCK_DW_R, max_split=64)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ws = torch.empty((split * N * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
+    counters = arrival_counters(x.device, max(num_tiles, 1))
+
+    # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
+    grid = (num_dx + num_tiles * split,)
+    launch(linear_act_bwd_kernel, grid,
+           dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
+                dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
+                db_ptr=db if db is not None else y, ws_ptr=ws, counter_ptr=counters,
+                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                stride_xm=x.stride(0), stride_xk=x.stride(1),
+                stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
+           dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "matmul"),
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
+                BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
+                num_warps=4, num_stages=2))
+    return dx, dw, db
+

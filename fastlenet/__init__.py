@@ -2,9 +2,18 @@
 
 The Triton kernels live in fastlenet.kernels; autograd Functions and the functional API in
 fastlenet.functional; drop-in torch.nn modules in fastlenet.nn; the models in fastlenet.models.
-Importing fastlenet does not import Triton: the reference path runs wherever torch does.
+`import fastlenet` does not import Triton: the fused layers (ConvActPool2d, LinearAct) load on
+first use, so the reference path runs wherever torch does.
 """
-from fastlenet.models import LeNet5, VARIANTS
+from fastlenet.models import VARIANTS, LeNet5
 
 __version__ = "0.1.0"
-__all__ = ["LeNet5", "VARIANTS", "__version__"]
+__all__ = ["LeNet5", "VARIANTS", "ConvActPool2d", "LinearAct", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("ConvActPool2d", "LinearAct"):
+        from fastlenet import nn
+
+        return getattr(nn, name)
+    raise AttributeError(f"module 'fastlenet' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_grad
-from .launch import dot_precision, launch, next_pow2
+from .launch import dot_precision, empty, launch, next_pow2
 from .split_reduce import arrival_counters, finish_weight_grad, plan_split
 
 POOLS = ("max", "avg")
@@ -318,9 +318,9 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     PH, PW = pooled_size(H, W, ksize, padding)
     save_win = save_for_backward and pool == "max"
     save_prepool = save_for_backward and pool == "avg" and activation != "identity"
-    y = torch.empty((N, C_out, PH, PW), device=x.device, dtype=x.dtype)
-    win = torch.empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8) if save_win else None
-    prepool = (torch.empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
+    y = empty((N, C_out, PH, PW), device=x.device, dtype=x.dtype)
+    win = empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8) if save_win else None
+    prepool = (empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
                if save_prepool else None)
     # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
     # file on sm_80/sm_90 (64 rows spills: see tests/test_gpu_build.py).
@@ -349,9 +349,9 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     C_out, _, ksize, _ = weight.shape
     PH, PW = y.shape[2], y.shape[3]
     K = C_in * ksize * ksize
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
-    dw = torch.empty((C_out, C_in, ksize, ksize), device=x.device, dtype=x.dtype) if need_dw else None
-    db = torch.empty((C_out,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
+    dx = empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    dw = empty((C_out, C_in, ksize, ksize), device=x.device, dtype=x.dtype) if need_dw else None
+    db = empty((C_out,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
 
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 64, min(max(next_pow2(C_in), 16), 64), 32
     num_dx = (triton.cdiv(N * H * W, BLOCK_DX_M) * triton.cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
@@ -362,7 +362,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     rows = N * 2 * PH * 2 * PW
     split, rows_per_split = plan_split(rows, BLOCK_DW_R, max_split=256)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ws = torch.empty((split * C_out * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
+    ws = empty((split * C_out * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
     counters = arrival_counters(x.device, max(num_tiles, 1))
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, next_pow2
+from .launch import empty, launch, next_pow2
 
 
 @triton.jit
@@ -82,8 +82,8 @@ def cross_entropy_bwd_kernel(
 def cross_entropy_forward(logits, target):
     """Returns (loss as a 0-d tensor, per-row log-sum-exp saved for backward)."""
     B, C = logits.shape
-    loss = torch.empty((), device=logits.device, dtype=logits.dtype)
-    lse = torch.empty((B,), device=logits.device,
+    loss = empty((), device=logits.device, dtype=logits.dtype)
+    lse = empty((B,), device=logits.device,
                       dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     # grid: one program; it walks the batch so the mean is summed in a fixed order.
     launch(cross_entropy_fwd_kernel, (1,),
@@ -95,7 +95,7 @@ def cross_entropy_forward(logits, target):
 
 def cross_entropy_backward(grad_loss, logits, target, lse):
     B, C = logits.shape
-    dlogits = torch.empty((B, C), device=logits.device, dtype=logits.dtype)
+    dlogits = empty((B, C), device=logits.device, dtype=logits.dtype)
     BLOCK_B = 256
     # grid: row blocks of the batch
     launch(cross_entropy_bwd_kernel, (triton.cdiv(B, BLOCK_B),),

@@ -42,6 +42,28 @@ def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, 
     kernel[grid](**args, **meta)
 
 
+_poison = False
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. Inside `poison_outputs()` it is filled with NaN (floats) or 127
+    (ints, never a valid window index), so an element a kernel forgets to write fails the tests."""
+    if _poison:
+        fill = float("nan") if dtype.is_floating_point else 127
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
 @contextlib.contextmanager
 def record_launches():
     """Collect every Launch made inside the block (in order) into the yielded list."""

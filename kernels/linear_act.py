@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .activations import act, act_grad
-from .launch import dot_precision, launch, next_pow2
+from .launch import dot_precision, empty, launch, next_pow2
 from .split_reduce import arrival_counters, finish_weight_grad, plan_split
 
 
@@ -149,7 +149,7 @@ def linear_act_forward(x, weight, bias, activation: str):
     """y = act(x @ weight.T + bias) for a 2-D x [M, K]; returns a contiguous [M, N]."""
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = empty((M, N), device=x.device, dtype=x.dtype)
     BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
     # grid: (row tiles of the batch, tiles of output features)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
@@ -167,9 +167,9 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     """Returns (dx or None, dw or None, db or None) in one launch; grad_y and y contiguous [M, N]."""
     M, K = x.shape
     N = weight.shape[0]
-    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
-    dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_dw else None
-    db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
+    dx = empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
+    dw = empty((N, K), device=x.device, dtype=x.dtype) if need_dw else None
+    db = empty((N,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
 
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 64, 32, 64
     num_dx = triton.cdiv(M, BLOCK_DX_M) * triton.cdiv(K, BLOCK_DX_K) if need_dx else 0
@@ -178,7 +178,7 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     num_tiles = triton.cdiv(N, BLOCK_DW_N) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
     split, rows_per_split = plan_split(M, BLOCK_DW_R, max_split=64)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ws = torch.empty((split * N * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
+    ws = empty((split * N * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
     counters = arrival_counters(x.device, max(num_tiles, 1))
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.

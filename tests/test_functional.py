@@ -1,0 +1,320 @@
+"""The fused ops against the PyTorch composition, forward and every gradient.
+
+Runs the Triton kernels on the CPU through Triton's interpreter (conftest.py), or compiled on CUDA
+when present. The reference is the stock PyTorch composition in float64; the error measure is
+||out - ref|| / ||ref||. Every kernel output is poisoned with NaN before the launch, so an element a
+kernel forgets to write fails the comparison.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlenet import functional as FF
+from fastlenet.kernels.launch import poison_outputs, record_launches
+
+# Relative-error tolerances, by kernel dtype (and TF32 mode on GPU).
+#  float64: the interpreter computes in float64 too; only summation order differs (~1e-15).
+#  float32 (IEEE dot): fp32 accumulation over K <= a few hundred terms, ~1e-7 * sqrt(K) typical.
+#  tf32: 10-bit mantissa inputs, ~5e-4 per product; stated bound with margin (GPU only).
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, "tf32": 5e-3}
+
+ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
+POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def conv_reference(x, w, b, padding, activation, pool):
+    return POOL[pool](ACT[activation](F.conv2d(x, w, b, padding=padding)), 2)
+
+
+def leaves(*tensors, dtype, device):
+    return [t.to(device=device, dtype=dtype).detach().requires_grad_() if t is not None else None
+            for t in tensors]
+
+
+def check_conv(shape, activation, pool, dtype, device, bias=True, tol=None):
+    N, C_in, H, W, C_out, k, p = shape
+    x0, w0 = torch.randn(N, C_in, H, W), torch.randn(C_out, C_in, k, k) / k
+    b0 = torch.randn(C_out) if bias else None
+    x, w, b = leaves(x0, w0, b0, dtype=dtype, device=device)
+    xr, wr, br = leaves(x0, w0, b0, dtype=torch.float64, device=device)
+    y = FF.conv2d_act_pool(x, w, b, padding=p, activation=activation, pool=pool)
+    ref = conv_reference(xr, wr, br, p, activation, pool)
+    assert y.shape == ref.shape and y.dtype == dtype
+    g = torch.randn_like(ref)
+    y.backward(g.to(dtype))
+    ref.backward(g)
+    tol = tol or TOL[dtype]
+    assert rel_err(y, ref) <= tol, ("output", rel_err(y, ref))
+    for name, t, r in (("x", x, xr), ("weight", w, wr), ("bias", b, br)):
+        if t is not None:
+            assert rel_err(t.grad, r.grad) <= tol, (f"grad {name}", rel_err(t.grad, r.grad))
+
+
+# (N, C_in, H, W, C_out, k, padding): odd H/W, C_out not a power of two, batch 1 and 3, kernels
+# 1/3/5, paddings 0..2, LeNet's own layers (conv1 at batch 3 also splits the weight-gradient
+# reduction over several programs).
+CONV_SHAPES = [
+    (1, 1, 7, 9, 6, 5, 2),
+    (3, 3, 9, 7, 5, 3, 1),
+    (2, 2, 5, 6, 7, 1, 0),
+    (1, 2, 6, 5, 3, 3, 2),
+    (3, 1, 28, 28, 6, 5, 2),
+    (2, 6, 14, 14, 16, 5, 0),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_act_pool_shapes(shape, device):
+    check_conv(shape, "relu", "max", torch.float32, device)
+
+
+@pytest.mark.parametrize("activation", FF.ACTIVATIONS)
+@pytest.mark.parametrize("pool", FF.POOLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_act_pool_every_activation_and_pool(activation, pool, dtype, device):
+    if dtype == torch.float64 and device.type == "cuda":
+        pytest.skip("float64 is supported under the interpreter only")
+    check_conv((3, 2, 9, 7, 5, 3, 1), activation, pool, dtype, device)
+
+
+def test_conv_act_pool_without_bias(device):
+    check_conv((2, 3, 8, 7, 4, 3, 1), "tanh", "avg", torch.float32, device, bias=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")
+def test_conv_act_pool_tf32(device):
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, which the kernels follow
+    check_conv((4, 6, 14, 14, 16, 5, 0), "relu", "max", torch.float32, device, tol=TOL["tf32"])
+
+
+def test_conv_skips_grad_input_when_not_needed(device):
+    x = torch.randn(2, 1, 8, 8, device=device)
+    w = torch.randn(3, 1, 3, 3, device=device, requires_grad=True)
+    y = FF.conv2d_act_pool(x, w, None, padding=1)
+    with record_launches() as launches:
+        y.sum().backward()
+    assert [launch.args["NUM_DX"] for launch in launches] == [0]
+    assert x.grad is None and w.grad is not None
+
+
+def test_conv_noncontiguous_input(device):
+    base = torch.randn(2, 9, 7, 3, device=device)  # NHWC storage, viewed as NCHW
+    x = base.permute(0, 3, 1, 2).requires_grad_()
+    assert not x.is_contiguous()
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    y = FF.conv2d_act_pool(x, w, None, padding=1)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = conv_reference(xr, wr, None, 1, "relu", "max")
+    y.sum().backward()
+    ref.sum().backward()
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    assert rel_err(x.grad, xr.grad) <= TOL[torch.float32]
+    assert rel_err(w.grad, wr.grad) <= TOL[torch.float32]
+
+
+def test_max_pool_ties_send_the_gradient_to_the_first_maximum(device):
+    # A constant image through a 1x1 identity conv: every window is a 4-way tie.
+    x = torch.ones(1, 1, 4, 6, device=device, requires_grad=True)
+    w = torch.ones(1, 1, 1, 1, device=device)
+    FF.conv2d_act_pool(x, w, None, activation="identity").sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    F.max_pool2d(xr, 2).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+    assert x.grad[0, 0, 0, :].tolist() == [1, 0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("pool", FF.POOLS)
+def test_nan_and_inf_propagate_like_pytorch(pool, device):
+    x = torch.randn(1, 1, 6, 6, device=device)
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 0, 4, 4] = float("inf")
+    w = torch.ones(1, 1, 1, 1, device=device)
+    y = FF.conv2d_act_pool(x, w, None, activation="identity", pool=pool)
+    ref = POOL[pool](x, 2)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert torch.allclose(y[finite], ref[finite])
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 2, 8, 8, device=device, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    y = FF.conv2d_act_pool(x, w, b)
+    assert y.shape == (0, 3, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_weight_gradient_is_bitwise_reproducible(device):
+    # 4 x 32 x 32 conv positions: the weight-gradient reduction is split over several programs.
+    x = torch.randn(4, 1, 32, 32, device=device)
+    w = torch.randn(6, 1, 5, 5, device=device, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        w.grad = None
+        FF.conv2d_act_pool(x, w, None, padding=2).square().sum().backward()
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# linear + activation
+# ---------------------------------------------------------------------------------------------
+
+LINEAR_SHAPES = [((1,), 7, 5), ((3,), 400, 120), ((130,), 84, 10), ((2, 3), 17, 9), ((600,), 33, 17)]
+
+
+@pytest.mark.parametrize("lead,k,n", LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("activation", FF.ACTIVATIONS)
+def test_linear_act(lead, k, n, activation, device):
+    x0, w0, b0 = torch.randn(*lead, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+    x, w, b = leaves(x0, w0, b0, dtype=torch.float32, device=device)
+    xr, wr, br = leaves(x0, w0, b0, dtype=torch.float64, device=device)
+    y = FF.linear_act(x, w, b, activation)
+    ref = ACT[activation](F.linear(xr, wr, br))
+    assert y.shape == ref.shape
+    g = torch.randn_like(ref)
+    y.backward(g.float())
+    ref.backward(g)
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    for t, r in ((x, xr), (w, wr), (b, br)):
+        assert rel_err(t.grad, r.grad) <= TOL[torch.float32]
+
+
+def test_linear_1d_input_and_no_bias(device):
+    x = torch.randn(7, device=device, dtype=torch.float64)
+    w = torch.randn(5, 7, device=device, dtype=torch.float64)
+    if device.type == "cuda":
+        x, w = x.float(), w.float()
+    y = FF.linear_act(x, w, None, "tanh")
+    assert y.shape == (5,)
+    assert rel_err(y, torch.tanh(F.linear(x.double(), w.double()))) <= TOL[torch.float32]
+
+
+def test_linear_noncontiguous_input(device):
+    x = torch.randn(9, 6, device=device).t().requires_grad_()  # (6, 9), strides (1, 6)
+    w = torch.randn(4, 9, device=device, requires_grad=True)
+    y = FF.linear_act(x, w, None, "sigmoid")
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.sigmoid(F.linear(xr, wr))
+    y.sum().backward()
+    ref.sum().backward()
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    assert rel_err(x.grad, xr.grad) <= TOL[torch.float32]
+    assert rel_err(w.grad, wr.grad) <= TOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch,classes", [(1, 10), (7, 10), (300, 3)])
+def test_cross_entropy(batch, classes, device):
+    logits0 = torch.randn(batch, classes) * 3
+    target = torch.randint(0, classes, (batch,), device=device)
+    logits, ref_logits = leaves(logits0, dtype=torch.float32, device=device)[0], \
+        leaves(logits0, dtype=torch.float64, device=device)[0]
+    loss = FF.cross_entropy(logits, target)
+    ref = F.cross_entropy(ref_logits, target)
+    (loss * 2.5).backward()
+    (ref * 2.5).backward()
+    assert loss.shape == ()
+    assert rel_err(loss, ref) <= TOL[torch.float32]
+    assert rel_err(logits.grad, ref_logits.grad) <= TOL[torch.float32]
+
+
+def test_cross_entropy_out_of_range_target_gives_nan(device):
+    loss = FF.cross_entropy(torch.randn(3, 10, device=device), torch.tensor([1, 10, 2], device=device))
+    assert torch.isnan(loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck (float64 under the interpreter)
+# ---------------------------------------------------------------------------------------------
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(),
+                                       reason="float64 kernels run under the interpreter only")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("activation,pool", [("tanh", "max"), ("sigmoid", "avg")])
+def test_gradcheck_conv_act_pool(activation, pool):
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: FF.conv2d_act_pool(x, w, b, padding=1, activation=activation, pool=pool),
+        (x, w, b))
+
+
+@needs_interpreter
+def test_gradcheck_linear_act_and_cross_entropy():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 1])
+    assert torch.autograd.gradcheck(lambda x, w, b: FF.linear_act(x, w, b, "tanh"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda z: FF.cross_entropy(z, target), (x,))
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+def test_conv_errors_name_the_shapes(device):
+    x = torch.randn(2, 3, 8, 8, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    with pytest.raises(ValueError, match=r"4-D.*\(3, 8, 8\)"):
+        FF.conv2d_act_pool(x[0], w)
+    with pytest.raises(ValueError, match=r"2 channels.*\(4, 3, 3, 3\)"):
+        FF.conv2d_act_pool(x[:, :2], w)
+    with pytest.raises(ValueError, match=r"kernel 7x7 is larger than the padded input 6x6"):
+        FF.conv2d_act_pool(torch.randn(1, 3, 4, 4, device=device), torch.randn(2, 3, 7, 7, device=device),
+                           padding=1)
+    with pytest.raises(ValueError, match="too small for 2x2 pooling"):
+        FF.conv2d_act_pool(torch.randn(1, 3, 3, 3, device=device), w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        FF.conv2d_act_pool(x, w, torch.randn(5, device=device))
+    with pytest.raises(ValueError, match="kernel size 9"):
+        FF.conv2d_act_pool(torch.randn(1, 3, 20, 20, device=device), torch.randn(2, 3, 9, 9, device=device))
+    with pytest.raises(ValueError, match="padding"):
+        FF.conv2d_act_pool(x, w, padding=4)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        FF.conv2d_act_pool(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="unknown pool 'lp'"):
+        FF.conv2d_act_pool(x, w, pool="lp")
+
+
+def test_dtype_and_device_errors(device):
+    x = torch.randn(2, 3, 8, 8, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    with pytest.raises(TypeError, match="float16"):
+        FF.conv2d_act_pool(x.half(), w.half())
+    with pytest.raises(TypeError, match="share one dtype"):
+        FF.conv2d_act_pool(x.double(), w) if device.type == "cpu" else FF.conv2d_act_pool(x, w.double())
+    with pytest.raises(RuntimeError, match="one device.*meta"):
+        FF.conv2d_act_pool(x, w.to("meta"))
+    with pytest.raises(ValueError, match=r"input \(2, 5\) has 5 features but weight \(4, 6\)"):
+        FF.linear_act(torch.randn(2, 5, device=device), torch.randn(4, 6, device=device))
+    with pytest.raises(TypeError, match="int64"):
+        FF.cross_entropy(torch.randn(2, 10, device=device), torch.tensor([1, 2], device=device, dtype=torch.int32))
+
+
+def test_cpu_without_interpreter_names_both_options(monkeypatch):
+    monkeypatch.setattr(FF, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA.*TRITON_INTERPRET=1"):
+        FF.linear_act(torch.randn(2, 3), torch.randn(4, 3))

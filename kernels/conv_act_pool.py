@@ -353,10 +353,10 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     dw = empty((C_out, C_in, ksize, ksize), device=x.device, dtype=x.dtype) if need_dw else None
     db = empty((C_out,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
 
-    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 64, min(max(next_pow2(C_in), 16), 64), 32
+    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 32
     num_dx = (triton.cdiv(N * H * W, BLOCK_DX_M) * triton.cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
 
-    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(C_out), 16), 32), 32, 64
+    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(C_out), 16), 32), 32, 32
     k_out = K + 1 if has_bias else K
     num_tiles = triton.cdiv(C_out, BLOCK_DW_CO) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
     rows = N * 2 * PH * 2 * PW

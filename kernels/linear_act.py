@@ -158,7 +158,7 @@ def linear_act_forward(x, weight, bias, activation: str):
                 M=M, N=N, K=K, stride_xm=x.stride(0), stride_xk=x.stride(1),
                 stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
            dict(ACTIVATION=activation, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x, "matmul"),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=2))
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8, num_stages=2))
     return y
 
 
@@ -171,9 +171,9 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     dw = empty((N, K), device=x.device, dtype=x.dtype) if need_dw else None
     db = empty((N,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
 
-    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 64, 32, 64
+    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
     num_dx = triton.cdiv(M, BLOCK_DX_M) * triton.cdiv(K, BLOCK_DX_K) if need_dx else 0
-    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(N), 16), 64), 64, 32
+    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(N), 16), 32), 64, 32
     k_out = K + 1 if has_bias else K
     num_tiles = triton.cdiv(N, BLOCK_DW_N) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
     split, rows_per_split = plan_split(M, BLOCK_DW_R, max_split=64)
@@ -193,6 +193,6 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
            dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "matmul"),
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=4, num_stages=2))
+                num_warps=8, num_stages=2))
     return dx, dw, db
 

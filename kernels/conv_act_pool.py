@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_grad
 from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import arrival_counters, finish_weight_grad, plan_split
+from .split_reduce import finish_weight_grad, plan_weight_grad
 
 POOLS = ("max", "avg")
 
@@ -357,23 +357,20 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     num_dx = (triton.cdiv(N * H * W, BLOCK_DX_M) * triton.cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
 
     BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(C_out), 16), 32), 32, 32
-    k_out = K + 1 if has_bias else K
-    num_tiles = triton.cdiv(C_out, BLOCK_DW_CO) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
-    rows = N * 2 * PH * 2 * PW
-    split, rows_per_split = plan_split(rows, BLOCK_DW_R, max_split=256)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ws = empty((split * C_out * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
-    counters = arrival_counters(x.device, max(num_tiles, 1))
+    # The weight-gradient rows are the conv positions a pooling window covers.
+    plan = plan_weight_grad(C_out, K, has_bias, N * 2 * PH * 2 * PW, block_out=BLOCK_DW_CO,
+                            block_k=BLOCK_DW_K, block_rows=BLOCK_DW_R, max_split=256, like=x,
+                            enabled=need_dw)
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + num_tiles * split,)
+    grid = (num_dx + plan.programs,)
     launch(conv2d_act_pool_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=ws, counter_ptr=counters,
+                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
                 N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW, NUM_DX=num_dx,
-                SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
                 stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
                 stride_wo=weight.stride(0), stride_wi=weight.stride(1),
                 stride_wh=weight.stride(2), stride_ww=weight.stride(3)),

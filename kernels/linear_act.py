@@ -9,13 +9,12 @@ Backward is ONE launch: programs [0, NUM_DX) compute grad-input tiles dz @ W, th
 dz^T @ [x | 1], whose last column is the bias gradient, split over the batch and reduced
 deterministically (split_reduce.py).
 """
-import torch
 import triton
 import triton.language as tl
 
 from .activations import act, act_grad
 from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import arrival_counters, finish_weight_grad, plan_split
+from .split_reduce import finish_weight_grad, plan_weight_grad
 
 
 @triton.jit
@@ -174,20 +173,16 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
     num_dx = triton.cdiv(M, BLOCK_DX_M) * triton.cdiv(K, BLOCK_DX_K) if need_dx else 0
     BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(N), 16), 32), 64, 32
-    k_out = K + 1 if has_bias else K
-    num_tiles = triton.cdiv(N, BLOCK_DW_N) * triton.cdiv(k_out, BLOCK_DW_K) if need_dw else 0
-    split, rows_per_split = plan_split(M, BLOCK_DW_R, max_split=64)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ws = empty((split * N * k_out,) if need_dw else (1,), device=x.device, dtype=acc_dtype)
-    counters = arrival_counters(x.device, max(num_tiles, 1))
+    plan = plan_weight_grad(N, K, has_bias, M, block_out=BLOCK_DW_N, block_k=BLOCK_DW_K,
+                            block_rows=BLOCK_DW_R, max_split=64, like=x, enabled=need_dw)
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + num_tiles * split,)
+    grid = (num_dx + plan.programs,)
     launch(linear_act_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=ws, counter_ptr=counters,
-                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
+                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
                 stride_xm=x.stride(0), stride_xk=x.stride(1),
                 stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
            dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "matmul"),

@@ -7,6 +7,8 @@ bumps a per-tile arrival counter; the program that arrives last sums the SPLIT p
 order, stores the result and resets the counter, so the next launch (or CUDA-graph replay) finds it
 at zero. The sum order never depends on which program finished first: results are bit-reproducible.
 """
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
@@ -81,9 +83,36 @@ def arrival_counters(device, size: int):
     return _counters[device]
 
 
-def plan_split(rows: int, block_rows: int, max_split: int) -> tuple[int, int]:
-    """(split, rows_per_split): enough splits to fill a GPU at large batch, while each program
-    still sums at least 8 row blocks; rows_per_split is a multiple of block_rows."""
+@dataclass
+class WeightGradPlan:
+    """How one weight-gradient launch splits its reduction: num_tiles output tiles, each summed by
+    `split` programs over rows_per_split rows, with a workspace for the partials and the counters."""
+    num_tiles: int
+    split: int
+    rows_per_split: int
+    workspace: object  # torch.Tensor
+    counters: object  # torch.Tensor
+
+    @property
+    def programs(self) -> int:
+        return self.num_tiles * self.split
+
+
+def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, block_out: int,
+                     block_k: int, block_rows: int, max_split: int, like, enabled: bool) -> WeightGradPlan:
+    """Plan the [out_features, k (+1 bias column)] weight-gradient reduction over `rows` rows: enough
+    splits to fill a GPU at large batch, while each program still sums at least 8 row blocks."""
+    import torch
+
+    from .launch import empty
+
+    k_out = k + 1 if has_bias else k
+    num_tiles = triton.cdiv(out_features, block_out) * triton.cdiv(k_out, block_k) if enabled else 0
     split = max(1, min(max_split, triton.cdiv(rows, 8 * block_rows)))
     rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_rows) * block_rows
-    return max(1, triton.cdiv(rows, rows_per_split)), rows_per_split
+    split = max(1, triton.cdiv(rows, rows_per_split))
+    acc_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    workspace = empty((split * out_features * k_out,) if enabled else (1,), dtype=acc_dtype,
+                      device=like.device)
+    return WeightGradPlan(num_tiles, split, rows_per_split, workspace,
+                          arrival_counters(like.device, max(num_tiles, 1)))

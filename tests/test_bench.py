@@ -1,0 +1,77 @@
+"""bench/throughput.py on the CPU: a tiny run's JSON, table and plot, and honesty about the fused paths.
+
+The benchmark runs in a subprocess, as a user runs it. Without a GPU it must measure eager, list
+fused and fused-graph as unavailable with the reason (never a figure), and under TRITON_INTERPRET=1
+may run the fused path through the interpreter, labelled as such and with no images/s.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "throughput.py"
+TINY = ["--device", "cpu", "--batch-sizes", "8", "--repeats", "3", "--warmup", "1", "--cpu-threads", "1"]
+RESULT_KEYS = {"provider", "batch_size", "mode", "available", "reason", "interpreter",
+               "images_per_second", "p20", "p80", "median_step_ms", "first_call_seconds",
+               "compile_seconds", "launches_per_step", "ops_breakdown", "achieved_tflops",
+               "fraction_of_peak_fp32", "fraction_of_peak_tf32"}
+META_KEYS = {"device", "device_name", "gpu", "cpu", "torch", "triton", "cuda", "date", "command",
+             "flops_per_image", "peak_tflops", "triton_interpret"}
+
+
+def run_bench(tmp_path, *args, interpret: bool):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run([sys.executable, str(BENCH), *TINY, *args, "--json", str(out_json),
+                           "--plot", str(out_png)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out_json.read_text()), out_png, proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
+    payload, png, stdout = run_bench(tmp_path, "--providers", "eager", "fused", "fused-graph",
+                                     interpret=False)
+    meta, results = payload["meta"], payload["results"]
+    assert META_KEYS <= meta.keys()
+    assert meta["device"] == "cpu" and meta["gpu"] is None and not meta["triton_interpret"]
+    assert meta["flops_per_image"]["train"] == 2_263_920
+    assert {(r["provider"], r["mode"]) for r in results} == {
+        (p, m) for p in ("eager", "fused", "fused-graph") for m in ("train", "inference")}
+    for r in results:
+        assert RESULT_KEYS <= r.keys(), r
+        assert r["batch_size"] == 8
+        if r["provider"] == "eager":
+            assert r["available"] and r["reason"] is None
+            assert 0 < r["p20"] <= r["images_per_second"] <= r["p80"], r
+            assert r["launches_per_step"] == {"train": 35, "inference": 11}[r["mode"]]
+            assert r["fraction_of_peak_fp32"] is None  # no peak known for a CPU
+        else:
+            assert not r["available"] and not r["interpreter"]
+            assert "CUDA" in r["reason"], r
+            assert r["images_per_second"] is None and r["p20"] is None and r["launches_per_step"] is None
+    assert payload["ratios"] == [{"batch_size": 8, "mode": m, "fused/eager": None, "fused/compile": None,
+                                  "fused-graph/eager": None} for m in ("inference", "train")]
+    assert "n/a" in stdout and "TRITON_INTERPRET=1" in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_interpreter_run_is_labelled_and_gives_no_speed_figure(tmp_path):
+    payload, _, stdout = run_bench(tmp_path, "--providers", "fused", "--modes", "inference",
+                                   interpret=True)
+    (row,) = payload["results"]
+    assert payload["meta"]["triton_interpret"] is True
+    assert row["provider"] == "fused" and row["interpreter"] is True and row["available"]
+    assert row["images_per_second"] is None and row["p20"] is None and row["achieved_tflops"] is None
+    assert row["interpreter_seconds_per_step"] > 0
+    assert row["launches_per_step"] == 5, row["ops_breakdown"]
+    assert "not a speed figure" in stdout

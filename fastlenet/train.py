@@ -1,0 +1,336 @@
+"""Train LeNet-5 on MNIST or Fashion-MNIST: python -m fastlenet.train [flags] (see --help, or README).
+
+The whole dataset sits on the training device as one normalised tensor and batches are cut from a
+random permutation there: no DataLoader, no per-sample Python. The loop never waits for the device
+inside an epoch; running loss and accuracy stay on the device and reach the progress bar every
+POSTFIX_EVERY steps. Each epoch writes metrics.json and checkpoint.pt atomically into --out, so
+--resume picks up after the last finished epoch; curves.png is drawn at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastlenet
+from fastlenet import _cli, data
+from fastlenet._cli import CLIError
+from fastlenet.models import VARIANTS, LeNet5, num_parameters
+
+POSTFIX_EVERY = 50  # steps between progress-bar updates, each of which waits for the device
+EVAL_BATCH_SIZE = 2000  # inference batch: large, there is no backward to keep memory for
+
+# Settings that define a training run: --resume takes them from the checkpoint, and giving one of
+# them with another value than the checkpoint's is an error rather than a silently different run.
+RUN_SETTINGS = ("variant", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                "schedule", "seed", "limit_train", "augment")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastlenet.train", description="Train LeNet-5 on MNIST or Fashion-MNIST.",
+        formatter_class=_cli.HelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--variant", choices=sorted(VARIANTS), default="lenet5", help="LeNet-5 variant")
+    model.add_argument("--fused", action="store_true",
+                       help="use the fused Triton layers and loss (CUDA; CPU only under TRITON_INTERPRET=1)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=data.DATASETS, default="mnist", help="dataset to train and test on")
+    d.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept (fetched there if missing)")
+    d.add_argument("--limit-train", type=_cli.positive_int, metavar="N", help="train on the first N images only")
+    d.add_argument("--limit-test", type=_cli.positive_int, metavar="N", help="test on the first N images only")
+    d.add_argument("--augment", action="store_true", help="shift each training image by up to 2 pixels")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_cli.positive_int, default=8, metavar="N", help="total epochs (with --resume: up to this many)")
+    t.add_argument("--batch-size", type=_cli.positive_int, default=128, metavar="N", help="training batch size")
+    t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer")
+    t.add_argument("--lr", type=_cli.non_negative_float, default=3e-3,
+                   help="learning rate (the peak rate with --schedule onecycle)")
+    t.add_argument("--momentum", type=_cli.non_negative_float, default=0.9,
+                   help="SGD momentum (onecycle cycles it, and Adam's beta1, between 0.85 and 0.95)")
+    t.add_argument("--weight-decay", type=_cli.non_negative_float, default=0.0, metavar="WD",
+                   help="L2 weight decay (added to the gradient, as torch.optim does)")
+    t.add_argument("--schedule", choices=("onecycle", "cosine", "none"), default="onecycle",
+                   help="learning-rate schedule, stepped every batch")
+    t.add_argument("--seed", type=int, default=0, help="seeds the initial weights, batch order and augmentation")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA if there is a GPU, else the CPU")
+    r.add_argument("--threads", type=_cli.positive_int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice, one per core)")
+    r.add_argument("--out", metavar="DIR", help="output directory (default: a fresh runs/<timestamp>/)")
+    r.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (a checkpoint.pt)")
+    r.add_argument("--target-accuracy", type=_fraction, metavar="A",
+                   help="exit with status 1 if the final test accuracy (a fraction, e.g. 0.99) is below A")
+    r.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
+    return p
+
+
+def _fraction(text: str) -> float:
+    value = _cli.non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"is a fraction in [0, 1] (0.99 for 99%%), got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run(train, build_parser(), argv)
+
+
+def train(args: argparse.Namespace) -> int:
+    device = _cli.choose_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = None
+    if args.resume:
+        checkpoint = _cli.load_checkpoint(Path(args.resume))
+        _adopt_run_settings(args, checkpoint["config"])
+    if args.fused:
+        _cli.check_fused(device)
+    out = _cli.prepare_out_dir(Path(args.out) if args.out else _fresh_run_dir())
+    args.out = str(out)
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+    print(f"fastlenet {fastlenet.__version__} | torch {torch.__version__} | device {device} "
+          f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
+    print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
+    dataset = data.load(args.dataset, args.data_dir)
+    mean, std = data.NORMALIZATION[args.dataset]
+    x_train, y_train = data.to_device(_first(dataset.train, args.limit_train), device, mean, std)
+    x_test, y_test = data.to_device(_first(dataset.test, args.limit_test), device, mean, std)
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.variant, args.fused, device)
+    if device.type == "cpu" and not args.fused:
+        model, x_train, x_test = channels_last(model, x_train, x_test)
+    optimizer = _optimizer(model, args, device)
+    generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same batch order on any device
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    history, done = [], 0
+    if checkpoint is not None:
+        done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator, device)
+    scheduler = _scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, done * steps_per_epoch,
+                           checkpoint.get("scheduler") if checkpoint else None)
+    loss_fn = loss_function(args.fused)
+    print(f"model: {args.variant}, {num_parameters(model):,} parameters | train {len(x_train):,} / "
+          f"test {len(x_test):,} images | {steps_per_epoch} steps per epoch")
+    if done >= args.epochs:
+        print(f"checkpoint is at epoch {done}, which already reaches --epochs {args.epochs}: nothing to train")
+
+    def save(epoch: int) -> None:
+        metrics = {"config": config, "device": str(device), "device_name": _cli.device_name(device),
+                   "fused": args.fused, "dataset_source": dataset.source, "torch": torch.__version__,
+                   "epochs": history, "test_accuracy": history[-1]["test_accuracy"] if history else None}
+        _cli.save_torch(out / "checkpoint.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "config": config,
+            "epochs": history, "generator": generator.get_state(), "fastlenet": fastlenet.__version__})
+        _cli.write_json(out / "metrics.json", metrics)
+
+    epoch = done
+    try:
+        for epoch in range(done + 1, args.epochs + 1):
+            train_loss, train_acc, seconds = train_epoch(
+                model, optimizer, scheduler, loss_fn, x_train, y_train, batch_size=args.batch_size,
+                generator=generator, augment=args.augment, desc=f"epoch {epoch}/{args.epochs}")
+            test_loss, test_acc = evaluate(model, loss_fn, x_test, y_test)
+            history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+                            "test_loss": test_loss, "test_accuracy": test_acc,
+                            "images_per_second": len(x_train) / seconds, "seconds": seconds})
+            print(f"epoch {epoch:>3}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:7.2%}  "
+                  f"test loss {test_loss:.4f} acc {test_acc:7.2%}  {len(x_train) / seconds:9,.0f} img/s  "
+                  f"{seconds:6.1f} s", flush=True)
+            save(epoch)
+    except KeyboardInterrupt:
+        if history:
+            print(f"\ninterrupted during epoch {epoch}; {out / 'checkpoint.pt'} holds epoch {epoch - 1}: "
+                  f"continue with --resume {out / 'checkpoint.pt'}", file=sys.stderr)
+        raise
+    if done >= args.epochs:
+        save(done)
+    if history and not args.no_plot:
+        plot_curves(history, out / "curves.png", title=f"{args.variant} on {args.dataset}")
+
+    final = history[-1]["test_accuracy"] if history else None
+    print(f"final test accuracy {final:.2%}" if final is not None else "no epochs trained", f"| outputs in {out}")
+    if args.target_accuracy is not None and (final is None or final < args.target_accuracy):
+        print(f"test accuracy below the target {args.target_accuracy:.2%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first(split: data.Split, n: int | None) -> data.Split:
+    return split if n is None else data.Split(split.images[:n], split.labels[:n])
+
+
+def _fresh_run_dir() -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = Path("runs") / stamp, 1
+    while path.exists():
+        path, n = Path("runs") / f"{stamp}-{n}", n + 1
+    return path
+
+
+def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
+    """--resume continues the saved run: its settings apply unless a flag given now disagrees."""
+    for key in RUN_SETTINGS:
+        if key not in saved:
+            continue
+        if key in args._given and getattr(args, key) != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            raise CLIError(f"--resume {args.resume}: the checkpoint was trained with {flag} {saved[key]}, "
+                           f"not {getattr(args, key)}; drop {flag} to continue it, or start a new run")
+        setattr(args, key, saved[key])
+
+
+def build_model(variant: str, fused: bool, device: torch.device) -> LeNet5:
+    try:
+        model = LeNet5(variant, fused=fused)
+    except NotImplementedError as e:  # the fused layers before they exist
+        raise CLIError(f"--fused: {e}") from None
+    return model.to(device)
+
+
+def channels_last(model: torch.nn.Module, *images: torch.Tensor):
+    """The model and image tensors in NHWC layout, where PyTorch's CPU convolutions (oneDNN) and
+    max-pooling are several times faster for LeNet's few channels than in NCHW. The values, and
+    the state_dict's contents, are unchanged."""
+    layout = torch.channels_last
+    return (model.to(memory_format=layout), *(x.contiguous(memory_format=layout) for x in images))
+
+
+def loss_function(fused: bool):
+    if fused:
+        from fastlenet.functional import cross_entropy  # imports Triton: only when asked for
+        return cross_entropy
+    return torch.nn.functional.cross_entropy
+
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    fused = True if device.type == "cuda" else None  # one kernel for the whole step on the GPU
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, fused=fused)
+
+
+def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, saved_state: dict | None):
+    """The per-batch learning-rate schedule, positioned after `done_steps` steps.
+
+    Both schedules are closed-form functions of the step, so a resumed run with more --epochs than
+    before stretches the schedule over the new total instead of failing past its end.
+    """
+    if schedule == "none":
+        return None
+    last = done_steps - 1  # constructors step once: -1 starts at step 0
+    if schedule == "onecycle":
+        momentum_group = optimizer.param_groups[0]
+        cycle = "betas" in momentum_group or momentum_group.get("momentum", 0) > 0
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g.get("max_lr", g["lr"]) for g in optimizer.param_groups],
+            total_steps=max(total_steps, done_steps + 1), pct_start=0.25, cycle_momentum=cycle,
+            last_epoch=last)
+        same_length = saved_state is not None and saved_state.get("total_steps") == total_steps
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
+            last_epoch=last)
+        same_length = False
+    if same_length:
+        scheduler.load_state_dict(saved_state)
+    return scheduler
+
+
+def _restore(checkpoint: dict, path: Path, model, optimizer, generator, device) -> tuple[int, list]:
+    _cli.load_weights(model, checkpoint["model"], path)
+    state = checkpoint.get("optimizer")
+    try:
+        # The kernel choice is this run's (a CUDA checkpoint may resume on the CPU and back); setting
+        # it before loading also puts Adam's step counters where that kernel wants them.
+        for group in state["param_groups"]:
+            group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
+        optimizer.load_state_dict(state)
+        generator.set_state(checkpoint["generator"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CLIError(f"checkpoint {path}: cannot restore the optimizer/generator state ({_cli.one_line(e)[:200]})") from None
+    if checkpoint.get("scheduler") is None and checkpoint["config"].get("schedule", "none") != "none":
+        raise CLIError(f"checkpoint {path} has no scheduler state for its schedule")
+    return int(checkpoint["epoch"]), list(checkpoint.get("epochs", []))
+
+
+def train_epoch(model, optimizer, scheduler, loss_fn, x, y, *, batch_size: int, generator,
+                augment: bool = False, desc: str = "") -> tuple[float, float, float]:
+    """One pass over (x, y): mean loss, accuracy and seconds. Waits for the device only for the bar."""
+    from tqdm import tqdm
+
+    model.train()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    seen = 0
+    start = time.perf_counter()
+    # disable=None: no bar when stderr is not a terminal (logs and CI stay clean)
+    with tqdm(total=math.ceil(len(x) / batch_size), desc=desc, unit="batch", leave=False, disable=None,
+              dynamic_ncols=True) as bar:
+        for step, (xb, yb) in enumerate(data.batches(x, y, batch_size, generator=generator, augment=augment), 1):
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            with torch.no_grad():
+                loss_sum.add_(loss.detach(), alpha=len(yb))
+                correct.add_((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+            if not bar.disable:
+                bar.update()
+                if step % POSTFIX_EVERY == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
+                                    refresh=False)
+    train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # .item() waits for the device
+    return train_loss, train_acc, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+    """Logits for all of x, in large batches, with no autograd bookkeeping."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
+    """(mean loss, accuracy) of model on (x, y)."""
+    logits = predict(model, x, batch_size)
+    with torch.inference_mode():
+        loss = loss_fn(logits, y)
+        correct = (logits.argmax(1) == y).sum()
+    return loss.item(), correct.item() / len(y)
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train vs test, side by side."""
+    fig = _cli.new_figure(figsize=(10, 4), layout="constrained")
+    epochs = [h["epoch"] for h in history]
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for split, style in (("train", "o-"), ("test", "s--")):
+        loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
+        acc_ax.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], style, label=split)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss", yscale="log")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    _cli.save_figure(path, fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Evaluate a trained checkpoint: python -m fastlenet.evaluate CHECKPOINT [flags] (see --help).
+
+Prints the test accuracy and the accuracy of each class, and writes into --out (by default the
+checkpoint's directory): evaluation.json, confusion_matrix.png, and misclassified.png, a grid of
+test images the model gets wrong, each titled with its predicted and true label.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fastlenet import _cli, data
+from fastlenet.train import EVAL_BATCH_SIZE, build_model, loss_function, predict
+
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastlenet.evaluate",
+                                description="Evaluate a fastlenet checkpoint on the test set.",
+                                formatter_class=_cli.HelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by fastlenet.train")
+    p.add_argument("--dataset", choices=data.DATASETS, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA if there is a GPU, else the CPU")
+    p.add_argument("--fused", action="store_true", help="run the fused Triton model (any checkpoint loads into it)")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=EVAL_BATCH_SIZE, metavar="N",
+                   help="inference batch size")
+    p.add_argument("--limit-test", type=_cli.positive_int, metavar="N", help="evaluate the first N test images only")
+    p.add_argument("--max-images", type=_cli.positive_int, default=64, metavar="N",
+                   help="most misclassified images to draw")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: the checkpoint's directory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run(evaluate, build_parser(), argv)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    device = _cli.choose_device(args.device)
+    checkpoint = _cli.load_checkpoint(path)
+    config = checkpoint["config"]
+    variant = config.get("variant", "lenet5")
+    dataset_name = args.dataset or config.get("dataset", "mnist")
+    if args.fused:
+        _cli.check_fused(device)
+    out = _cli.prepare_out_dir(Path(args.out) if args.out else path.parent)
+
+    model = build_model(variant, args.fused, device)
+    _cli.load_weights(model, checkpoint["model"], path)
+    print(f"checkpoint {path}: {variant}, epoch {checkpoint['epoch']} | device {device} "
+          f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
+    dataset = data.load(dataset_name, args.data_dir)
+    test = dataset.test
+    if args.limit_test:
+        test = data.Split(test.images[:args.limit_test], test.labels[:args.limit_test])
+    mean, std = data.NORMALIZATION[dataset_name]
+    x, y = data.to_device(test, device, mean, std)
+
+    logits = predict(model, x, args.batch_size)
+    with torch.inference_mode():
+        loss = loss_function(args.fused)(logits, y).item()
+    predicted = logits.argmax(1).cpu()
+    truth = test.labels
+    names = CLASS_NAMES[dataset_name]
+    k = len(names)
+    confusion = torch.bincount(truth * k + predicted, minlength=k * k).view(k, k)  # rows: true class
+    per_class = {names[c]: (confusion[c, c] / confusion[c].sum()).item() if confusion[c].sum() else None
+                 for c in range(k)}
+    correct = int(confusion.diag().sum())
+    accuracy = correct / len(truth)
+
+    print(f"test accuracy {accuracy:.2%} ({correct:,}/{len(truth):,}), loss {loss:.4f}")
+    print("per-class accuracy:")
+    for name, acc in per_class.items():
+        print(f"  {name:>12}  {acc:7.2%}" if acc is not None else f"  {name:>12}  (no test images)")
+
+    wrong = (predicted != truth).nonzero().flatten()
+    _cli.write_json(out / "evaluation.json", {
+        "checkpoint": str(path), "epoch": checkpoint["epoch"], "variant": variant, "dataset": dataset_name,
+        "dataset_source": dataset.source, "device": str(device), "fused": args.fused,
+        "test_images": len(truth), "test_accuracy": accuracy, "test_loss": loss,
+        "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
+        "misclassified": [{"index": int(i), "predicted": int(predicted[i]), "true": int(truth[i])} for i in wrong],
+    })
+    plot_confusion(confusion, names, out / "confusion_matrix.png", title=f"{variant} on {dataset_name}: {accuracy:.2%}")
+    plot_misclassified(test.images, truth, predicted, wrong[:args.max_images], names, out / "misclassified.png")
+    print(f"wrote evaluation.json, confusion_matrix.png, misclassified.png ({len(wrong)} misclassified) to {out}")
+    return 0
+
+
+def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title: str) -> None:
+    k = len(names)
+    fig = _cli.new_figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    # log colour scale: the diagonal holds ~1000 per class, the errors a handful
+    image = ax.imshow(confusion.float().add(1).log10().numpy(), cmap="Blues")
+    fig.colorbar(image, ax=ax, label="log10(1 + count)")
+    brightest = confusion.max().item()
+    for t in range(k):
+        for p in range(k):
+            n = int(confusion[t, p])
+            if n:
+                ax.text(p, t, str(n), ha="center", va="center", fontsize=8,
+                        color="white" if n > brightest ** 0.5 * 4 else "black")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if max(map(len, names)) > 2 else "center")
+    ax.set_yticklabels(names)
+    _cli.save_figure(path, fig)
+
+
+def plot_misclassified(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor, which: torch.Tensor,
+                       names: list[str], path: Path) -> None:
+    """A grid of the misclassified images `which`, each titled 'pred X / true Y'."""
+    n = len(which)
+    cols = min(8, max(n, 1))
+    rows = max(1, -(-n // cols))
+    fig = _cli.new_figure(figsize=(1.5 * cols, 1.7 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, which.tolist()):
+        ax.imshow(images[i].numpy(), cmap="gray_r")
+        ax.set_title(f"pred {names[predicted[i]]}\ntrue {names[truth[i]]}", fontsize=8, color="firebrick")
+    if n == 0:
+        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle(f"misclassified test images ({n} shown)")
+    _cli.save_figure(path, fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,7 @@ EVAL_BATCH_SIZE = 2000  # inference batch: large, there is no backward to keep m
 # Settings that define a training run: --resume takes them from the checkpoint, and giving one of
 # them with another value than the checkpoint's is an error rather than a silently different run.
 RUN_SETTINGS = ("variant", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "schedule", "seed", "limit_train", "augment")
+                "schedule", "seed", "limit_train", "limit_test", "augment")
 
 
 def build_parser() -> argparse.ArgumentParser:

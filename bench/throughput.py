@@ -538,7 +538,6 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
                 training_step(scratch, scratch_opt, loss_fn, x_train[:n], y_train[:n])
             evaluate(scratch, x_test, y_test)
         _, warmup_seconds = timed_call(warm, device)
-        del scratch, scratch_opt
 
         generator = torch.Generator().manual_seed(args.seed)  # the same batch order for both
         history = []

@@ -8,7 +8,6 @@ computed from the layer shapes, which the benchmark sets against the device's pe
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 from collections import Counter
@@ -49,28 +48,6 @@ class OpCount:
             return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in Counter(names).items())
         return (f"{self.total} = {len(self.triton_launches)} Triton ({summary(self.triton_launches)}) "
                 f"+ {len(self.aten_ops)} ATen ({summary(self.aten_ops)})")
-
-
-@contextlib.contextmanager
-def _launch_names():
-    """The names of the Triton launches made inside the block, and nothing else.
-
-    Not record_launches(): its Launch records hold the launch arguments, and a live reference to a
-    freshly computed weight gradient stops autograd from adopting it as .grad, so it copies it
-    instead (one copy_ per parameter), and the count would include copies its own bookkeeping caused.
-    """
-    from fastlenet.kernels import launch
-
-    names: list[str] = []
-
-    def listener(record):
-        names.append(record.name)
-
-    launch._listeners.append(listener)
-    try:
-        yield names
-    finally:
-        launch._listeners.remove(listener)
 
 
 def _launch_code():
@@ -118,9 +95,11 @@ def count_device_ops(fn: Callable[[], object], *, warmup: int = 1) -> OpCount:
     for _ in range(warmup):
         fn()
     count = OpCount()
-    with _launch_names() as names, _AtenOps(count.aten_ops, _launch_code()):
+    from fastlenet.kernels.launch import record_launches
+
+    with record_launches() as launches, _AtenOps(count.aten_ops, _launch_code()):
         fn()
-    count.triton_launches = names
+    count.triton_launches = [launch.name for launch in launches]
     return count
 
 

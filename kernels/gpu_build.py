@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from .launch import TensorSpec
+
 # Largest shared memory one block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
@@ -31,7 +33,7 @@ def describe(launch) -> dict:
     """A JSON-able description of a recorded Launch: what triton.compile needs."""
     signature = {}
     for name, value in launch.args.items():
-        if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+        if isinstance(value, TensorSpec):
             signature[name] = "*" + _TYPES[str(value.dtype)]
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"

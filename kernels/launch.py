@@ -16,11 +16,19 @@ import triton
 _listeners: list[Callable[["Launch"], None]] = []
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a record keeps of a tensor argument. Never the tensor itself: a live reference to a
+    fresh weight gradient would stop autograd from adopting it as .grad (it would copy instead)."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 @dataclass
 class Launch:
     kernel: Any  # the @triton.jit function
     grid: tuple[int, ...]
-    args: dict[str, Any]  # runtime arguments, by name
+    args: dict[str, Any]  # runtime arguments, by name; tensors as TensorSpec
     meta: dict[str, Any]  # tl.constexpr arguments and launch options (num_warps, num_stages)
     name: str = field(init=False)
 
@@ -36,9 +44,11 @@ def interpreting() -> bool:
 def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, Any]) -> None:
     if 0 in grid:
         return  # an empty output: nothing to compute, and a zero-sized grid is an error on CUDA
-    record = Launch(kernel, grid, args, meta)
-    for listener in _listeners:
-        listener(record)
+    if _listeners:
+        record = Launch(kernel, grid, {name: TensorSpec(v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor)
+                                       else v for name, v in args.items()}, meta)
+        for listener in _listeners:
+            listener(record)
     kernel[grid](**args, **meta)
 
 

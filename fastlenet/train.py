@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: CUDA if there is a GPU, else the CPU")
     r.add_argument("--threads", type=_cli.positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice, one per core)")
-    r.add_argument("--out", metavar="DIR", help="output directory (default: a fresh runs/<timestamp>/)")
+    r.add_argument("--out", metavar="DIR",
+                   help="output directory (default: a fresh runs/<timestamp>/; with --resume, the checkpoint's)")
     r.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (a checkpoint.pt)")
     r.add_argument("--target-accuracy", type=_fraction, metavar="A",
                    help="exit with status 1 if the final test accuracy (a fraction, e.g. 0.99) is below A")
@@ -92,8 +93,9 @@ def train(args: argparse.Namespace) -> int:
         _adopt_run_settings(args, checkpoint["config"])
     if args.fused:
         _cli.check_fused(device)
-    out = _cli.prepare_out_dir(Path(args.out) if args.out else _fresh_run_dir())
-    args.out = str(out)
+    if args.out is None:  # a resumed run goes on writing beside its checkpoint
+        args.out = str(Path(args.resume).parent) if args.resume else str(_fresh_run_dir())
+    out = _cli.prepare_out_dir(Path(args.out))
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
     print(f"fastlenet {fastlenet.__version__} | torch {torch.__version__} | device {device} "
@@ -113,7 +115,7 @@ def train(args: argparse.Namespace) -> int:
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     history, done = [], 0
     if checkpoint is not None:
-        done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator, device)
+        done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator)
     scheduler = _scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, done * steps_per_epoch,
                            checkpoint.get("scheduler") if checkpoint else None)
     loss_fn = loss_function(args.fused)
@@ -121,6 +123,8 @@ def train(args: argparse.Namespace) -> int:
           f"test {len(x_test):,} images | {steps_per_epoch} steps per epoch")
     if done >= args.epochs:
         print(f"checkpoint is at epoch {done}, which already reaches --epochs {args.epochs}: nothing to train")
+
+    saved = []  # epochs whose checkpoint is on disk in `out`
 
     def save(epoch: int) -> None:
         metrics = {"config": config, "device": str(device), "device_name": _cli.device_name(device),
@@ -131,8 +135,8 @@ def train(args: argparse.Namespace) -> int:
             "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "config": config,
             "epochs": history, "generator": generator.get_state(), "fastlenet": fastlenet.__version__})
         _cli.write_json(out / "metrics.json", metrics)
+        saved.append(epoch)
 
-    epoch = done
     try:
         for epoch in range(done + 1, args.epochs + 1):
             train_loss, train_acc, seconds = train_epoch(
@@ -147,9 +151,9 @@ def train(args: argparse.Namespace) -> int:
                   f"{seconds:6.1f} s", flush=True)
             save(epoch)
     except KeyboardInterrupt:
-        if history:
-            print(f"\ninterrupted during epoch {epoch}; {out / 'checkpoint.pt'} holds epoch {epoch - 1}: "
-                  f"continue with --resume {out / 'checkpoint.pt'}", file=sys.stderr)
+        if saved:
+            print(f"\n{out / 'checkpoint.pt'} holds epoch {saved[-1]}: continue with "
+                  f"--resume {out / 'checkpoint.pt'}", file=sys.stderr)
         raise
     if done >= args.epochs:
         save(done)
@@ -247,7 +251,7 @@ def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, save
     return scheduler
 
 
-def _restore(checkpoint: dict, path: Path, model, optimizer, generator, device) -> tuple[int, list]:
+def _restore(checkpoint: dict, path: Path, model, optimizer, generator) -> tuple[int, list]:
     _cli.load_weights(model, checkpoint["model"], path)
     state = checkpoint.get("optimizer")
     try:

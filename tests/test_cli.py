@@ -107,8 +107,9 @@ def test_resume_matches_an_uninterrupted_run(mnist_dir, tmp_path, capsys):
     common = SMALL + ["--schedule", "none", "--no-plot", "--data-dir", mnist_dir]
     assert run_train(capsys, *common, "--epochs", 3, "--out", tmp_path / "straight")[0] == 0
     assert run_train(capsys, *common, "--epochs", 2, "--out", tmp_path / "split")[0] == 0
+    # no --out: a resumed run writes beside its checkpoint
     assert run_train(capsys, "--resume", tmp_path / "split" / "checkpoint.pt", "--epochs", 3,
-                     "--no-plot", "--data-dir", mnist_dir, "--out", tmp_path / "split")[0] == 0
+                     "--no-plot", "--data-dir", mnist_dir)[0] == 0
     straight, split = (json.loads((tmp_path / d / "metrics.json").read_text())["epochs"][-1]
                        for d in ("straight", "split"))
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
@@ -134,13 +135,22 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_keyboard_interrupt_exits_130(mnist_dir, tmp_path, capsys, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    """Ctrl-C in epoch 2: status 130, no traceback, and the way to resume epoch 1's checkpoint."""
+    real_epoch, calls = train.train_epoch, []
 
-    monkeypatch.setattr(train, "train_epoch", interrupted)
-    status, _, err = run_train(capsys, *SMALL, "--data-dir", mnist_dir, "--out", tmp_path)
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    status, _, err = run_train(capsys, *SMALL, "--epochs", 3, "--no-plot", "--data-dir", mnist_dir,
+                               "--out", tmp_path)
     assert status == 130
     assert "interrupted" in err and "Traceback" not in err
+    assert f"holds epoch 1: continue with --resume {tmp_path / 'checkpoint.pt'}" in err
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 # --------------------------------------------------------------------------------------------------

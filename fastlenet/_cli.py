@@ -23,6 +23,7 @@ from fastlenet.data import DataError, atomic_write_bytes
 
 EXIT_USAGE = 2  # argparse's own status for bad flags; used for every other user error too
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 class CLIError(Exception):
@@ -49,6 +50,10 @@ def run(body: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout piped into `head` or the like, which has exited
+        # Point stdout at /dev/null so that Python's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -193,11 +193,7 @@ def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
 
 
 def build_model(variant: str, fused: bool, device: torch.device) -> LeNet5:
-    try:
-        model = LeNet5(variant, fused=fused)
-    except NotImplementedError as e:  # the fused layers before they exist
-        raise CLIError(f"--fused: {e}") from None
-    return model.to(device)
+    return LeNet5(variant, fused=fused).to(device)
 
 
 def channels_last(model: torch.nn.Module, *images: torch.Tensor):

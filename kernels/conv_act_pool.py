@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_grad
 from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import finish_weight_grad, plan_weight_grad
+from .split_reduce import finish_weight_grad, plan_weight_grad, weight_grad_program
 
 POOLS = ("max", "avg")
 
@@ -240,12 +240,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
     R = the conv positions covered by a pooling window; this program sums one slice of R."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     K = C_in * KSIZE * KSIZE
-    K_OUT = K + 1 if HAS_BIAS else K
-    split = pid % SPLIT
-    tile = pid // SPLIT
-    num_k = tl.cdiv(K_OUT, BLOCK_K)
-    offs_co = (tile // num_k) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_k = (tile % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split, tile, offs_co, offs_k = weight_grad_program(pid, C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K)
     OH2 = 2 * PH
     OW2 = 2 * PW
     acc = tl.zeros([BLOCK_CO, BLOCK_K], dtype=acc_dtype)

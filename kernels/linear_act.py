@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .activations import act, act_grad
 from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import finish_weight_grad, plan_weight_grad
+from .split_reduce import finish_weight_grad, plan_weight_grad, weight_grad_program
 
 
 @triton.jit
@@ -92,12 +92,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """[dW | db] tile = dz^T [N, M] @ [x | 1] [M, K + 1], over one slice of the batch rows."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    k_out = K + 1 if HAS_BIAS else K
-    split = pid % SPLIT
-    tile = pid // SPLIT
-    num_k = tl.cdiv(k_out, BLOCK_K)
-    offs_n = (tile // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = (tile % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split, tile, offs_n, offs_k = weight_grad_program(pid, N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K)
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
     r_start = split.to(tl.int64) * ROWS_PER_SPLIT

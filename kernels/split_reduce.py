@@ -14,6 +14,20 @@ import triton.language as tl
 
 
 @triton.jit
+def weight_grad_program(pid, OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode a weight-gradient program id into (split, tile, offs_o, offs_k): which slice of the
+    reduction it sums, and which [BLOCK_O, BLOCK_K] tile of the [OUT, K (+1 bias column)] result.
+    Programs of one tile are adjacent, so they run close together and its partials stay in L2."""
+    split = pid % SPLIT
+    tile = pid // SPLIT
+    num_k = tl.cdiv(K + 1 if HAS_BIAS else K, BLOCK_K)
+    offs_o = (tile // num_k) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_k = (tile % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return split, tile, offs_o, offs_k
+
+
+@triton.jit
 def store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_a, offs_b, tile_id, split_id,
                              SIZE_A, SIZE_B, SPLIT):
     """Write this program's partial tile (rows offs_a, cols offs_b of a SIZE_A x SIZE_B result) to

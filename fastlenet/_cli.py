@@ -117,7 +117,9 @@ def check_fused(device: torch.device) -> None:
     """The fused model needs CUDA, or Triton's interpreter on the CPU (switched on before Python starts)."""
     if device.type == "cuda":
         return
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from fastlenet.kernels.launch import interpreting  # imports Triton: only for --fused
+
+    if interpreting():
         print("warning: --fused on the CPU runs the Triton kernels through Triton's interpreter "
               "(TRITON_INTERPRET=1): correct but very slow, for debugging; use a small --limit-train",
               file=sys.stderr)

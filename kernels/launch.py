@@ -36,9 +36,16 @@ class Launch:
         self.name = self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel)
 
 
+@triton.jit
+def _probe():
+    pass
+
+
 def interpreting() -> bool:
-    """True when Triton's interpreter was switched on (TRITON_INTERPRET=1 before triton's import)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when the kernels run in Triton's interpreter. @triton.jit picks interpreter or compiler
+    when a kernel is *defined*, from TRITON_INTERPRET at that moment, so this asks a kernel defined
+    alongside fastlenet's rather than the environment, which may have changed since."""
+    return type(_probe).__name__ == "InterpretedFunction"
 
 
 def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -62,7 +62,7 @@ def check_conv(shape, activation, pool, dtype, device, bias=True, tol=None):
 
 
 # (N, C_in, H, W, C_out, k, padding): odd H/W, C_out not a power of two, batch 1 and 3, kernels
-# 1/3/5, paddings 0..2, LeNet's own layers (conv1 at batch 3 also splits the weight-gradient
+# 1/3/5/7, paddings 0..3, LeNet's own layers (conv1 at batch 3 also splits the weight-gradient
 # reduction over several programs).
 CONV_SHAPES = [
     (1, 1, 7, 9, 6, 5, 2),
@@ -71,6 +71,7 @@ CONV_SHAPES = [
     (1, 2, 6, 5, 3, 3, 2),
     (3, 1, 28, 28, 6, 5, 2),
     (2, 6, 14, 14, 16, 5, 0),
+    (1, 2, 9, 8, 3, 7, 3),  # the largest supported kernel and padding
 ]
 
 

@@ -48,13 +48,22 @@ def store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_a, offs_b, tile_id, 
 @triton.jit
 def sum_partials(ws_ptr, counter_ptr, offs_a, offs_b, tile_id, SIZE_A, SIZE_B, SPLIT,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Sum the SPLIT partial tiles in split order and re-arm the tile's counter."""
-    mask = (offs_a[:, None] < SIZE_A) & (offs_b[None, :] < SIZE_B)
-    ptrs = ws_ptr + offs_a[:, None] * SIZE_B + offs_b[None, :]
+    """Sum the SPLIT partial tiles in a fixed order and re-arm the tile's counter.
+
+    BLOCK_S partials are loaded at once (a block of at most 4096 elements, which stays spill-free)
+    so the loads overlap instead of paying one L2 round trip per split; the in-block tree sum and
+    the block order are fixed, so the result does not depend on timing."""
+    BLOCK_S: tl.constexpr = max(1, 4096 // (BLOCK_A * BLOCK_B))
+    offs_s = tl.arange(0, BLOCK_S)
+    mask = (offs_a[None, :, None] < SIZE_A) & (offs_b[None, None, :] < SIZE_B)
+    ptrs = ws_ptr + offs_a[None, :, None] * SIZE_B + offs_b[None, None, :]
     total = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
-    for s in range(0, SPLIT):
+    for s0 in range(0, SPLIT, BLOCK_S):
+        split = (s0 + offs_s)[:, None, None]
         # .cg: read from L2, never from a stale L1 line of this SM.
-        total += tl.load(ptrs + s * SIZE_A * SIZE_B, mask=mask, other=0.0, cache_modifier=".cg")
+        block = tl.load(ptrs + split.to(tl.int64) * SIZE_A * SIZE_B, mask=mask & (split < SPLIT),
+                        other=0.0, cache_modifier=".cg")
+        total += tl.sum(block, axis=0)
     tl.atomic_xchg(counter_ptr + tile_id, 0)
     return total
 

@@ -67,6 +67,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def first(self, n: int | None) -> "Split":
+        """The first n images and labels (all of them for n=None): --limit-train / --limit-test."""
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
 
 @dataclass(frozen=True)
 class Dataset:

@@ -61,9 +61,7 @@ def evaluate(args: argparse.Namespace) -> int:
     print(f"checkpoint {path}: {variant}, epoch {checkpoint['epoch']} | device {device} "
           f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
     dataset = data.load(dataset_name, args.data_dir)
-    test = dataset.test
-    if args.limit_test:
-        test = data.Split(test.images[:args.limit_test], test.labels[:args.limit_test])
+    test = dataset.test.first(args.limit_test)
     mean, std = data.NORMALIZATION[dataset_name]
     x, y = data.to_device(test, device, mean, std)
 

@@ -103,8 +103,8 @@ def train(args: argparse.Namespace) -> int:
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     dataset = data.load(args.dataset, args.data_dir)
     mean, std = data.NORMALIZATION[args.dataset]
-    x_train, y_train = data.to_device(_first(dataset.train, args.limit_train), device, mean, std)
-    x_test, y_test = data.to_device(_first(dataset.test, args.limit_test), device, mean, std)
+    x_train, y_train = data.to_device(dataset.train.first(args.limit_train), device, mean, std)
+    x_test, y_test = data.to_device(dataset.test.first(args.limit_test), device, mean, std)
 
     torch.manual_seed(args.seed)
     model = build_model(args.variant, args.fused, device)
@@ -166,10 +166,6 @@ def train(args: argparse.Namespace) -> int:
         print(f"test accuracy below the target {args.target_accuracy:.2%}", file=sys.stderr)
         return 1
     return 0
-
-
-def _first(split: data.Split, n: int | None) -> data.Split:
-    return split if n is None else data.Split(split.images[:n], split.labels[:n])
 
 
 def _fresh_run_dir() -> Path:

@@ -8,11 +8,10 @@ log-sum-exp (4 bytes a row) so backward needs no second reduction: dlogits = (so
 A target outside [0, C) yields a NaN loss (and NaN gradients for that row) instead of a device-side
 assert: checking on the host would cost a synchronisation every step.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .launch import empty, launch, next_pow2
+from .launch import accumulator_dtype, empty, launch, next_pow2
 
 
 @triton.jit
@@ -83,8 +82,7 @@ def cross_entropy_forward(logits, target):
     """Returns (loss as a 0-d tensor, per-row log-sum-exp saved for backward)."""
     B, C = logits.shape
     loss = empty((), device=logits.device, dtype=logits.dtype)
-    lse = empty((B,), device=logits.device,
-                      dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    lse = empty((B,), device=logits.device, dtype=accumulator_dtype(logits.dtype))
     # grid: one program; it walks the batch so the mean is summed in a fixed order.
     launch(cross_entropy_fwd_kernel, (1,),
            dict(logits_ptr=logits, target_ptr=target, lse_ptr=lse, loss_ptr=loss, B=B, C=C,

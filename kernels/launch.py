@@ -105,5 +105,10 @@ def dot_precision(x: torch.Tensor, kind: str) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in for inputs of `dtype` (float64 stays float64, for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))

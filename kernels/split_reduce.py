@@ -129,17 +129,14 @@ def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, bl
                      block_k: int, block_rows: int, max_split: int, like, enabled: bool) -> WeightGradPlan:
     """Plan the [out_features, k (+1 bias column)] weight-gradient reduction over `rows` rows: enough
     splits to fill a GPU at large batch, while each program still sums at least 8 row blocks."""
-    import torch
-
-    from .launch import empty
+    from .launch import accumulator_dtype, empty
 
     k_out = k + 1 if has_bias else k
     num_tiles = triton.cdiv(out_features, block_out) * triton.cdiv(k_out, block_k) if enabled else 0
     split = max(1, min(max_split, triton.cdiv(rows, 8 * block_rows)))
     rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_rows) * block_rows
     split = max(1, triton.cdiv(rows, rows_per_split))
-    acc_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    workspace = empty((split * out_features * k_out,) if enabled else (1,), dtype=acc_dtype,
+    workspace = empty((split * out_features * k_out,) if enabled else (1,), dtype=accumulator_dtype(like.dtype),
                       device=like.device)
     return WeightGradPlan(num_tiles, split, rows_per_split, workspace,
                           arrival_counters(like.device, max(num_tiles, 1)))

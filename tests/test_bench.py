@@ -71,3 +71,17 @@ def test_interpreter_run_is_labelled_and_gives_no_speed_figure(tmp_path):
     assert row["interpreter_seconds_per_step"] > 0
     assert row["launches_per_step"] == 5, row["ops_breakdown"]
     assert "not a speed figure" in stdout
+
+
+def test_cpu_floor_runs_the_required_computation(mnist_dir):
+    """bench/cpu_floor.py (the lower bound beside bench/cpu_epoch.py) on a few batches: it trains the
+    steps it says, tests all 10,000 images and reports each phase's seconds."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "cpu_floor.py"), "--data-dir", str(mnist_dir),
+                           "--limit-train", "200"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith("4 steps of 64, "), line  # 200 images: three batches of 64 and one of 8
+    right = int(line.split(", ")[1].split()[0])
+    assert 0 <= right <= 10_000
+    for phase in ("import", "data", "epoch", "test"):
+        assert f"{phase} " in line and " s" in line.split(f"{phase} ")[1], line

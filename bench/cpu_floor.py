@@ -5,12 +5,12 @@
 The process does the computation that one CPU epoch at the seeds' setting cannot do without, the
 way fastlenet.train does it, and nothing more: import torch; read, verify and normalise MNIST
 (fastlenet.data); the reference LeNet-5's forward pass, loss and backward pass for the epoch's 938
-shuffled batches of 64 (channels-last, as fastlenet.train runs on the CPU); the forward pass over
-the 10,000 test images. What it leaves out, every real run adds on top: the optimizer (and the
-import of torch._dynamo that torch.optim brings), the running metrics and progress bar, the metrics
-file, checkpoint and plot. So its time from interpreter start to exit bounds fastlenet.train's from
-below, and any other run built on PyTorch's CPU kernels as well. bench/cpu_epoch.py runs it beside
-the two processes it compares and sets it against issue 2's budget.
+shuffled batches of 64, in fastlenet.train's CPU layout (channels-last); the forward pass over the
+10,000 test images (fastlenet.train.predict). What it leaves out, every real run adds on top: the
+optimizer (and the import of torch._dynamo that torch.optim brings), the running metrics and
+progress bar, the metrics file, checkpoint and plot. So its time from interpreter start to exit
+bounds fastlenet.train's from below, and any other run built on PyTorch's CPU kernels as well.
+bench/cpu_epoch.py runs it beside the two processes it compares and sets it against issue 2's budget.
 """
 import argparse
 import time
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fastlenet import data
 from fastlenet.models import LeNet5
+from fastlenet.train import channels_last, predict
 
 BATCH_SIZE = 64
 
@@ -35,14 +36,13 @@ def main() -> None:
     args = parser.parse_args()
     marks = {"import": time.perf_counter()}
 
-    cpu, layout = torch.device("cpu"), torch.channels_last
+    cpu = torch.device("cpu")
     dataset = data.load("mnist", args.data_dir, log=lambda line: None)
     mean, std = data.NORMALIZATION["mnist"]
     x, y = data.to_device(dataset.train.first(args.limit_train), cpu, mean, std)
     x_test, y_test = data.to_device(dataset.test, cpu, mean, std)
-    x, x_test = x.contiguous(memory_format=layout), x_test.contiguous(memory_format=layout)
     torch.manual_seed(0)
-    model = LeNet5().to(memory_format=layout)
+    model, x, x_test = channels_last(LeNet5(), x, x_test)  # fastlenet.train's CPU layout
     marks["data"] = time.perf_counter()
 
     steps = 0
@@ -51,10 +51,7 @@ def main() -> None:
         steps += 1
     marks["epoch"] = time.perf_counter()
 
-    with torch.inference_mode():
-        model.eval()
-        correct = sum(int((model(x_test[i:i + 2000]).argmax(1) == y_test[i:i + 2000]).sum())
-                      for i in range(0, len(x_test), 2000))
+    correct = int((predict(model, x_test).argmax(1) == y_test).sum())
     marks["test"] = time.perf_counter()
 
     times, last = [], START

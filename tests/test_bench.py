@@ -74,8 +74,8 @@ def test_interpreter_run_is_labelled_and_gives_no_speed_figure(tmp_path):
 
 
 def test_cpu_floor_runs_the_required_computation(mnist_dir):
-    """bench/cpu_floor.py (the lower bound beside bench/cpu_epoch.py) on a few batches: it trains the
-    steps it says, tests all 10,000 images and reports each phase's seconds."""
+    """bench/cpu_floor.py (the lower bound beside bench/cpu_epoch.py) on a few batches: it runs the
+    forward/backward steps it says, tests all 10,000 images and reports each phase's seconds."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "cpu_floor.py"), "--data-dir", str(mnist_dir),
                            "--limit-train", "200"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

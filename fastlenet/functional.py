@@ -13,7 +13,7 @@ from fastlenet.kernels import cross_entropy as _xent
 from fastlenet.kernels import linear_act as _linear
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
-from fastlenet.kernels.launch import interpreting
+from fastlenet.kernels.launch import executing, interpreting
 
 __all__ = ["conv2d_act_pool", "linear_act", "cross_entropy", "ACTIVATIONS", "POOLS"]
 
@@ -76,24 +76,26 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 class _Conv2dActPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding, activation, pool, save):
-        y, win, prepool = _conv.conv2d_act_pool_forward(x, weight, bias, padding, activation, pool,
-                                                        save_for_backward=save)
-        # Saved: x and W (the GEMM operands), the pooled output y (its activation derivative is
-        # act_grad(y)), and only for pooling's sake a 1-byte window index (max) or the pre-pool
-        # activations (avg with a non-identity activation). y and x are tensors the network keeps
-        # anyway, so max pooling costs one extra byte per output element.
-        ctx.save_for_backward(x, weight, y, win, prepool)
+        y, win, prepool, counters = _conv.conv2d_act_pool_forward(x, weight, bias, padding, activation,
+                                                                  pool, save_for_backward=save)
+        # Saved: x and W (the GEMM operands), the pooled output y (the activation derivative is
+        # recovered from it), and only for pooling's sake a 1-byte window index (max) or the
+        # pre-pool activations (avg with a non-identity activation). y and x are tensors the network
+        # keeps anyway, so max pooling costs one extra byte per output element. The arrival
+        # counters of the weight-gradient reduction, zeroed by this forward launch, go with them:
+        # the backward then depends on nothing but its own forward.
+        ctx.save_for_backward(x, weight, y, win, prepool, counters)
         ctx.settings = (padding, activation, pool, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, y, win, prepool = ctx.saved_tensors
+        x, weight, y, win, prepool, counters = ctx.saved_tensors
         padding, activation, pool, has_bias = ctx.settings
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = _conv.conv2d_act_pool_backward(
             _contiguous(grad_y), x, weight, y, win, prepool, padding, activation, pool,
-            has_bias=has_bias, need_dx=need_dx, need_dw=need_dw or need_db)
+            has_bias=has_bias, need_dx=need_dx, need_dw=need_dw or need_db, counters=counters)
         return dx, dw if need_dw else None, db if need_db else None, None, None, None, None
 
 
@@ -144,23 +146,24 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 class _LinearAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        y = _linear.linear_act_forward(x, weight, bias, activation)
+    def forward(ctx, x, weight, bias, activation, save):
+        y, counters = _linear.linear_act_forward(x, weight, bias, activation, save_for_backward=save)
         # Saved: x and W (the GEMM operands) and the output y, from which act' is recovered; y is
-        # the next layer's input, which it saves anyway.
-        ctx.save_for_backward(x, weight, y)
+        # the next layer's input, which it saves anyway. And the weight-gradient arrival counters
+        # this forward zeroed (see the conv op).
+        ctx.save_for_backward(x, weight, y, counters)
         ctx.settings = (activation, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, y = ctx.saved_tensors
+        x, weight, y, counters = ctx.saved_tensors
         activation, has_bias = ctx.settings
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = _linear.linear_act_backward(_contiguous(grad_y), x, weight, y, activation,
                                                  has_bias=has_bias, need_dx=need_dx,
-                                                 need_dw=need_dw or need_db)
-        return dx, dw if need_dw else None, db if need_db else None, None
+                                                 need_dw=need_dw or need_db, counters=counters)
+        return dx, dw if need_dw else None, db if need_db else None, None, None
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -182,7 +185,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     _check_tensors(op, input=x, weight=weight, bias=bias)
     # Leading dimensions fold into the GEMM's rows: a view for contiguous input, a copy otherwise.
     x2 = x.reshape(-1, x.shape[-1])
-    y = _LinearAct.apply(x2, weight, bias, activation)
+    y = _LinearAct.apply(x2, weight, bias, activation, _grad_wanted(x, weight, bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -192,22 +195,45 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target):
-        loss, lse = _xent.cross_entropy_forward(logits, target)
-        # Saved: the logits and the per-row log-sum-exp, so backward is one elementwise pass.
-        ctx.save_for_backward(logits, target, lse)
+    def forward(ctx, logits, target, ignore_index):
+        loss, lse, rows = _xent.cross_entropy_forward(logits, target, ignore_index)
+        # On the CPU reading rows costs no device synchronisation (see the kernel's docstring); a
+        # launch that was only recorded (record_launches(execute=False)) wrote nothing to read.
+        if rows.device.type == "cpu" and executing():
+            _check_targets_in_range(rows, target, logits.shape[1], ignore_index)
+        # Saved: the logits, the per-row log-sum-exp and the count of targets kept (in rows), so
+        # backward is one elementwise pass with no reduction.
+        ctx.save_for_backward(logits, target, lse, rows)
+        ctx.ignore_index = ignore_index
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, target, lse = ctx.saved_tensors
-        return _xent.cross_entropy_backward(_contiguous(grad_loss), logits, target, lse), None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        logits, target, lse, rows = ctx.saved_tensors
+        dlogits = _xent.cross_entropy_backward(_contiguous(grad_loss), logits, target, lse, rows,
+                                               ctx.ignore_index)
+        return dlogits, None, None
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _check_targets_in_range(rows: torch.Tensor, target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Raise for the first out-of-range target the forward kernel found (rows[1] < batch)."""
+    first_bad = int(rows[1])
+    if first_bad < target.shape[0]:
+        raise IndexError(f"cross_entropy: target {int(target[first_bad])} (row {first_bad}) is out of "
+                         f"bounds for {classes} classes: targets must be in [0, {classes}) or equal "
+                         f"ignore_index ({ignore_index})")
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of class logits (B, C) against integer targets (B,), as
-    torch.nn.functional.cross_entropy with its defaults, one Triton kernel each way. A target
-    outside [0, C) gives a NaN loss rather than a device-side assert."""
+    torch.nn.functional.cross_entropy with its defaults, one Triton kernel each way.
+
+    Rows whose target is ignore_index are left out of the mean and get a zero gradient (every row
+    ignored: NaN, as PyTorch). Any other target outside [0, C) is an error: an IndexError naming it
+    on the CPU (under TRITON_INTERPRET=1); on CUDA a device-side assert, as PyTorch's, reported at
+    the next synchronisation, so no step waits for the device to check its targets."""
     op = "cross_entropy"
     if logits.ndim != 2:
         raise ValueError(f"{op}: logits must be (batch, classes), got {tuple(logits.shape)}")
@@ -216,7 +242,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                          f"{tuple(logits.shape)}, got {tuple(target.shape)}")
     if target.dtype != torch.int64:
         raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if logits.shape[0] == 0:
         raise ValueError(f"{op}: empty batch (the mean of no losses is undefined)")
     _check_tensors(op, logits=logits, target=target)
-    return _CrossEntropy.apply(logits, target)
+    return _CrossEntropy.apply(logits, target, ignore_index)

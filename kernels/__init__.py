@@ -1,6 +1,6 @@
 """fastlenet.kernels: pure Triton kernels and their launch helpers.
 
-    activations.py    act / act_grad pairs, chosen by a constexpr name
+    activations.py    act / act_backward pairs, chosen by a constexpr name
     conv_act_pool.py  conv2d + bias + activation + 2x2 pooling, forward and backward
     linear_act.py     linear + bias + activation, forward and backward
     cross_entropy.py  log-softmax + mean NLL, forward and backward

@@ -3,6 +3,7 @@
 Every derivative is written in terms of the activation's *output* y = act(z), not its input z. That is
 the whole trick that lets the fused layers save nothing extra for backward: relu'(z) = [y > 0],
 sigmoid'(z) = y (1 - y), tanh'(z) = 1 - y^2. The output is what the next layer keeps anyway.
+act_backward applies the derivative to the upstream gradient the way PyTorch's backward ops do.
 """
 import triton
 import triton.language as tl
@@ -28,14 +29,17 @@ def act(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def act_grad(y, ACTIVATION: tl.constexpr):
-    """d act / d z, evaluated from the output y = act(z)."""
+def act_backward(g, y, ACTIVATION: tl.constexpr):
+    """dL/dz from the upstream gradient g = dL/dy and the output y = act(z), computed as PyTorch's
+    own backward formulas do, so NaN and Inf travel the same way: relu is a select, never a product
+    (threshold_backward: a NaN output passes g through, and an infinite g at y <= 0 gives 0, not
+    inf * 0), sigmoid is g (1 - y) y and tanh g (1 - y^2)."""
     if ACTIVATION == "relu":
-        return tl.where(y > 0, 1.0, 0.0).to(y.dtype)
+        return tl.where(y <= 0, 0.0, g).to(g.dtype)
     elif ACTIVATION == "sigmoid":
-        return y * (1.0 - y)
+        return g * (1.0 - y) * y
     elif ACTIVATION == "tanh":
-        return 1.0 - y * y
+        return g * (1.0 - y * y)
     else:
         tl.static_assert(ACTIVATION == "identity", "unknown ACTIVATION")
-        return tl.full(y.shape, 1.0, y.dtype)
+        return g

@@ -5,15 +5,15 @@ reduction runs over C_in*k*k. Each program keeps four accumulators, one per posi
 window, so pooling happens in registers and only the pooled map is written. What backward needs is
 kept as small as we can defend: max pooling saves a 1-byte window index (the first maximum, as in
 PyTorch) and nothing else, because the activation derivative is recovered from the pooled output
-itself (act_grad(y), see activations.py). Average pooling needs act' at all four positions, so with a
+itself (act_backward, see activations.py). Average pooling needs act' at all four positions, so with a
 non-identity activation it saves the pre-pool activations (what eager PyTorch keeps); identity saves
 nothing. Recomputing the convolution in backward would save that memory at the cost of a second
 forward GEMM, a poor trade for LeNet where that map is small.
 
 Backward is ONE launch: programs [0, NUM_DX) compute grad input tiles (a GEMM over output channels x
 kernel taps, i.e. a transposed convolution), the rest compute the weight gradient, split over batch x
-positions and reduced deterministically (split_reduce.py). The bias gradient rides along as an extra
-column of the weight gradient against an implicit input of ones. The gradient with respect to the
+positions and reduced deterministically (split_reduce.py). The bias gradient is summed beside the
+weight-gradient GEMM, in full precision even when the GEMM runs in TF32. The gradient with respect to the
 pre-activation (pool and activation derivatives) is never materialised: both GEMMs gather it on the
 fly from grad_output, the pooled output and the window index.
 """
@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import ACTIVATIONS, act, act_grad
+from .activations import ACTIVATIONS, act, act_backward
 from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import finish_weight_grad, plan_weight_grad, weight_grad_program
+from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
+                           weight_grad_tiles, zero_counters)
 
 POOLS = ("max", "avg")
 
@@ -32,11 +33,10 @@ POOLS = ("max", "avg")
 def _im2col(x_ptr, n, oh, ow, row_mask, offs_k,
             C_in, H, W,
             stride_xn, stride_xc, stride_xh, stride_xw,
-            KSIZE: tl.constexpr, PADDING: tl.constexpr, ONES_COLUMN: tl.constexpr):
+            KSIZE: tl.constexpr, PADDING: tl.constexpr):
     """Input patch values x[n, ci, oh + kh - p, ow + kw - p] for rows (n, oh, ow) and reduction
     index offs_k = (ci, kh, kw), zero outside the image. Rows and offs_k broadcast against each
     other, so the same gather serves the forward (rows x k) and the weight gradient (k x rows).
-    With ONES_COLUMN, index k == C_in*k*k reads 1: the bias column of the weight gradient.
     n is int64 (a batch may pass 2^31 elements), oh/ow/offs_k int32 (one image never does)."""
     K = C_in * KSIZE * KSIZE
     ci = offs_k // (KSIZE * KSIZE)
@@ -49,10 +49,7 @@ def _im2col(x_ptr, n, oh, ow, row_mask, offs_k,
     ih = oh + kh
     iw = ow + kw
     mask = row_mask & (offs_k < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    vals = tl.load(x_ptr + row + col, mask=mask, other=0.0)
-    if ONES_COLUMN:
-        vals = tl.where(row_mask & (offs_k == K), 1.0, vals)
-    return vals
+    return tl.load(x_ptr + row + col, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -102,21 +99,21 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
     if POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
         win = tl.load(win_ptr + pooled, mask=inside, other=-1)
-        dz = tl.where(win == (oh % 2) * 2 + ow % 2, g * act_grad(y, ACTIVATION), 0.0)
+        dz = tl.where(win == (oh % 2) * 2 + ow % 2, act_backward(g, y, ACTIVATION), 0.0)
     else:
         dz = g * 0.25
         if SAVED_PREPOOL:
             full = n * (C_out * 4 * PH * PW) + (co * (4 * PH * PW) + oh * (2 * PW) + ow)
-            dz = dz * act_grad(tl.load(a_ptr + full, mask=inside, other=0.0), ACTIVATION)
+            dz = act_backward(dz, tl.load(a_ptr + full, mask=inside, other=0.0), ACTIVATION)
     return dz
 
 
 @triton.jit
 def conv2d_act_pool_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, a_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, a_ptr, counter_ptr,
     # sizes
-    N, C_in, H, W, C_out, PH, PW,
+    N, C_in, H, W, C_out, PH, PW, NUM_COUNTERS,
     # strides
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
@@ -129,6 +126,7 @@ def conv2d_act_pool_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    zero_counters(counter_ptr, NUM_COUNTERS, pid_m + pid_n)
 
     # Rows: pooled positions (n, ph, pw), in int64 since N*C*H*W may pass 2^31.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,16 +149,16 @@ def conv2d_act_pool_fwd_kernel(
                          stride_wo, stride_wi, stride_wh, stride_ww, KSIZE)
         k_r = offs_k[None, :]
         x00 = _im2col(x_ptr, n_c, oh_c, ow_c, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         z00 = tl.dot(x00, w, z00, input_precision=DOT_PRECISION)
         x01 = _im2col(x_ptr, n_c, oh_c, ow_c + 1, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         z01 = tl.dot(x01, w, z01, input_precision=DOT_PRECISION)
         x10 = _im2col(x_ptr, n_c, oh_c + 1, ow_c, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         z10 = tl.dot(x10, w, z10, input_precision=DOT_PRECISION)
         x11 = _im2col(x_ptr, n_c, oh_c + 1, ow_c + 1, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, False)
+                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         z11 = tl.dot(x11, w, z11, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -236,14 +234,15 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
                       POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       DOT_PRECISION: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """grad weight (+ bias as column K): [C_out, K (+1)] = dz^T [C_out, R] @ patches [R, K (+1)],
-    R = the conv positions covered by a pooling window; this program sums one slice of R."""
+    """grad weight: [C_out, K] = dz^T [C_out, R] @ patches [R, K], and grad bias = the row sums of
+    dz^T, R = the conv positions covered by a pooling window; this program sums one slice of R."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     K = C_in * KSIZE * KSIZE
     split, tile, offs_co, offs_k = weight_grad_program(pid, C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K)
     OH2 = 2 * PH
     OW2 = 2 * PW
     acc = tl.zeros([BLOCK_CO, BLOCK_K], dtype=acc_dtype)
+    acc_bias = tl.zeros([BLOCK_CO], dtype=acc_dtype)
     r_start = split.to(tl.int64) * ROWS_PER_SPLIT
     for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
         offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
@@ -256,10 +255,12 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
                           C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL)
         patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
                           offs_k[None, :], C_in, H, W,
-                          stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING, HAS_BIAS)
+                          stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc_bias += tl.sum(dz, axis=1)
     # dw is contiguous [C_out, C_in, k, k] == [C_out, K].
-    finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
+    finish_weight_grad(acc, acc_bias, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
                        C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K)
 
 
@@ -303,11 +304,18 @@ def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
     return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
 
 
+def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
+    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs; the forward needs
+    them too, to size the arrival counters it zeroes for the backward."""
+    return min(max(next_pow2(C_out), 16), 32), 32, 32
+
+
 def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool: str,
                             save_for_backward: bool):
-    """Returns (y, win, prepool): y the pooled output; win the int8 window index (max pooling,
-    when saving for backward) or None; prepool the pre-pool activations (avg pooling with a
-    non-identity activation, when saving) or None. Inputs must already be validated."""
+    """Returns (y, win, prepool, counters): y the pooled output; win the int8 window index (max
+    pooling, when saving for backward) or None; prepool the pre-pool activations (avg pooling with a
+    non-identity activation, when saving) or None; counters the weight-gradient arrival counters
+    this launch zeroes for the backward (when saving) or None. Inputs must already be validated."""
     N, C_in, H, W = x.shape
     C_out, _, ksize, _ = weight.shape
     PH, PW = pooled_size(H, W, ksize, padding)
@@ -317,6 +325,10 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     win = empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8) if save_win else None
     prepool = (empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
                if save_prepool else None)
+    block_co, block_k, _ = _weight_grad_blocks(C_out)
+    num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, bias is not None, block_co, block_k)
+                    if save_for_backward else 0)
+    counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
     # file on sm_80/sm_90 (64 rows spills: see tests/test_gpu_build.py).
     BLOCK_M, BLOCK_N, BLOCK_K = 32, min(max(next_pow2(C_out), 16), 64), 32
@@ -325,7 +337,8 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
                 win_ptr=win if save_win else y, a_ptr=prepool if save_prepool else y,
-                N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW,
+                counter_ptr=counters if save_for_backward else y,
+                N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW, NUM_COUNTERS=num_counters,
                 stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
                 stride_wo=weight.stride(0), stride_wi=weight.stride(1),
                 stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
@@ -333,13 +346,14 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
                 HAS_BIAS=bias is not None, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=dot_precision(x, "conv"), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                 num_warps=8, num_stages=2))
-    return y, win, prepool
+    return y, win, prepool, counters
 
 
 def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, activation: str,
-                             pool: str, has_bias: bool, need_dx: bool, need_dw: bool):
+                             pool: str, has_bias: bool, need_dx: bool, need_dw: bool, counters=None):
     """Returns (dx or None, dw or None, db or None) in one launch. grad_y/y/win/prepool must be
-    contiguous (the caller ensures it); x and weight may be strided."""
+    contiguous (the caller ensures it); x and weight may be strided. `counters` are those the
+    forward returned (zeroed by it); None allocates zeroed ones."""
     N, C_in, H, W = x.shape
     C_out, _, ksize, _ = weight.shape
     PH, PW = y.shape[2], y.shape[3]
@@ -351,11 +365,11 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 32
     num_dx = (triton.cdiv(N * H * W, BLOCK_DX_M) * triton.cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
 
-    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(C_out), 16), 32), 32, 32
+    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
     # The weight-gradient rows are the conv positions a pooling window covers.
     plan = plan_weight_grad(C_out, K, has_bias, N * 2 * PH * 2 * PW, block_out=BLOCK_DW_CO,
                             block_k=BLOCK_DW_K, block_rows=BLOCK_DW_R, max_split=256, like=x,
-                            enabled=need_dw)
+                            enabled=need_dw, counters=counters)
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
     grid = (num_dx + plan.programs,)

@@ -1,8 +1,11 @@
 """The one place every fastlenet kernel is launched from.
 
 Routing every launch through `launch` gives the tests and the benchmark two things without touching
-the kernels: a count of launches per training step, and a record of each launch's signature and
-constexprs, which tests/test_gpu_build.py compiles for real GPU targets with ptxas.
+the kernels: a count of launches per training step, and a record of each launch's grid, arguments
+and constexprs, which tests/test_gpu_build.py compiles for real GPU targets with ptxas. A record
+keeps what Triton's JIT specialises on (integer values, pointer alignment), so the build compiles
+exactly the kernel a GPU run would; `record_launches(execute=False)` records without running, so
+the launches of a 65536-image step are known in seconds.
 """
 from __future__ import annotations
 
@@ -14,14 +17,23 @@ import torch
 import triton
 
 _listeners: list[Callable[["Launch"], None]] = []
+_execute = True
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """What a record keeps of a tensor argument. Never the tensor itself: a live reference to a
-    fresh weight gradient would stop autograd from adopting it as .grad (it would copy instead)."""
+    fresh weight gradient would stop autograd from adopting it as .grad (it would copy instead).
+    data_ptr_mod16 is what Triton's JIT specialises a pointer on (16-byte alignment). It does not
+    depend on the device: CPU and CUDA allocations both start 16-byte aligned, so only a view's
+    offset can misalign, and it does so alike on both."""
     dtype: torch.dtype
     shape: tuple[int, ...]
+    data_ptr_mod16: int = 0
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorSpec":
+        return cls(t.dtype, tuple(t.shape), t.data_ptr() % 16)
 
 
 @dataclass
@@ -52,11 +64,12 @@ def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, 
     if 0 in grid:
         return  # an empty output: nothing to compute, and a zero-sized grid is an error on CUDA
     if _listeners:
-        record = Launch(kernel, grid, {name: TensorSpec(v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor)
-                                       else v for name, v in args.items()}, meta)
+        record = Launch(kernel, grid, {name: TensorSpec.of(v) if isinstance(v, torch.Tensor) else v
+                                       for name, v in args.items()}, meta)
         for listener in _listeners:
             listener(record)
-    kernel[grid](**args, **meta)
+    if _execute:
+        kernel[grid](**args, **meta)
 
 
 _poison = False
@@ -81,28 +94,60 @@ def poison_outputs():
         _poison = previous
 
 
+def executing() -> bool:
+    """False inside record_launches(execute=False): kernel outputs are then never written, so host
+    code that reads one (a check after a launch) must skip the read."""
+    return _execute
+
+
 @contextlib.contextmanager
-def record_launches():
-    """Collect every Launch made inside the block (in order) into the yielded list."""
+def record_launches(execute: bool = True):
+    """Collect every Launch made inside the block (in order) into the yielded list.
+
+    execute=False records without running any kernel: outputs stay uninitialised, but every shape,
+    grid, argument and constexpr is what a run would launch, since the launch helpers compute them
+    from shapes alone. That lets the GPU build test record a batch-65536 training step through the
+    interpreter in seconds (torch.empty outputs that nothing writes cost address space, not memory)."""
+    global _execute
     launches: list[Launch] = []
     _listeners.append(launches.append)
+    previous, _execute = _execute, _execute and execute
     try:
         yield launches
     finally:
+        _execute = previous
         _listeners.remove(launches.append)
 
 
 def dot_precision(x: torch.Tensor, kind: str) -> str:
-    """tl.dot's input_precision for x's dtype. float32 follows the switches PyTorch itself uses:
-    cudnn.allow_tf32 for convolutions (on by default), the float32 matmul precision for matmuls
-    ("highest", i.e. no TF32, by default). The interpreter always computes exactly."""
+    """tl.dot's input_precision for x's dtype: "tf32" or "ieee". float32 follows the switches
+    PyTorch itself uses for the same work: convolutions as cuDNN's (TF32 by default), matmuls as
+    cuBLAS's (no TF32 by default). The interpreter always computes exactly."""
     if x.dtype != torch.float32 or interpreting():
         return "ieee"
-    if kind == "conv":
-        tf32 = torch.backends.cudnn.allow_tf32
-    else:
-        tf32 = torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if tf32 else "ieee"
+    return "tf32" if tf32_enabled(kind) else "ieee"
+
+
+def tf32_enabled(kind: str) -> bool:
+    """Whether PyTorch would use TF32 for a float32 `kind` ("conv" or "matmul") right now.
+
+    Since torch 2.9 the switches are `torch.backends.cudnn.conv.fp32_precision` and
+    `torch.backends.cuda.matmul.fp32_precision` ("tf32" / "ieee", or "none": inherit, then the
+    legacy switch decides). Once anyone sets precision through that API, reading the legacy
+    `cudnn.allow_tf32` or `get_float32_matmul_precision()` may raise, so the new switch is read
+    first and the legacy one only where the new API is absent or undecided; never raises."""
+    try:
+        new = (torch.backends.cudnn.conv if kind == "conv" else torch.backends.cuda.matmul).fp32_precision
+    except AttributeError:  # torch < 2.9: only the legacy switches exist
+        new = "none"
+    if new in ("tf32", "ieee"):
+        return new == "tf32"
+    try:
+        if kind == "conv":
+            return bool(torch.backends.cudnn.allow_tf32)
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # the legacy reading refuses a mix of old and new settings
+        return False
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,23 +6,24 @@ from y (activations.py), and the upstream gradient times it, dz, is never materi
 backward GEMMs recompute their dz tile from grad_output and y as they load it.
 
 Backward is ONE launch: programs [0, NUM_DX) compute grad-input tiles dz @ W, the rest compute
-dz^T @ [x | 1], whose last column is the bias gradient, split over the batch and reduced
-deterministically (split_reduce.py).
+dz^T @ x and the bias gradient (the column sums of dz, in full precision beside the dot), split over
+the batch and reduced deterministically (split_reduce.py).
 """
 import triton
 import triton.language as tl
 
-from .activations import act, act_grad
+from .activations import act, act_backward
 from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import finish_weight_grad, plan_weight_grad, weight_grad_program
+from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
+                           weight_grad_tiles, zero_counters)
 
 
 @triton.jit
 def linear_act_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, counter_ptr,
     # sizes
-    M, N, K,
+    M, N, K, NUM_COUNTERS,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk,
     # meta-parameters
@@ -30,6 +31,7 @@ def linear_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    zero_counters(counter_ptr, NUM_COUNTERS, tl.program_id(0) + tl.program_id(1))
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -57,7 +59,7 @@ def _grad_preact(g_ptr, y_ptr, m, n, mask, N, ACTIVATION: tl.constexpr):
     offs = m * N + n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-    return g * act_grad(y, ACTIVATION)
+    return act_backward(g, y, ACTIVATION)
 
 
 @triton.jit
@@ -90,11 +92,12 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
                       M, N, K, SPLIT, ROWS_PER_SPLIT, stride_xm, stride_xk,
                       ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """[dW | db] tile = dz^T [N, M] @ [x | 1] [M, K + 1], over one slice of the batch rows."""
+    """dW tile = dz^T [N, M] @ x [M, K] and db = the row sums of dz^T, over one slice of the batch."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     split, tile, offs_n, offs_k = weight_grad_program(pid, N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K)
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
+    acc_bias = tl.zeros([BLOCK_N], dtype=acc_dtype)
     r_start = split.to(tl.int64) * ROWS_PER_SPLIT
     for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
         offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
@@ -103,10 +106,10 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
                             mask_r[None, :] & mask_n[:, None], N, ACTIVATION)
         x = tl.load(x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
-        if HAS_BIAS:
-            x = tl.where(mask_r[:, None] & (offs_k[None, :] == K), 1.0, x)
         acc = tl.dot(dz_t.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
-    finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
+        if HAS_BIAS:
+            acc_bias += tl.sum(dz_t, axis=1)
+    finish_weight_grad(acc, acc_bias, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
                        N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K)
 
 
@@ -139,26 +142,39 @@ def linear_act_bwd_kernel(
 # Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
 # --------------------------------------------------------------------------------------------------
 
-def linear_act_forward(x, weight, bias, activation: str):
-    """y = act(x @ weight.T + bias) for a 2-D x [M, K]; returns a contiguous [M, N]."""
+def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
+    """(BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs; the forward needs
+    them too, to size the arrival counters it zeroes for the backward."""
+    return min(max(next_pow2(N), 16), 32), 64, 32
+
+
+def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool = False):
+    """y = act(x @ weight.T + bias) for a 2-D x [M, K]. Returns (y, counters): y a contiguous
+    [M, N]; counters the weight-gradient arrival counters this launch zeroes for the backward (when
+    saving for backward) or None."""
     M, K = x.shape
     N = weight.shape[0]
     y = empty((M, N), device=x.device, dtype=x.dtype)
+    block_n, block_k, _ = _weight_grad_blocks(N)
+    num_counters = weight_grad_tiles(N, K, bias is not None, block_n, block_k) if save_for_backward else 0
+    counters = arrival_counters(num_counters, x, M * N) if save_for_backward else None
     BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
     # grid: (row tiles of the batch, tiles of output features)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     launch(linear_act_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
-                M=M, N=N, K=K, stride_xm=x.stride(0), stride_xk=x.stride(1),
+                counter_ptr=counters if save_for_backward else y,
+                M=M, N=N, K=K, NUM_COUNTERS=num_counters, stride_xm=x.stride(0), stride_xk=x.stride(1),
                 stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
            dict(ACTIVATION=activation, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x, "matmul"),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8, num_stages=2))
-    return y
+    return y, counters
 
 
 def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
-                        need_dx: bool, need_dw: bool):
-    """Returns (dx or None, dw or None, db or None) in one launch; grad_y and y contiguous [M, N]."""
+                        need_dx: bool, need_dw: bool, counters=None):
+    """Returns (dx or None, dw or None, db or None) in one launch; grad_y and y contiguous [M, N].
+    `counters` are those the forward returned (zeroed by it); None allocates zeroed ones."""
     M, K = x.shape
     N = weight.shape[0]
     dx = empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
@@ -167,9 +183,10 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
 
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
     num_dx = triton.cdiv(M, BLOCK_DX_M) * triton.cdiv(K, BLOCK_DX_K) if need_dx else 0
-    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = min(max(next_pow2(N), 16), 32), 64, 32
+    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(N)
     plan = plan_weight_grad(N, K, has_bias, M, block_out=BLOCK_DW_N, block_k=BLOCK_DW_K,
-                            block_rows=BLOCK_DW_R, max_split=64, like=x, enabled=need_dw)
+                            block_rows=BLOCK_DW_R, max_split=64, like=x, enabled=need_dw,
+                            counters=counters)
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
     grid = (num_dx + plan.programs,)

@@ -4,8 +4,16 @@ A weight gradient is a sum over batch x positions, so its few output tiles are s
 programs for parallelism. Float atomics would make training irreproducible, and a second reduction
 launch costs a launch per layer. Instead each program writes its partial tile to a workspace, then
 bumps a per-tile arrival counter; the program that arrives last sums the SPLIT partials in a fixed
-order, stores the result and resets the counter, so the next launch (or CUDA-graph replay) finds it
-at zero. The sum order never depends on which program finished first: results are bit-reproducible.
+order and stores the result. The sum order never depends on which program finished first: results
+are bit-reproducible.
+
+Who zeroes the counters decides what can go wrong. They belong to one forward call: its launch
+helper allocates them (no memset) and the forward kernel zeroes them, next to the outputs the
+backward reads anyway. So a backward depends only on its own forward, never on counts another
+launch left behind: two models, streams or threads never share a counter, a stray count cannot
+outlive its step, and a CUDA graph that captures forward and backward re-zeroes on every replay,
+with no extra device operation. The last arriver still re-arms its counter, so a second backward
+through the same graph (retain_graph=True) finds it at zero.
 """
 from dataclasses import dataclass
 
@@ -69,13 +77,18 @@ def sum_partials(ws_ptr, counter_ptr, offs_a, offs_b, tile_id, SIZE_A, SIZE_B, S
 
 
 @triton.jit
-def finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile, split,
+def finish_weight_grad(acc, acc_bias, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile, split,
                        OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     """Reduce a [BLOCK_O, BLOCK_K] weight-gradient partial over the SPLIT programs of its tile and
-    store it into the contiguous dw [OUT, K]; with HAS_BIAS, column K of the augmented gradient
-    (the products with an implicit input of ones) is the bias gradient db [OUT]."""
+    store it into the contiguous dw [OUT, K]; with HAS_BIAS, the bias partial acc_bias [BLOCK_O]
+    travels as column K of the augmented [OUT, K + 1] gradient and lands in db [OUT].
+
+    The bias partial is a plain sum of dL/dz, kept apart from the GEMM: a TF32 dot would round
+    each dL/dz to 10 mantissa bits, and cuDNN sums the bias gradient in full fp32."""
     k_out = K + 1 if HAS_BIAS else K
+    if HAS_BIAS:
+        acc = tl.where(offs_k[None, :] == K, acc_bias[:, None], acc)
     last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_o, offs_k, tile, split,
                                     OUT, k_out, SPLIT)
     if last:
@@ -88,26 +101,37 @@ def finish_weight_grad(acc, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k,
             tl.store(db_ptr + o + 0 * k, total.to(db_ptr.dtype.element_ty), mask=(o < OUT) & (k == K))
 
 
+@triton.jit
+def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
+    """Program 0 of a forward launch zeroes the arrival counters of its backward (see the top of
+    this file); NUM_COUNTERS is 0 when no backward will follow."""
+    if pid == 0:
+        for i in range(0, NUM_COUNTERS, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < NUM_COUNTERS)
+
+
 # --------------------------------------------------------------------------------------------------
 # Host side: how to split, and the counters.
 # --------------------------------------------------------------------------------------------------
 
-_counters: dict = {}
+def weight_grad_tiles(out_features: int, k: int, has_bias: bool, block_out: int, block_k: int) -> int:
+    """Output tiles of the [out_features, k (+1 bias column)] weight gradient: one counter each."""
+    return triton.cdiv(out_features, block_out) * triton.cdiv(k + 1 if has_bias else k, block_k)
 
 
-def arrival_counters(device, size: int):
-    """Zeroed int32 counters, allocated once per device and re-armed by the kernels themselves, so
-    steady-state training allocates and zeroes nothing (and CUDA-graph replays stay valid)."""
+def arrival_counters(num_tiles: int, like, forward_rows: int):
+    """The counters a forward call hands to its backward. Allocated without a memset: the forward
+    kernel zeroes them (zero_counters). Inside launch.poison_outputs() they start as garbage, so a
+    kernel that forgot to zero them fails the tests. A forward with no output rows launches nothing
+    (see launch.launch), so then they are zeroed here."""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    # One grow-only buffer per device: every launch uses its first `size` counters, and launches on
-    # one stream run in order, so they never see each other's counts.
-    if device not in _counters or _counters[device].numel() < size:
-        _counters[device] = torch.zeros(max(size, 64), dtype=torch.int32, device=device)
-    return _counters[device]
+    from .launch import empty
+
+    if forward_rows == 0:
+        return torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
+    return empty((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
 
 
 @dataclass
@@ -126,17 +150,25 @@ class WeightGradPlan:
 
 
 def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, block_out: int,
-                     block_k: int, block_rows: int, max_split: int, like, enabled: bool) -> WeightGradPlan:
+                     block_k: int, block_rows: int, max_split: int, like, enabled: bool,
+                     counters=None) -> WeightGradPlan:
     """Plan the [out_features, k (+1 bias column)] weight-gradient reduction over `rows` rows: enough
-    splits to fill a GPU at large batch, while each program still sums at least 8 row blocks."""
+    splits to fill a GPU at large batch, while each program still sums at least 8 row blocks.
+    `counters` are the ones the forward zeroed; without them (a backward called on its own) fresh
+    zeroed counters are allocated, at the cost of a memset."""
+    import torch
+
     from .launch import accumulator_dtype, empty
 
     k_out = k + 1 if has_bias else k
-    num_tiles = triton.cdiv(out_features, block_out) * triton.cdiv(k_out, block_k) if enabled else 0
+    num_tiles = weight_grad_tiles(out_features, k, has_bias, block_out, block_k) if enabled else 0
+    if counters is None:
+        counters = torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
+    elif enabled and counters.numel() < num_tiles:
+        raise ValueError(f"{num_tiles} arrival counters needed, the forward zeroed {counters.numel()}")
     split = max(1, min(max_split, triton.cdiv(rows, 8 * block_rows)))
     rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_rows) * block_rows
     split = max(1, triton.cdiv(rows, rows_per_split))
     workspace = empty((split * out_features * k_out,) if enabled else (1,), dtype=accumulator_dtype(like.dtype),
                       device=like.device)
-    return WeightGradPlan(num_tiles, split, rows_per_split, workspace,
-                          arrival_counters(like.device, max(num_tiles, 1)))
+    return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)

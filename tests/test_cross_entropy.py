@@ -1,0 +1,285 @@
+"""fastlenet.functional.cross_entropy against torch.nn.functional.cross_entropy: loss, gradient,
+ignore_index, and the error for an out-of-range target.
+
+Runs the Triton kernels on the CPU through Triton's interpreter (conftest.py), or compiled on CUDA
+when present. The reference is F.cross_entropy in float64; the error measure is
+||out - ref|| / ||ref||. Every kernel output is poisoned (NaN, integers 127) before the launch, so
+an element a kernel forgets to write fails the comparison.
+"""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlenet import functional as FF
+from fastlenet.kernels import cross_entropy as xent
+from fastlenet.kernels import launch as launch_module
+from fastlenet.kernels.launch import poison_outputs, record_launches
+from fastlenet.profiling import count_device_ops
+
+# Relative-error tolerances, by kernel dtype.
+#  float64 (interpreter only): the reference's arithmetic in another order, ~1e-16 a term.
+#  float32: the inputs are exact float32 values, so the error is the kernel's own: exp and log
+#    a few ulp (6e-8) each, a row sum of up to 1000 terms in tree order about log2(1000) ulp, and
+#    the batch mean as many again; ~1e-6 at worst, 1e-5 leaves a 10x margin.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(),
+                                       reason="float64 and the CPU error path run under the interpreter only")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DTYPES = [torch.float32, pytest.param(torch.float64, marks=needs_interpreter)]
+
+# Batch 1, and batches spanning several row blocks with a partial last one, for each class count:
+# the tiles (tiles(C)) are 128 x 16 for 10 classes, 16 x 128 for 100, 4 x 512 for 1000 (two class
+# blocks, the second partial: the online log-sum-exp).
+SHAPES = [(1, 10), (300, 10), (300, 3), (1, 100), (37, 100), (1, 1000), (9, 1000)]
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def loss_and_grad(fn, logits, target, **kwargs):
+    """fn's loss and d(2.5 * loss)/dlogits: the upstream gradient is a device tensor, not 1."""
+    logits = logits.detach().requires_grad_()
+    loss = fn(logits, target, **kwargs)
+    (loss * 2.5).backward()
+    return loss.detach(), logits.grad
+
+
+def compare(logits, target, dtype, **kwargs):
+    """Loss and gradient of fastlenet in `dtype` vs F.cross_entropy in float64; returns both pairs."""
+    loss, grad = loss_and_grad(FF.cross_entropy, logits.to(dtype), target, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(F.cross_entropy, logits.double(), target, **kwargs)
+    assert loss.shape == () and loss.dtype == dtype and grad.dtype == dtype
+    assert rel_err(loss, ref_loss) <= TOL[dtype], (loss.item(), ref_loss.item())
+    assert rel_err(grad, ref_grad) <= TOL[dtype]
+    return (loss, grad), (ref_loss, ref_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# values and gradients
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,classes", SHAPES)
+def test_matches_reference(batch, classes, dtype, device):
+    logits = torch.randn(batch, classes, device=device) * 3
+    target = torch.randint(0, classes, (batch,), device=device)
+    compare(logits, target, dtype)
+
+
+def test_strided_logits_and_target(device):
+    logits = torch.randn(10, 37, device=device).t()  # (37, 10), strides (1, 37)
+    target = torch.randint(0, 10, (37, 2), device=device)[:, 1]  # stride 2
+    compare(logits, target, torch.float32)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3, 12])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignore_index(ignore_index, dtype, device):
+    """Ignored rows (the default -100, an in-range class, a value outside [0, C)) leave the mean
+    and get an exactly zero gradient; the mean divides by the rows kept."""
+    batch, classes = 300, 10
+    logits = torch.randn(batch, classes, device=device) * 3
+    target = torch.randint(0, classes, (batch,), device=device)
+    ignored = torch.rand(batch, device=device) < 0.3
+    target[ignored] = ignore_index
+    kwargs = {} if ignore_index == -100 else {"ignore_index": ignore_index}
+    (loss, grad), _ = compare(logits, target, dtype, **kwargs)
+    ignored = target == ignore_index
+    assert 0 < ignored.sum() < batch
+    assert (grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_rows_ignored(dtype, device):
+    """As F.cross_entropy: the mean over no targets is NaN, and every gradient is 0."""
+    logits = torch.randn(5, 10, device=device, dtype=dtype)
+    target = torch.full((5,), -100, device=device)
+    loss, grad = loss_and_grad(FF.cross_entropy, logits, target)
+    ref_loss, ref_grad = loss_and_grad(F.cross_entropy, logits, target)
+    assert torch.isnan(ref_loss) and torch.isnan(loss)
+    assert (ref_grad == 0).all() and (grad == 0).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("batch,classes,fast", [(3, 10, False), (5, 100, True), (3, 1000, True)])
+def test_gradcheck(batch, classes, fast):
+    logits = torch.randn(batch, classes, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, classes, (batch,))
+    target[1] = -100
+    assert torch.autograd.gradcheck(lambda z: FF.cross_entropy(z, target), (logits,), fast_mode=fast)
+
+
+def test_no_grad_and_inference_mode(device):
+    logits = torch.randn(4, 10, device=device)
+    target = torch.randint(0, 10, (4,), device=device)
+    ref = F.cross_entropy(logits.double(), target)
+    with torch.inference_mode():
+        assert rel_err(FF.cross_entropy(logits, target), ref) <= TOL[torch.float32]
+    assert rel_err(FF.cross_entropy(logits, target), ref) <= TOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# launches: one each way, nothing else on the device, the forward a single program
+# ---------------------------------------------------------------------------------------------
+
+def test_one_launch_each_way_and_no_other_device_op(device, monkeypatch):
+    """The forward is one single-program launch (its mean is summed in one fixed order, so it is
+    reproducible), the backward one launch over row blocks; the only other device op is the seed
+    of backward. In particular the out-of-range check adds no op (on the CPU it reads a result)."""
+    monkeypatch.setattr(launch_module, "_poison", False)  # poisoning fills outputs: ops of its own
+    logits = torch.randn(300, 10, device=device, requires_grad=True)
+    target = torch.randint(0, 10, (300,), device=device)
+    count = count_device_ops(lambda: torch.autograd.grad(FF.cross_entropy(logits, target), logits))
+    assert count.triton_launches == ["cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"], count.breakdown()
+    assert count.aten_ops == ["ones_like"], count.breakdown()
+    with record_launches() as launches:
+        FF.cross_entropy(logits, target).backward()
+    assert [launch.grid for launch in launches] == [(1,), (3,)]  # backward: 300 rows in 128-row blocks
+
+
+@needs_cuda
+def test_bitwise_reproducible_on_cuda():
+    logits = torch.randn(4096, 100, device="cuda", requires_grad=True)
+    target = torch.randint(0, 100, (4096,), device="cuda")
+    runs = [loss_and_grad(FF.cross_entropy, logits, target) for _ in range(3)]
+    assert all(torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1]) for loss, grad in runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-range targets: an error, never a silent NaN
+# ---------------------------------------------------------------------------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("bad", [12, 10, -1, -101])
+def test_out_of_range_target_is_an_error(bad):
+    logits = torch.randn(3, 10)
+    with pytest.raises(IndexError, match=rf"target {bad} \(row 1\) is out of bounds for 10 classes"):
+        FF.cross_entropy(logits, torch.tensor([1, bad, 2]))
+
+
+@needs_interpreter
+def test_error_names_the_first_bad_row_and_follows_ignore_index():
+    logits = torch.randn(300, 10)
+    target = torch.randint(0, 10, (300,))
+    target[[5, 200, 250]] = torch.tensor([-100, 11, -5])  # the first bad row is in the second row block
+    with pytest.raises(IndexError, match=r"target 11 \(row 200\) .* ignore_index \(-100\)"):
+        FF.cross_entropy(logits, target)
+    target[200] = 3
+    with pytest.raises(IndexError, match=r"target -100 \(row 5\) .* ignore_index \(-5\)"):
+        FF.cross_entropy(logits, target, ignore_index=-5)  # -100 is only ignored by default
+
+
+def test_kernel_reports_bad_rows_and_makes_them_nan(device):
+    """What the error paths rest on: the forward's `rows` output is [targets kept, first row out of
+    range (B if none)], and without the check or the assert the loss would still be NaN, not a
+    number that looks right."""
+    logits = torch.randn(300, 10, device=device)
+    target = torch.randint(0, 10, (300,), device=device)
+    target[[7, 8]] = -100
+    loss, lse, rows = xent.cross_entropy_forward(logits, target, -100)
+    assert rows.tolist() == [298, 300]
+    assert rel_err(lse, torch.logsumexp(logits.double(), 1)) <= TOL[torch.float32]
+    assert torch.isfinite(loss)
+    if device.type == "cuda":
+        return  # a bad target would fire the device-side assert: see test_device_side_assert_on_cuda
+    target[[150, 260]] = torch.tensor([10, -1], device=device)
+    loss, lse, rows = xent.cross_entropy_forward(logits, target, -100)
+    assert rows.tolist() == [298, 150]
+    assert torch.isnan(loss)
+
+
+@pytest.fixture
+def interpreter_debug(monkeypatch):
+    """Triton's interpreter compiles tl.device_assert out whatever the kernel's debug flag (its
+    builder's options say debug=False); switch it on to run the CUDA error path on the CPU."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+
+
+@needs_interpreter
+def test_device_assert_fires_for_bad_targets_only(interpreter_debug):
+    from triton.runtime.errors import InterpreterError
+
+    logits = torch.randn(300, 10)
+    target = torch.randint(0, 10, (300,))
+    target[[3, 299]] = -100  # ignored rows and the padding past row 300 must not trip it
+    compare(logits, target, torch.float32)
+    target[200] = 10
+    with pytest.raises(InterpreterError, match=r"target is outside \[0, num_classes\)"):
+        FF.cross_entropy(logits, target)
+
+
+def test_forward_kernel_is_compiled_with_its_device_assert():
+    """On CUDA the assert exists only in a debug build: the kernel asks for one, and compiled for
+    sm_90 with that flag (as the JIT does: kwargs debug defaults to the kernel's) it holds the
+    assert. Compiled in a subprocess, where TRITON_INTERPRET is unset."""
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastlenet.kernels import cross_entropy as xent
+from fastlenet.kernels import launch as launch_module
+k = xent.cross_entropy_fwd_kernel
+ptrs = dict(logits_ptr="*fp32", target_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", rows_ptr="*i64")
+sig = {name: ptrs.get(name, "i32") for name in k.arg_names[:-2]} | {"BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
+compiled = triton.compile(ASTSource(k, sig, {"BLOCK_B": 128, "BLOCK_C": 16}), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": xent.NUM_WARPS, "debug": k.debug})
+print(k.debug, "tt.assert" in compiled.asm["ttir"])
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True"]
+
+
+@needs_cuda
+def test_device_side_assert_on_cuda():
+    """In a subprocess: a failed device assert leaves the CUDA context unusable."""
+    code = """
+import torch
+from fastlenet import functional as FF
+x = torch.randn(300, 10, device="cuda")
+t = torch.randint(0, 10, (300,), device="cuda")
+t[7] = -100
+FF.cross_entropy(x, t).item()
+t[200] = 12
+FF.cross_entropy(x, t)
+torch.cuda.synchronize()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "device-side assert triggered" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument errors
+# ---------------------------------------------------------------------------------------------
+
+def test_argument_errors(device):
+    logits = torch.randn(3, 10, device=device)
+    target = torch.tensor([1, 2, 3], device=device)
+    with pytest.raises(ValueError, match=r"logits must be \(batch, classes\), got \(3, 10, 1\)"):
+        FF.cross_entropy(logits[..., None], target)
+    with pytest.raises(ValueError, match=r"target must be \(3,\) to match logits \(3, 10\), got \(2,\)"):
+        FF.cross_entropy(logits, target[:2])
+    with pytest.raises(TypeError, match="int64"):
+        FF.cross_entropy(logits, target.int())
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        FF.cross_entropy(logits, target, ignore_index=1.0)
+    with pytest.raises(ValueError, match="empty batch"):
+        FF.cross_entropy(logits[:0], target[:0])

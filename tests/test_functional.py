@@ -220,30 +220,6 @@ def test_linear_noncontiguous_input(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# cross-entropy
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("batch,classes", [(1, 10), (7, 10), (300, 3)])
-def test_cross_entropy(batch, classes, device):
-    logits0 = torch.randn(batch, classes) * 3
-    target = torch.randint(0, classes, (batch,), device=device)
-    logits, ref_logits = leaves(logits0, dtype=torch.float32, device=device)[0], \
-        leaves(logits0, dtype=torch.float64, device=device)[0]
-    loss = FF.cross_entropy(logits, target)
-    ref = F.cross_entropy(ref_logits, target)
-    (loss * 2.5).backward()
-    (ref * 2.5).backward()
-    assert loss.shape == ()
-    assert rel_err(loss, ref) <= TOL[torch.float32]
-    assert rel_err(logits.grad, ref_logits.grad) <= TOL[torch.float32]
-
-
-def test_cross_entropy_out_of_range_target_gives_nan(device):
-    loss = FF.cross_entropy(torch.randn(3, 10, device=device), torch.tensor([1, 10, 2], device=device))
-    assert torch.isnan(loss)
-
-
-# ---------------------------------------------------------------------------------------------
 # gradcheck (float64 under the interpreter)
 # ---------------------------------------------------------------------------------------------
 

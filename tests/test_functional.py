@@ -135,20 +135,6 @@ def test_max_pool_ties_send_the_gradient_to_the_first_maximum(device):
     assert x.grad[0, 0, 0, :].tolist() == [1, 0, 1, 0, 1, 0]
 
 
-@pytest.mark.parametrize("pool", FF.POOLS)
-def test_nan_and_inf_propagate_like_pytorch(pool, device):
-    x = torch.randn(1, 1, 6, 6, device=device)
-    x[0, 0, 1, 1] = float("nan")
-    x[0, 0, 4, 4] = float("inf")
-    w = torch.ones(1, 1, 1, 1, device=device)
-    y = FF.conv2d_act_pool(x, w, None, activation="identity", pool=pool)
-    ref = POOL[pool](x, 2)
-    assert torch.equal(torch.isnan(y), torch.isnan(ref))
-    assert torch.equal(torch.isinf(y), torch.isinf(ref))
-    finite = torch.isfinite(ref)
-    assert torch.allclose(y[finite], ref[finite])
-
-
 def test_empty_batch(device):
     x = torch.randn(0, 2, 8, 8, device=device, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, device=device, requires_grad=True)

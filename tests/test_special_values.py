@@ -1,0 +1,83 @@
+"""NaN and Inf travel through the fused layers as they do through PyTorch's own ops.
+
+The activation derivative is taken from the layer's output y (activations.py), so these are the cases
+where that shortcut could differ from PyTorch: relu's backward is threshold_backward, a select on
+y <= 0, so a NaN output passes its gradient through and an infinite upstream gradient at a dead
+unit gives 0 (a product act'(y) * g would give 0 and NaN). Every activation x pool is compared with
+the PyTorch composition in float64: the same elements NaN, the same infinite, the rest close.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlenet import functional as FF
+from fastlenet.kernels.launch import poison_outputs
+
+ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
+POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poison_outputs():
+        yield
+
+
+def assert_same_special_values(out, ref, what):
+    out, ref = out.double(), ref.double()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (what, "NaN positions differ", out, ref)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)), (what, "Inf positions differ", out, ref)
+    assert torch.equal(out[torch.isinf(out)], ref[torch.isinf(ref)]), (what, "Inf signs differ")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-6, msg=what)
+
+
+def special_input(device):
+    """One channel: a NaN, a +Inf, and a window whose every value is negative (a dead relu unit)."""
+    x = torch.randn(1, 1, 6, 6, device=device)
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 0, 4, 4] = float("inf")
+    x[0, 0, 2:4, 2:4] = -torch.rand(2, 2, device=device) - 0.5
+    return x
+
+
+@pytest.mark.parametrize("activation", FF.ACTIVATIONS)
+@pytest.mark.parametrize("pool", FF.POOLS)
+def test_conv_act_pool_nan_and_inf_like_pytorch(activation, pool, device):
+    # A 1x1 convolution with weight 1 and bias 0 computes z = x exactly, so every special value
+    # reaches the activation and the pooling as it would in PyTorch.
+    x = special_input(device).requires_grad_()
+    w = torch.ones(1, 1, 1, 1, device=device, requires_grad=True)
+    b = torch.zeros(1, device=device, requires_grad=True)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y = FF.conv2d_act_pool(x, w, b, activation=activation, pool=pool)
+    ref = POOL[pool](ACT[activation](F.conv2d(xr, wr, br)), 2)
+    assert_same_special_values(y, ref, "output")
+    # Upstream gradient: finite, plus an infinite one on the dead window (row 1, col 1 of the output).
+    g = torch.randn_like(ref)
+    g[0, 0, 1, 1] = float("inf")
+    y.backward(g.float())
+    ref.backward(g)
+    assert_same_special_values(x.grad, xr.grad, "grad input")
+    assert_same_special_values(w.grad, wr.grad, "grad weight")
+    assert_same_special_values(b.grad, br.grad, "grad bias")
+
+
+@pytest.mark.parametrize("activation", FF.ACTIVATIONS)
+def test_linear_act_nan_and_inf_like_pytorch(activation, device):
+    x = torch.randn(4, 3, device=device)
+    x[1, 0] = float("nan")
+    x[2, 1] = float("inf")
+    w = torch.eye(3, device=device)  # y = act(x) exactly, so the special values reach act
+    x.requires_grad_()
+    w.requires_grad_()
+    xr, wr = (t.detach().double().requires_grad_() for t in (x, w))
+    y = FF.linear_act(x, w, None, activation=activation)
+    ref = ACT[activation](F.linear(xr, wr))
+    assert_same_special_values(y, ref, "output")
+    g = torch.randn_like(ref)
+    g[3, 2] = float("inf")
+    y.backward(g.float())
+    ref.backward(g)
+    assert_same_special_values(x.grad, xr.grad, "grad input")
+    assert_same_special_values(w.grad, wr.grad, "grad weight")

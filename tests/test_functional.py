@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.kernels.launch import poison_outputs, record_launches
 
-# Relative-error tolerances, by kernel dtype (and TF32 mode on GPU).
+# Relative-error tolerances, by kernel dtype (TF32 is off here on CUDA: conftest.py; TF32 has its own
+# tolerances, derived in test_tf32.py).
 #  float64: the interpreter computes in float64 too; only summation order differs (~1e-15).
 #  float32 (IEEE dot): fp32 accumulation over K <= a few hundred terms, ~1e-7 * sqrt(K) typical.
-#  tf32: 10-bit mantissa inputs, ~5e-4 per product; stated bound with margin (GPU only).
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, "tf32": 5e-3}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
 POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
@@ -91,12 +91,6 @@ def test_conv_act_pool_every_activation_and_pool(activation, pool, dtype, device
 
 def test_conv_act_pool_without_bias(device):
     check_conv((2, 3, 8, 7, 4, 3, 1), "tanh", "avg", torch.float32, device, bias=False)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")
-def test_conv_act_pool_tf32(device):
-    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, which the kernels follow
-    check_conv((4, 6, 14, 14, 16, 5, 0), "relu", "max", torch.float32, device, tol=TOL["tf32"])
 
 
 def test_conv_skips_grad_input_when_not_needed(device):

@@ -1,18 +1,20 @@
-"""One MNIST epoch on the CPU, whole process, side by side: the seed-style script vs fastlenet.train.
+"""One MNIST epoch on the CPU, whole process, side by side: a typical DataLoader script vs fastlenet.train.
 
     python bench/cpu_epoch.py [--repeats 3] [--data-dir ./data] [--json results.json]
 
-Both run as fresh subprocesses at the seeds' setting (batch 64, Adam 1e-3, no schedule, one epoch,
-then the test set), and the clock covers each whole process: interpreter start, imports, data
-loading, training, testing and (for fastlenet) writing its metrics, checkpoint and plot. After one
-untimed warm-up of each (file cache, bytecode), the two alternate, in swapped order every repeat, so
-a change in machine load falls on both. Reported: the median, min and max seconds of each, and the
-ratio of medians. The goal of issue 2 is fastlenet <= 1/2.5 of the seed script's time.
+bench/dataloader_mnist.py is LeNet-5 on MNIST the way the usual PyTorch tutorial writes it
+(torchvision's MNIST dataset through a DataLoader). Both run as fresh subprocesses at that script's
+setting (batch 64, Adam 1e-3, no schedule, one epoch, then the test set), and the clock covers each
+whole process: interpreter start, imports, data loading, training, testing and (for fastlenet)
+writing its metrics, checkpoint and plot. After one untimed warm-up of each (file cache, bytecode),
+the two alternate, in swapped order every repeat, so a change in machine load falls on both.
+Reported: the median, min and max seconds of each, and the ratio of medians. The goal set for
+fastlenet: at most 1/2.5 of the DataLoader script's time.
 
 A third process, bench/cpu_floor.py, runs beside them: fastlenet.train's run less everything that
 is not computation it cannot do without (no optimizer, metrics or outputs: import torch, data,
 forward + loss + backward for 938 batches, the test set). Its time bounds fastlenet's from below and
-is set against the budget (the seed script's median / 2.5).
+is set against the budget (the DataLoader script's median / 2.5).
 
 The load average is recorded with every run: on a shared machine other processes compete for the
 cores, and PyTorch's intra-op threads degrade badly when a core is taken, so a busy machine shows
@@ -39,7 +41,7 @@ TARGET_RATIO = 2.5
 
 def commands(data_dir: str, out_dir: str) -> dict[str, list[str]]:
     return {
-        "seed-style": [sys.executable, str(REPO / "bench" / "seed_style_mnist.py"), "--data-dir", data_dir],
+        "dataloader": [sys.executable, str(REPO / "bench" / "dataloader_mnist.py"), "--data-dir", data_dir],
         "fastlenet": [sys.executable, "-m", "fastlenet.train", "--device", "cpu", "--epochs", "1",
                       "--batch-size", "64", "--optimizer", "adam", "--lr", "1e-3", "--schedule", "none",
                       "--data-dir", data_dir, "--out", out_dir],
@@ -48,7 +50,7 @@ def commands(data_dir: str, out_dir: str) -> dict[str, list[str]]:
 
 
 ACCURACY = {  # how each prints its final test accuracy
-    "seed-style": re.compile(r"test accuracy: ([\d.]+)%"),
+    "dataloader": re.compile(r"test accuracy: ([\d.]+)%"),
     "fastlenet": re.compile(r"final test accuracy ([\d.]+)%"),
 }
 
@@ -121,18 +123,18 @@ def main() -> int:
     for name in cmds:
         times = [r["seconds"] for r in runs if r["provider"] == name]
         summary[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
-    ratio = summary["seed-style"]["median_s"] / summary["fastlenet"]["median_s"]
-    summary["ratio_seed_over_fastlenet"] = ratio
+    ratio = summary["dataloader"]["median_s"] / summary["fastlenet"]["median_s"]
+    summary["ratio_dataloader_over_fastlenet"] = ratio
     summary["target_ratio"] = TARGET_RATIO
     summary["meets_target"] = ratio >= TARGET_RATIO
-    budget = summary["seed-style"]["median_s"] / TARGET_RATIO
+    budget = summary["dataloader"]["median_s"] / TARGET_RATIO
     summary["budget_s"] = budget
     summary["floor_within_budget"] = summary["floor"]["median_s"] <= budget
     print()
     for name in cmds:
         s = summary[name]
         print(f"{name:<10} median {s['median_s']:6.2f} s  (min {s['min_s']:.2f}, max {s['max_s']:.2f})")
-    print(f"fastlenet takes 1/{ratio:.2f} of the seed-style script's time "
+    print(f"fastlenet takes 1/{ratio:.2f} of the DataLoader script's time "
           f"(target: 1/{TARGET_RATIO} or less) -> {'met' if ratio >= TARGET_RATIO else 'NOT met'}")
     floor = summary["floor"]["median_s"]
     if not summary["floor_within_budget"]:

@@ -2,15 +2,15 @@
 
     python bench/cpu_floor.py [--data-dir ./data]
 
-The process does the computation that one CPU epoch at the seeds' setting cannot do without, the
-way fastlenet.train does it, and nothing more: import torch; read, verify and normalise MNIST
-(fastlenet.data); the reference LeNet-5's forward pass, loss and backward pass for the epoch's 938
+The process does the computation that one CPU epoch at the tutorial setting (batch 64, one epoch,
+then the test set) cannot do without, the way fastlenet.train does it, and nothing more: import
+torch; read, verify and normalise MNIST (fastlenet.data); the reference LeNet-5's forward pass, loss and backward pass for the epoch's 938
 shuffled batches of 64, in fastlenet.train's CPU layout (channels-last); the forward pass over the
 10,000 test images (fastlenet.train.predict). What it leaves out, every real run adds on top: the
 optimizer (and the import of torch._dynamo that torch.optim brings), the running metrics and
 progress bar, the metrics file, checkpoint and plot. So its time from interpreter start to exit
 bounds fastlenet.train's from below, and any other run built on PyTorch's CPU kernels as well.
-bench/cpu_epoch.py runs it beside the two processes it compares and sets it against issue 2's budget.
+bench/cpu_epoch.py runs it beside the two processes it compares and sets it against the time budget.
 """
 import argparse
 import time

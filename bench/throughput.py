@@ -30,6 +30,7 @@ import argparse
 import copy
 import datetime
 import json
+import logging
 import os
 import platform
 import statistics
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastlenet._cli import HelpFormatter
 from fastlenet.models import VARIANTS, LeNet5
 from fastlenet.profiling import count_device_ops, model_flops, training_step
 
@@ -65,8 +67,7 @@ class Unavailable(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
                    help="providers to measure, in this order")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128, 256, 512, 1024, 4096])
@@ -543,7 +544,7 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
         history = []
         synchronize(device)
         t0 = time.perf_counter()
-        for epoch in tqdm(range(1, args.tta_max_epochs + 1), desc=provider, leave=False):
+        for epoch in tqdm(range(1, args.tta_max_epochs + 1), desc=provider, leave=False, disable=None):
             for xb, yb in data.batches(x_train, y_train, bs, generator=generator):
                 training_step(model, optimizer, loss_fn, xb, yb)
             accuracy = evaluate(model, x_test, y_test)  # .item() synchronises
@@ -573,9 +574,18 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------
 
+def quiet_cuda_home_warning() -> None:
+    """torch.compile's C++ toolchain logs "No CUDA runtime is found, using CUDA_HOME=..." on a machine
+    with the CUDA toolkit but no GPU: true, and nothing a CPU run needs to hear."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if not torch.cuda.is_available():
+        quiet_cuda_home_warning()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     print(f"device: {device} ({device_name(device)}); torch {torch.__version__}"
@@ -600,7 +610,8 @@ def main(argv=None) -> int:
     peak = meta["peak_tflops"]
     jobs = [(p, bs, m) for p in args.providers for m in args.modes for bs in args.batch_sizes]
     results, counts, interpreted = [], {}, set()
-    for provider, bs, mode in tqdm(jobs, desc="measuring", leave=False):
+    # disable=None: a bar on a terminal only, so that logs of the run stay clean
+    for provider, bs, mode in tqdm(jobs, desc="measuring", leave=False, disable=None):
         if provider == "fused" and device.type == "cpu" and interpreting():
             if (provider, mode) in interpreted:
                 continue  # the interpreter check runs once per mode, at its own tiny batch

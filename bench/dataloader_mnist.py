@@ -1,10 +1,10 @@
-"""The baseline fastlenet is measured against: LeNet-5 on MNIST written the way the seed scripts are.
+"""The baseline fastlenet is measured against: LeNet-5 on MNIST as a typical DataLoader tutorial writes it.
 
 torchvision.datasets.MNIST + ToTensor + Normalize through a DataLoader at batch 64, Adam at 1e-3,
 one epoch of training, then the test set through a DataLoader at batch 1000. Deliberately plain —
-this is the typical tutorial script, not a straw man: no extra work, no tuning either way.
+this is the usual tutorial script, not a straw man: no extra work, no tuning either way.
 
-    python bench/seed_style_mnist.py --data-dir ./data
+    python bench/dataloader_mnist.py --data-dir ./data
 
 The data directory must already hold MNIST in torchvision's layout (MNIST/raw/*-ubyte), e.g. after
 one `python -m fastlenet.train` run; this script does not download.

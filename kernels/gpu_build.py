@@ -5,82 +5,475 @@ This runs Triton's full pipeline down to ptxas for an explicit target (sm_80, sm
 registers, spill (LOCAL/STACK) bytes and shared memory with cuobjdump, both shipped in the triton
 wheel. Run it where TRITON_INTERPRET is unset (the kernels must be JITFunctions, not interpreted):
 
-    python -m fastlenet.kernels.gpu_build launches.json      # prints one JSON result per line
+    python -m fastlenet.kernels.gpu_build launches.json [--cc 80 90] [--jobs 2] [--report FILE]
 
-launches.json holds a list of {"module", "kernel", "signature", "constexprs", "options"} as
-produced by `describe(launch)` from a recorded Launch.
+launches.json holds a list of `describe(launch)` dicts (kernel, grid, arguments, constexprs) of
+recorded Launches. Each result (one JSON line on stdout) is one distinct compiled kernel per target.
+
+What is compiled is what the JIT would compile, because the JIT itself decides it: `specialize`
+hands the recorded arguments to the kernel's own launch path (JITFunction.run with warmup=True)
+under a stand-in driver for the target, and keeps the specialisation data the JIT serialises for
+its cache hook (integers equal to 1 become constexprs, integers and pointers divisible by 16 get
+tt.divisibility, i32 vs i64 by value, do_not_specialize honoured); `compile_for` compiles that with
+JITFunction.preload, the JIT's own path from serialised data to ASTSource and triton.compile. A
+reimplementation of those rules would drift from Triton; this cannot. Results are cached by
+specialisation, target, toolchain and the JIT's hash of each kernel's sources ($FASTLENET_CACHE_DIR,
+default ~/.cache/fastlenet), so only an edited kernel is rebuilt.
 """
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
 import importlib
 import json
+import multiprocessing
 import os
+import pathlib
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from typing import Any, Iterable
 
 from .launch import TensorSpec
 
 # Largest shared memory one block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
+# Bump when a cached result's meaning or fields change.
+_CACHE_FORMAT = 1
 
-_TYPES = {"torch.float32": "fp32", "torch.float64": "fp64", "torch.int8": "i8", "torch.int32": "i32",
-          "torch.int64": "i64"}
 
+# --------------------------------------------------------------------------------------------------
+# Recorded launch -> description (JSON): what the launch passed, nothing Triton-specific yet.
+# --------------------------------------------------------------------------------------------------
 
-def describe(launch) -> dict:
-    """A JSON-able description of a recorded Launch: what triton.compile needs."""
-    signature = {}
+def describe(launch, origin: str = "") -> dict:
+    """A JSON-able description of a recorded Launch: its kernel, grid, arguments (tensors as dtype,
+    shape and alignment) and meta-parameters. `origin` says which user-level call launched it."""
+    args = {}
     for name, value in launch.args.items():
         if isinstance(value, TensorSpec):
-            signature[name] = "*" + _TYPES[str(value.dtype)]
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            args[name] = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
+                          "data_ptr_mod16": value.data_ptr_mod16}
+        elif isinstance(value, (bool, int, float)):
+            args[name] = value
         else:
-            raise TypeError(f"unsupported argument {name}={value!r}")
-    options = {k: v for k, v in launch.meta.items() if k in ("num_warps", "num_stages")}
-    constexprs = {k: v for k, v in launch.meta.items() if k not in options}
+            raise TypeError(f"{launch.name}: unsupported argument {name}={value!r}")
     return {"module": launch.kernel.fn.__module__, "kernel": launch.kernel.fn.__name__,
-            "signature": signature, "constexprs": constexprs, "options": options}
+            "grid": list(launch.grid), "args": args, "meta": dict(launch.meta),
+            "origins": [origin] if origin else []}
 
 
-def compile_for(desc: dict, cc: int) -> dict:
+def merge_descriptions(descs: Iterable[dict]) -> list[dict]:
+    """Equal descriptions once, with the origins of all of them."""
+    merged: dict[str, dict] = {}
+    for desc in descs:
+        key = json.dumps({k: v for k, v in desc.items() if k != "origins"}, sort_keys=True)
+        if key in merged:
+            merged[key]["origins"] += [o for o in desc["origins"] if o not in merged[key]["origins"]]
+        else:
+            merged[key] = json.loads(json.dumps(desc))
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Description -> the JIT's own specialisation for a target, and its compilation.
+# --------------------------------------------------------------------------------------------------
+
+class _Pointer:
+    """Stands in for a tensor argument: what the JIT's specialisation reads of one (dtype, data_ptr)."""
+
+    def __init__(self, dtype: str, data_ptr_mod16: int):
+        import torch
+
+        self.dtype = getattr(torch, dtype)
+        self._data_ptr = data_ptr_mod16
+
+    def data_ptr(self) -> int:
+        return self._data_ptr
+
+
+class _TargetDriver:
+    """The part of a Triton driver that JITFunction.run/preload ask for, answering for a target
+    with no GPU present. Its device id is private, so the real device's kernel cache is untouched."""
+
+    def __init__(self, cc: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", cc, 32)
+        self.device = f"fastlenet.gpu_build:sm_{cc}"
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _jit_kernel(module: str, name: str):
+    kernel = getattr(importlib.import_module(module), name)
+    for needed in ("run", "preload", "device_caches"):
+        if not hasattr(kernel, needed):
+            import triton
+
+            raise RuntimeError(
+                f"{module}.{name} is a {type(kernel).__name__} without .{needed}: the GPU build needs "
+                f"Triton's JITFunction (is TRITON_INTERPRET set?) with run/preload/device_caches, as in "
+                f"Triton 3.3-3.9; this is Triton {triton.__version__}")
+    return kernel
+
+
+@contextlib.contextmanager
+def _as_target(kernel, cc: int, cache_hook):
+    """Run the JIT's launch path as if a GPU of compute capability `cc` were current, with Triton's
+    jit_cache_hook set to `cache_hook` (called with what would be compiled; True skips compiling)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    if not hasattr(knobs, "runtime") or not hasattr(knobs.runtime, "jit_cache_hook"):
+        raise RuntimeError("this Triton has no knobs.runtime.jit_cache_hook; the GPU build needs "
+                           "Triton >= 3.3")
+    stand_in = _TargetDriver(cc)
+    try:
+        previous = driver.active
+    except RuntimeError:  # no GPU on this machine: nothing to restore, the default stays unset
+        previous = None
+    previous_hook = knobs.runtime.jit_cache_hook
+    driver.set_active(stand_in)
+    knobs.runtime.jit_cache_hook = cache_hook
+    try:
+        yield
+    finally:
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver.set_active(previous)
+        kernel.device_caches.pop(stand_in.device, None)
+
+
+def specialize(desc: dict, cc: int) -> dict:
+    """What the JIT compiles when `desc` is launched on a GPU of compute capability `cc`: its
+    serialised specialisation data (signature, constexprs, attrs, options, target) and cache key."""
+    kernel = _jit_kernel(desc["module"], desc["kernel"])
+    args = {name: _Pointer(v["dtype"], v["data_ptr_mod16"]) if isinstance(v, dict) else v
+            for name, v in desc["args"].items()}
+    seen = {}
+
+    def capture(*, key, compile, **_):
+        seen.update(key=key, data=compile["specialization_data"])
+        return True  # skip compiling: only the decision is wanted here
+
+    with _as_target(kernel, cc, capture):
+        kernel.run(grid=tuple(desc["grid"]), warmup=True, **args, **desc["meta"])
+    if not seen:
+        raise RuntimeError(f"{desc['kernel']}: the JIT did not reach its cache hook; this Triton's "
+                           f"launch path differs from 3.3-3.9")
+    # The JIT's hash of the kernel's source and of every @triton.jit function it calls (what Triton's
+    # own cache is keyed on): editing a kernel, or a helper it calls, rebuilds that kernel only.
+    return {"module": desc["module"], "kernel": desc["kernel"], "cc": cc, "key": str(seen["key"]),
+            "data": seen["data"], "source": kernel.cache_key}
+
+
+def compile_for(spec: dict):
+    """Compile a `specialize` result with the JIT's own path (JITFunction.preload: the serialised
+    data -> ASTSource(fn, signature, constexprs, attrs) -> triton.compile). Returns Triton's
+    CompiledKernel (asm: ttir, ttgir, llir, ptx, cubin; hash)."""
+    kernel = _jit_kernel(spec["module"], spec["kernel"])
+    with _as_target(kernel, spec["cc"], None):
+        return kernel.preload(spec["data"])
+
+
+def _tool(name: str) -> str:
+    from triton import knobs
+
+    return getattr(knobs.nvidia, name).path
+
+
+def toolchain() -> dict:
+    """Versions that decide what the build produces: Triton's and its ptxas's."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    kernel = getattr(importlib.import_module(desc["module"]), desc["kernel"])
-    signature = dict(desc["signature"])
-    signature.update({name: "constexpr" for name in desc["constexprs"]})
-    src = ASTSource(fn=kernel, signature=signature, constexprs=desc["constexprs"])
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=desc["options"])
+    ptxas = _tool("ptxas")
+    out = subprocess.run([ptxas, "--version"], check=True, capture_output=True, text=True).stdout
+    release = re.search(r"release [^\n]*", out)
+    return {"triton": triton.__version__, "ptxas": release.group(0) if release else out.strip(),
+            "ptxas_path": ptxas}
+
+
+def resources(compiled, cc: int) -> dict:
+    """Registers, spill bytes (STACK, LOCAL) and shared memory of a compiled kernel, from cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], check=True,
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], check=True,
                                capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.split("Function", 1)[1]))
-    return {"kernel": desc["kernel"], "cc": cc, "registers": int(fields["REG"]),
-            "stack": int(fields["STACK"]), "local": int(fields["LOCAL"]),
-            "shared": max(int(compiled.metadata.shared), int(fields["SHARED"])),
-            "shared_limit": SHARED_LIMIT[cc], "constexprs": desc["constexprs"]}
+    # One block per function; a kernel with non-inlined callees has several, and a spill in any
+    # of them is a spill.
+    functions = re.findall(r"Function ([^:\s]+):\s*\n\s*(.*)", usage)
+    fields = {name: dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)) for name, line in functions}
+    entry = fields.get(compiled.metadata.name) or next(iter(fields.values()))
+    return {"registers": int(entry["REG"]),
+            "stack": max(int(f["STACK"]) for f in fields.values()),
+            "local": max(int(f["LOCAL"]) for f in fields.values()),
+            "shared": max(int(compiled.metadata.shared), int(entry["SHARED"])),
+            "shared_limit": SHARED_LIMIT.get(cc)}
+
+
+def _summary(spec: dict) -> dict:
+    """The readable part of a specialisation: constexprs by name (the kernel's meta-parameters and
+    the integers the JIT turned into constexprs) and the arguments it marked divisible by 16."""
+    data = json.loads(spec["data"])
+    names = list(data["signature"])
+    constexprs = {names[k[0]]: v for k, v in zip(data["constant_keys"], data["constant_vals"]) if len(k) == 1}
+    divisible = [names[k[0]] for k, v in zip(data["attrs_keys"], data["attrs_vals"])
+                 if len(k) == 1 and ["tt.divisibility", 16] in v]
+    return {"constexprs": constexprs, "divisible_by_16": divisible,
+            "num_warps": data["options"]["num_warps"], "num_stages": data["options"]["num_stages"]}
+
+
+def _build_one(spec: dict) -> dict:
+    compiled = compile_for(spec)
+    return {**resources(compiled, spec["cc"]), "hash": compiled.hash}
+
+
+def _worker(conn) -> None:
+    """A compile process: build each spec it receives; a failure is a result, not a crash."""
+    import traceback
+
+    # Its own process group, so that stopping it also stops the ptxas it may be running.
+    os.setpgrp()
+    while True:
+        try:
+            spec = conn.recv()
+        except EOFError:  # the build was stopped
+            return
+        if spec is None:
+            return
+        try:
+            result = _build_one(spec)
+        except Exception:
+            result = {"error": traceback.format_exc(limit=-3).strip()}
+        conn.send(result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Many descriptions -> deduplicated, cached, parallel builds.
+# --------------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> pathlib.Path:
+    if os.environ.get("FASTLENET_CACHE_DIR"):
+        return pathlib.Path(os.environ["FASTLENET_CACHE_DIR"]) / "gpu_build"
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "fastlenet" / "gpu_build"
+
+
+def cache_key(spec: dict, tools: dict) -> str:
+    """Key of a build result: the specialisation (signature, constexprs, attrs, options, target),
+    the kernel's source hash, the toolchain, and the environment variables Triton's own cache
+    treats as changing compilation."""
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        env = get_cache_invalidating_env_vars()
+    except ImportError:
+        env = {}
+    blob = json.dumps({"format": _CACHE_FORMAT, "data": spec["data"], "cc": spec["cc"], "source": spec["source"],
+                       "tools": tools, "env": env}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _build_all(specs: dict[str, dict], jobs: int, timeout: float):
+    """Yield (key, result) for every spec as each finishes, in `jobs` spawned processes (a forked
+    copy of a process holding Triton's and torch's state is unsafe). A compile that runs past
+    `timeout` seconds is stopped and reported: a kernel edit that sends ptxas into minutes of
+    spilling must fail the build with its name, not hang it."""
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")
+    todo = list(specs.items())
+    busy = {}  # connection -> (process, key, started)
+
+    def start_worker():
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_worker, args=(child,), daemon=True)
+        process.start()
+        return parent, process
+
+    idle = [start_worker() for _ in range(min(jobs, len(todo)))]
+    try:
+        while todo or busy:
+            while todo and idle:
+                conn, process = idle.pop()
+                key, spec = todo.pop(0)
+                conn.send(spec)
+                busy[conn] = (process, key, time.monotonic())
+            for conn in wait(list(busy), timeout=1.0):
+                process, key, _ = busy.pop(conn)
+                try:
+                    result = conn.recv()
+                except EOFError:  # the worker died (out of memory, a crash in native code)
+                    result = {"error": f"compile process died (exit code {process.exitcode})"}
+                    process.join()
+                    conn, process = start_worker()
+                idle.append((conn, process))
+                yield key, result
+            now = time.monotonic()
+            for conn, (process, key, started) in list(busy.items()):
+                if now - started > timeout:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.join()
+                    del busy[conn]
+                    idle.append(start_worker())
+                    yield key, {"error": f"compile took longer than {timeout:g} s (stopped)"}
+    finally:
+        for conn, process in idle + [(c, p) for c, (p, _, _) in busy.items()]:
+            if process.is_alive():
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
+
+
+def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pathlib.Path | None = None,
+          timeout: float = 300, log=None) -> tuple[list[dict], dict]:
+    """Specialise every description for every target, compile each distinct specialisation once
+    (cache first, then `jobs` processes) and return (results, stats). A result is one compiled
+    kernel: its resources, its readable specialisation and the origins of every launch that
+    compiles to it."""
+    started = time.perf_counter()
+    tools = toolchain()
+    groups: dict[str, dict] = {}
+    for desc in descs:
+        for cc in ccs:
+            spec = specialize(desc, cc)
+            key = cache_key(spec, tools)
+            group = groups.setdefault(key, {"spec": spec, "origins": []})
+            group["origins"] += [o for o in desc.get("origins", []) if o not in group["origins"]]
+    specialised = time.perf_counter()
+
+    built, todo = {}, []
+    for key, group in groups.items():
+        path = cache_dir / f"{key}.json" if cache_dir else None
+        if path and path.exists():
+            built[key] = json.loads(path.read_text())
+        else:
+            todo.append(key)
+    cached = len(built)
+    if todo:
+        if cache_dir:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        jobs = max(1, min(jobs, len(todo)))
+        for n, (key, result) in enumerate(_build_all({k: groups[k]["spec"] for k in todo}, jobs, timeout), 1):
+            built[key] = result
+            # A timeout or crash may not repeat (a busy machine); compile errors are not cached either,
+            # so fixing the cause needs no cache flush.
+            if cache_dir and "error" not in result:
+                tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+                tmp.write_text(json.dumps(result))
+                tmp.replace(cache_dir / f"{key}.json")
+            if log:
+                spec = groups[key]["spec"]
+                log(f"[{n}/{len(todo)}] {spec['kernel']} sm_{spec['cc']}: " + (
+                    f"ERROR {result['error'].splitlines()[-1]}" if "error" in result else
+                    f"{result['registers']} registers, stack {result['stack']} B, local {result['local']} B"))
+
+    results = []
+    for key, group in groups.items():
+        spec = group["spec"]
+        results.append({"kernel": spec["kernel"], "cc": spec["cc"], **built[key], **_summary(spec),
+                        "origins": group["origins"], "key": key[:16]})
+    stats = {**tools, "descriptions": len(descs), "targets": list(ccs), "compiled_kernels": len(groups),
+             "from_cache": cached, "built": len(todo), "jobs": jobs,
+             "specialize_seconds": round(specialised - started, 2),
+             "seconds": round(time.perf_counter() - started, 2)}
+    return results, stats
+
+
+def failures(results: list[dict]) -> list[dict]:
+    """Results that did not build, spill (any LOCAL or STACK bytes) or need more shared memory than
+    the target has."""
+    return [r for r in results if "error" in r or r["local"] or r["stack"]
+            or (r["shared_limit"] is not None and r["shared"] > r["shared_limit"])]
+
+
+def describe_result(r: dict, max_origins: int = 3) -> str:
+    """One line a person can act on: which kernel, which variant, where it comes from, what it uses."""
+    meta = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
+    origins = "; ".join(r["origins"][:max_origins])
+    if len(r["origins"]) > max_origins:
+        origins += f"; +{len(r['origins']) - max_origins} more"
+    if "error" in r:
+        usage = f"DID NOT BUILD: {r['error'].splitlines()[-1]}"
+    else:
+        usage = (f"registers {r['registers']}, stack {r['stack']} B, local {r['local']} B, "
+                 f"shared {r['shared']}/{r['shared_limit']} B")
+    return (f"{r['kernel']} sm_{r['cc']}: {usage}, num_warps {r['num_warps']} | {meta} | "
+            f"divisible by 16: {', '.join(r['divisible_by_16']) or '-'} | from: {origins or '?'}")
+
+
+def report(results: list[dict], stats: dict) -> str:
+    """The build report: toolchain, every failing configuration, and the most registers any
+    configuration of each kernel needs per target (the headroom left before spilling)."""
+    bad = failures(results)
+    lines = [f"GPU build: Triton {stats['triton']}, ptxas {stats['ptxas']}",
+             f"{stats['descriptions']} launch descriptions -> {stats['compiled_kernels']} distinct compiled "
+             f"kernels for sm_{', sm_'.join(map(str, stats['targets']))} ({stats['from_cache']} from cache, "
+             f"{stats['built']} built with {stats['jobs']} processes) in {stats['seconds']} s",
+             "", f"FAILING (did not build, spills, or shared memory over the limit): {len(bad)}"]
+    lines += [describe_result(r, max_origins=6) for r in sorted(bad, key=lambda r: (r["kernel"], r["cc"]))]
+    lines += ["", "Max registers per kernel and target (of 255 per thread):"]
+    peaks: dict[tuple[str, int], dict] = {}
+    for r in results:
+        if "error" in r:
+            continue
+        k = (r["kernel"], r["cc"])
+        if k not in peaks or r["registers"] > peaks[k]["registers"]:
+            peaks[k] = r
+    for (kernel, cc), r in sorted(peaks.items()):
+        count = sum(1 for x in results if (x["kernel"], x["cc"]) == (kernel, cc))
+        lines.append(f"  {kernel:30s} sm_{cc}: {r['registers']:3d}  ({count} configurations; max at "
+                     f"{', '.join(f'{k}={v}' for k, v in r['constexprs'].items() if not k.startswith('stride'))})")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fastlenet.kernels.gpu_build",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("launches", help="JSON list of describe(launch) dicts")
+    parser.add_argument("--cc", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--cache-dir", type=pathlib.Path, default=default_cache_dir(),
+                        help="result cache ($FASTLENET_CACHE_DIR/gpu_build overrides the default)")
+    parser.add_argument("--no-cache", action="store_true", help="build everything, read and write no cache")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds one compile may take before it "
+                        "is stopped and reported as failing")
+    parser.add_argument("--report", type=pathlib.Path, help="write the human-readable report here")
+    parser.add_argument("--stats", type=pathlib.Path, help="write the build statistics (JSON) here")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET: the GPU build needs compiled, not interpreted, kernels",
               file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        descs = json.load(f)
-    targets = [int(cc) for cc in argv[1:]] or [80, 90]
-    for desc in descs:
-        for cc in targets:
-            print(json.dumps(compile_for(desc, cc)), flush=True)
-    return 0
+    with open(args.launches) as f:
+        descs = merge_descriptions(json.load(f))
+    results, stats = build(descs, args.cc, jobs=args.jobs, cache_dir=None if args.no_cache else args.cache_dir,
+                           timeout=args.timeout, log=lambda line: print(line, file=sys.stderr, flush=True))
+    for r in results:
+        print(json.dumps(r))
+    text = report(results, stats)
+    if args.report:
+        args.report.write_text(text)
+    if args.stats:
+        args.stats.write_text(json.dumps(stats))
+    print(text, file=sys.stderr)
+    return 1 if failures(results) else 0
 
 
 if __name__ == "__main__":

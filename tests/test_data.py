@@ -214,8 +214,11 @@ def test_fashion_mnist_error_says_how_to_get_it(tmp_path, monkeypatch, tried):
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "not-installed")
     with pytest.raises(data.DataError) as err:
         data.load("fashion-mnist", tmp_path, log=lambda _: None)
-    assert "apt-get install dataset-fashion-mnist" in str(err.value)
-    assert "FashionMNIST/raw" in str(err.value)
+    message = str(err.value)
+    assert "pip alone cannot fetch Fashion-MNIST" in message and "torchvision's mirror" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert str(tmp_path.resolve() / "FashionMNIST" / "raw") in message
+    assert all(f in message for f in data.FILES)
     assert tried == ["_from_torchvision"]
 
 
@@ -240,6 +243,21 @@ def test_fashion_mnist_from_debian_files(tmp_path, monkeypatch, tried):
     assert "Debian package dataset-fashion-mnist" in ds.source and ds.name == "fashion-mnist"
     assert ds.train.images.shape == (60000, 28, 28) and len(ds.test) == 10000
     assert (tmp_path / "d" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+
+
+def test_test_split_alone_needs_only_its_files(mnist_dir, tmp_path, tried):
+    copy_mnist(mnist_dir, tmp_path, files=data.FILES[2:])
+    ds = data.load("mnist", tmp_path, splits=("test",), log=lambda _: None)
+    assert tried == [] and ds.train is None and len(ds.test) == 10000
+
+
+def test_a_data_dir_that_cannot_keep_files_is_refused_before_fetching(tmp_path, tried):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(data.DataError, match="is a file, not a directory"):
+        data.load("mnist", tmp_path / "a-file", log=lambda _: None)
+    with pytest.raises(data.DataError, match="cannot create or write"):
+        data.load("mnist", tmp_path / "a-file" / "below", log=lambda _: None)
+    assert tried == []
 
 
 def test_unknown_dataset_names_the_choices():

@@ -2,16 +2,18 @@
 
 The Triton kernels live in fastlenet.kernels; autograd Functions and the functional API in
 fastlenet.functional; drop-in torch.nn modules in fastlenet.nn; the models in fastlenet.models.
-`import fastlenet` does not import Triton: the fused layers (ConvActPool2d, LinearAct) load on
-first use, so the reference path runs wherever torch does.
+`import fastlenet` imports neither PyTorch nor Triton: the names below load their modules on first
+use, so the command-line tools answer --help at once and the reference path runs wherever torch does.
 """
-from fastlenet.models import VARIANTS, LeNet5
-
 __version__ = "0.1.0"
 __all__ = ["LeNet5", "VARIANTS", "ConvActPool2d", "LinearAct", "__version__"]
 
 
 def __getattr__(name: str):
+    if name in ("LeNet5", "VARIANTS"):
+        from fastlenet import models
+
+        return getattr(models, name)
     if name in ("ConvActPool2d", "LinearAct"):
         from fastlenet import nn
 

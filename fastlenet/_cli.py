@@ -5,6 +5,9 @@ a checkpoint that does not fit) ends the program with one line `error: ...` on s
 2, never a traceback; Ctrl-C ends it with status 130. A traceback means a bug in fastlenet.
 Everything written to disk goes through a temp file and os.replace, so an interrupted run leaves
 either the previous file or the new one, never half of one.
+
+Nothing heavy is imported here at the top: building a parser and answering --help or a bad flag
+needs only argparse, and PyTorch (seconds to import on a busy machine) loads once the flags are good.
 """
 from __future__ import annotations
 
@@ -12,14 +15,25 @@ import argparse
 import io
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
-import torch
+# The choices of --variant and --dataset: the names of fastlenet.models.VARIANTS and
+# fastlenet.data.DATASETS, spelled out because both modules import PyTorch. tests/test_cli.py holds
+# them equal.
+VARIANT_NAMES = ("lenet5", "lenet5-classic", "lenet5-nopad")
+DATASET_NAMES = ("mnist", "fashion-mnist")
 
-from fastlenet.data import DataError, atomic_write_bytes
+# Test images evaluated under Triton's interpreter unless --limit-test says otherwise: the
+# interpreter takes a good fraction of a second per image, so all 10,000 would take an hour.
+INTERPRETER_TEST_IMAGES = 100
 
 EXIT_USAGE = 2  # argparse's own status for bad flags; used for every other user error too
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -43,10 +57,7 @@ def run(body: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
         return e.code if isinstance(e.code, int) else 0
     args._given = given_flags(parser, argv)
     try:
-        return body(args) or 0
-    except (CLIError, DataError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _run_body(body, args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -54,6 +65,16 @@ def run(body: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
         # Point stdout at /dev/null so that Python's final flush does not fail a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+def _run_body(body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    from fastlenet.data import DataError  # imports PyTorch: only now that the flags are good
+
+    try:
+        return body(args) or 0
+    except (CLIError, DataError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -99,6 +120,8 @@ def non_negative_float(text: str) -> float:
 
 def choose_device(name: str) -> torch.device:
     """auto: CUDA when there is a GPU, else the CPU. Asking for CUDA without one is an error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -108,25 +131,37 @@ def choose_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def check_fused(device: torch.device) -> None:
-    """The fused model needs CUDA, or Triton's interpreter on the CPU (switched on before Python starts)."""
+def check_fused(device: torch.device, args: argparse.Namespace) -> None:
+    """The fused model needs CUDA, or Triton's interpreter on the CPU (switched on before Python starts).
+
+    Under the interpreter the run goes on with a warning, on INTERPRETER_TEST_IMAGES test images
+    unless args.limit_test asks for another number.
+    """
     if device.type == "cuda":
         return
     from fastlenet.kernels.launch import interpreting  # imports Triton: only for --fused
 
-    if interpreting():
-        print("warning: --fused on the CPU runs the Triton kernels through Triton's interpreter "
-              "(TRITON_INTERPRET=1): correct but very slow, for debugging; use a small --limit-train",
-              file=sys.stderr)
-        return
-    raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
-                   "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
-                   "(slow, for debugging), or drop --fused to use the reference model on the CPU")
+    if not interpreting():
+        raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
+                       "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
+                       "(slow, for debugging), or drop --fused to use the reference model on the CPU")
+    # The interpreter computes the masked-off lanes of every block too, in numpy, which warns about
+    # their overflows and NaNs; those lanes are never stored, so the warnings say nothing about the run.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+    tested = ""
+    if args.limit_test is None:
+        args.limit_test = INTERPRETER_TEST_IMAGES
+        tested = f"; it tests on the first {args.limit_test} test images only (--limit-test N for more)"
+    print("warning: --fused on the CPU runs the Triton kernels through Triton's interpreter "
+          "(TRITON_INTERPRET=1): correct but very slow (about a second per training image), for "
+          f"debugging: use a small --limit-train{tested}", file=sys.stderr)
 
 
 def prepare_out_dir(path: Path) -> Path:
@@ -141,6 +176,8 @@ def prepare_out_dir(path: Path) -> Path:
 
 
 def write_bytes(path: Path, content: bytes) -> None:
+    from fastlenet.data import atomic_write_bytes
+
     try:
         atomic_write_bytes(path, content)
     except OSError as e:
@@ -152,6 +189,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_torch(path: Path, obj) -> None:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getvalue())
@@ -171,21 +210,125 @@ def new_figure(**kwargs):
     return Figure(**kwargs)
 
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: whatever the file holds, the user sees one line of ours, never PyTorch's text
+# --------------------------------------------------------------------------------------------------
+
+EPOCH_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second", "seconds")
+
+
+def unreadable(path: Path, why: str) -> CLIError:
+    return CLIError(f"{path} is not a readable fastlenet checkpoint: {why}")
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: a value from a file, shown safely (repr escapes control
+    characters, so no colour codes or line breaks from the file reach the terminal)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by fastlenet.train, read with weights_only=True (no code runs on load)."""
+    """A checkpoint written by fastlenet.train, read with weights_only=True (no code in it runs) and
+    checked before anything uses it: its archive, its pickle, and the types of what it holds."""
     if not path.is_file():
         raise CLIError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unreadable"
-        raise CLIError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e)[:200]}") from None
-    if not isinstance(checkpoint, dict) or not {"model", "config", "epoch"} <= checkpoint.keys():
-        raise CLIError(f"{path} is not a fastlenet checkpoint (expected a dict with model, config and epoch)")
+        content = path.read_bytes()
+    except OSError as e:
+        raise CLIError(f"cannot read checkpoint {path} ({e.strerror or e})") from None
+    if why := _archive_problem(content):
+        raise unreadable(path, why)
+    checkpoint = _unpickle(content, path)
+    if why := _contents_problem(checkpoint):
+        raise unreadable(path, why)
     return checkpoint
 
 
-def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+def _archive_problem(content: bytes) -> str | None:
+    """What is wrong with `content` as the zip archive torch.save writes, or None."""
+    if not content:
+        return "the file is empty"
+    if not content.startswith(b"PK\x03\x04"):
+        return "not a zip archive (torch.save writes one)"
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise CLIError(f"checkpoint {path} does not fit a {model.variant!r} model: {one_line(e)[:300]}") from None
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()  # reads every member and checks its CRC
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError):
+        return "truncated or damaged (its zip directory cannot be read)"
+    if damaged is not None:
+        return f"damaged (the checksum of {short_repr(damaged)} in its archive does not match)"
+    if not any(name.endswith("/data.pkl") for name in names):
+        return "a zip archive, but not one written by torch.save (it has no data.pkl)"
+    return None
+
+
+def _unpickle(content: bytes, path: Path):
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol: the outcome says enough
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if found := re.search(r"GLOBAL ([\w.]+)", str(e)):
+            raise unreadable(path, f"it holds a {found.group(1)} object, which loading with weights_only=True "
+                                   "refuses (fastlenet writes only tensors and plain values)") from None
+        raise unreadable(path, "its pickled contents are damaged or hold objects that loading with "
+                               "weights_only=True refuses") from None
+    except Exception:  # noqa: BLE001 - torch.load fails in many ways on a damaged archive; all mean this
+        raise unreadable(path, "damaged (torch.load cannot rebuild its contents)") from None
+
+
+def _contents_problem(checkpoint) -> str | None:
+    """What keeps `checkpoint` from being the dict fastlenet.train writes, or None. The optimizer,
+    schedule and generator states are train's to check, when it resumes."""
+    import torch
+
+    if not isinstance(checkpoint, dict):
+        return f"it holds a {type(checkpoint).__name__}, not the dict that fastlenet.train writes"
+    if missing := [key for key in ("model", "config", "epoch") if key not in checkpoint]:
+        return f"it has no {', '.join(missing)} entry"
+    model, config, epoch = checkpoint["model"], checkpoint["config"], checkpoint["epoch"]
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in model.items()):
+        return "its model entry is not a state_dict of floating-point tensors"
+    if not isinstance(config, dict):
+        return f"its config entry is a {type(config).__name__}, not a dict"
+    if type(epoch) is not int or epoch < 0:
+        return f"its epoch entry is {short_repr(epoch)}, not a number of epochs"
+    for key, names in (("variant", VARIANT_NAMES), ("dataset", DATASET_NAMES)):
+        if key in config and config[key] not in names:
+            return f"its {key} {short_repr(config[key])} is none of {', '.join(names)}"
+    history = checkpoint.get("epochs", [])
+    if not isinstance(history, list) or not all(
+            isinstance(h, dict) and all(type(h.get(k)) in (int, float) for k in EPOCH_KEYS) for h in history):
+        return f"its epochs entry is not a list of per-epoch records ({', '.join(EPOCH_KEYS)})"
+    return None
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """Load `state` (checked by load_checkpoint) into `model`, or say in one line why it does not fit."""
+    expected = model.state_dict()
+    problems = []
+    if missing := sorted(expected.keys() - state.keys()):
+        problems.append(f"no {_some(missing)}")
+    if unexpected := sorted(state.keys() - expected.keys()):
+        problems.append(f"unknown {_some(unexpected)}")
+    shapes = [f"{name} is {_shape(state[name])}, the model's {_shape(expected[name])}"
+              for name in expected if name in state and state[name].shape != expected[name].shape]
+    if shapes:
+        problems.append(_some(shapes, quote=False))
+    if problems:
+        raise CLIError(f"checkpoint {path} does not fit a {model.variant!r} model: {'; '.join(problems)}")
+    model.load_state_dict(state)
+
+
+def _some(items: list[str], quote: bool = True, shown: int = 3) -> str:
+    listed = ", ".join(short_repr(i) if quote else i for i in items[:shown])
+    return listed + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _shape(tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "a scalar"

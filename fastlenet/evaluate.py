@@ -2,18 +2,23 @@
 
 Prints the test accuracy and the accuracy of each class, and writes into --out (by default the
 checkpoint's directory): evaluation.json, confusion_matrix.png, and misclassified.png, a grid of
-test images the model gets wrong, each titled with its predicted and true label.
+test images the model gets wrong, each titled with its predicted and true label. Only the test
+split is read: the training files need not be there.
+
+As in fastlenet.train, PyTorch is imported only once the flags are good, so --help answers at once.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from fastlenet import _cli, data
+from fastlenet import _cli
 from fastlenet.train import EVAL_BATCH_SIZE, build_model, loss_function, predict
+
+if TYPE_CHECKING:
+    import torch
 
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
@@ -27,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Evaluate a fastlenet checkpoint on the test set.",
                                 formatter_class=_cli.HelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by fastlenet.train")
-    p.add_argument("--dataset", choices=data.DATASETS, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--dataset", choices=_cli.DATASET_NAMES, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA if there is a GPU, else the CPU")
@@ -46,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastlenet import data
+
     path = Path(args.checkpoint)
     device = _cli.choose_device(args.device)
     checkpoint = _cli.load_checkpoint(path)
@@ -53,14 +62,14 @@ def evaluate(args: argparse.Namespace) -> int:
     variant = config.get("variant", "lenet5")
     dataset_name = args.dataset or config.get("dataset", "mnist")
     if args.fused:
-        _cli.check_fused(device)
+        _cli.check_fused(device, args)
     out = _cli.prepare_out_dir(Path(args.out) if args.out else path.parent)
 
     model = build_model(variant, args.fused, device)
     _cli.load_weights(model, checkpoint["model"], path)
     print(f"checkpoint {path}: {variant}, epoch {checkpoint['epoch']} | device {device} "
           f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
-    dataset = data.load(dataset_name, args.data_dir)
+    dataset = data.load(dataset_name, args.data_dir, splits=("test",))
     test = dataset.test.first(args.limit_test)
     mean, std = data.NORMALIZATION[dataset_name]
     x, y = data.to_device(test, device, mean, std)

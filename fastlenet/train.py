@@ -5,6 +5,9 @@ random permutation there: no DataLoader, no per-sample Python. The loop never wa
 inside an epoch; running loss and accuracy stay on the device and reach the progress bar every
 POSTFIX_EVERY steps. Each epoch writes metrics.json and checkpoint.pt atomically into --out, so
 --resume picks up after the last finished epoch; curves.png is drawn at the end.
+
+PyTorch is imported inside the functions that use it, not at the top, so that --help and a bad flag
+are answered at once instead of after the seconds that importing PyTorch takes.
 """
 from __future__ import annotations
 
@@ -14,13 +17,16 @@ import math
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import fastlenet
-from fastlenet import _cli, data
+from fastlenet import _cli
 from fastlenet._cli import CLIError
-from fastlenet.models import VARIANTS, LeNet5, num_parameters
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastlenet.models import LeNet5
 
 POSTFIX_EVERY = 50  # steps between progress-bar updates, each of which waits for the device
 EVAL_BATCH_SIZE = 2000  # inference batch: large, there is no backward to keep memory for
@@ -36,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastlenet.train", description="Train LeNet-5 on MNIST or Fashion-MNIST.",
         formatter_class=_cli.HelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--variant", choices=sorted(VARIANTS), default="lenet5", help="LeNet-5 variant")
+    model.add_argument("--variant", choices=_cli.VARIANT_NAMES, default="lenet5", help="LeNet-5 variant")
     model.add_argument("--fused", action="store_true",
                        help="use the fused Triton layers and loss (CUDA; CPU only under TRITON_INTERPRET=1)")
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=data.DATASETS, default="mnist", help="dataset to train and test on")
+    d.add_argument("--dataset", choices=_cli.DATASET_NAMES, default="mnist", help="dataset to train and test on")
     d.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept (fetched there if missing)")
     d.add_argument("--limit-train", type=_cli.positive_int, metavar="N", help="train on the first N images only")
     d.add_argument("--limit-test", type=_cli.positive_int, metavar="N", help="test on the first N images only")
@@ -57,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2 weight decay (added to the gradient, as torch.optim does)")
     t.add_argument("--schedule", choices=("onecycle", "cosine", "none"), default="onecycle",
                    help="learning-rate schedule, stepped every batch")
-    t.add_argument("--seed", type=int, default=0, help="seeds the initial weights, batch order and augmentation")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights, batch order and augmentation: the same seed on the same "
+                        "device with the same --threads repeats a run")
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA if there is a GPU, else the CPU")
@@ -75,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fraction(text: str) -> float:
     value = _cli.non_negative_float(text)
     if value > 1:
-        raise argparse.ArgumentTypeError(f"is a fraction in [0, 1] (0.99 for 99%%), got {text}")
+        raise argparse.ArgumentTypeError(f"is a fraction in [0, 1] (0.99 for 99%), got {text}")
     return value
 
 
@@ -84,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastlenet import data
+    from fastlenet.models import num_parameters
+
     device = _cli.choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +105,7 @@ def train(args: argparse.Namespace) -> int:
         checkpoint = _cli.load_checkpoint(Path(args.resume))
         _adopt_run_settings(args, checkpoint["config"])
     if args.fused:
-        _cli.check_fused(device)
+        _cli.check_fused(device, args)
     if args.out is None:  # a resumed run goes on writing beside its checkpoint
         args.out = str(Path(args.resume).parent) if args.resume else str(_fresh_run_dir())
     out = _cli.prepare_out_dir(Path(args.out))
@@ -115,7 +128,8 @@ def train(args: argparse.Namespace) -> int:
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     history, done = [], 0
     if checkpoint is not None:
-        done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator)
+        done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator, args,
+                                 args.epochs * steps_per_epoch)
     scheduler = _scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, done * steps_per_epoch,
                            checkpoint.get("scheduler") if checkpoint else None)
     loss_fn = loss_function(args.fused)
@@ -178,9 +192,13 @@ def _fresh_run_dir() -> Path:
 
 def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
     """--resume continues the saved run: its settings apply unless a flag given now disagrees."""
+    actions = {action.dest: action for action in build_parser()._actions}
     for key in RUN_SETTINGS:
         if key not in saved:
             continue
+        if not _valid_setting(actions[key], saved[key]):
+            raise _cli.unreadable(Path(args.resume), f"its {key} {_cli.short_repr(saved[key])} is not a value "
+                                                     f"of {'--' + key.replace('_', '-')}")
         if key in args._given and getattr(args, key) != saved[key]:
             flag = "--" + key.replace("_", "-")
             raise CLIError(f"--resume {args.resume}: the checkpoint was trained with {flag} {saved[key]}, "
@@ -188,7 +206,22 @@ def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
         setattr(args, key, saved[key])
 
 
+def _valid_setting(action: argparse.Action, value) -> bool:
+    """Whether `value`, read from a checkpoint, is one the flag of `action` could have produced."""
+    if action.nargs == 0:  # store_true
+        return type(value) is bool
+    if value is None:
+        return action.default is None
+    try:
+        parsed = action.type(str(value)) if action.type else str(value)
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
+    return type(parsed) is type(value) and parsed == value and (action.choices is None or value in action.choices)
+
+
 def build_model(variant: str, fused: bool, device: torch.device) -> LeNet5:
+    from fastlenet.models import LeNet5
+
     return LeNet5(variant, fused=fused).to(device)
 
 
@@ -196,6 +229,8 @@ def channels_last(model: torch.nn.Module, *images: torch.Tensor):
     """The model and image tensors in NHWC layout, which PyTorch's CPU kernels handle faster for
     LeNet's few channels (oneDNN's conv1 weight gradient and max-pooling most of all): about 10-15%
     per training step and 40% at inference on a 2-core EPYC. Values and state_dict are unchanged."""
+    import torch
+
     layout = torch.channels_last
     return (model.to(memory_format=layout), *(x.contiguous(memory_format=layout) for x in images))
 
@@ -204,12 +239,16 @@ def loss_function(fused: bool):
     if fused:
         from fastlenet.functional import cross_entropy  # imports Triton: only when asked for
         return cross_entropy
-    return torch.nn.functional.cross_entropy
+    from torch.nn.functional import cross_entropy
+
+    return cross_entropy
 
 
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # fused=True: one kernel for the whole update, on the GPU and (torch >= 2.4) on the CPU, where it
     # makes a batch-64 LeNet-5 step about 10% faster than the default per-parameter loop.
+    import torch
+
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -222,6 +261,8 @@ def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, save
     Both schedules are closed-form functions of the step, so a resumed run with more --epochs than
     before stretches the schedule over the new total instead of failing past its end.
     """
+    import torch
+
     if schedule == "none":
         return None
     last = done_steps - 1  # constructors step once: -1 starts at step 0
@@ -243,27 +284,97 @@ def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, save
     return scheduler
 
 
-def _restore(checkpoint: dict, path: Path, model, optimizer, generator) -> tuple[int, list]:
+def _restore(checkpoint: dict, path: Path, model, optimizer, generator, args: argparse.Namespace,
+             total_steps: int) -> tuple[int, list]:
+    """Weights, optimizer state and batch order from the checkpoint: (epochs done, their history)."""
     _cli.load_weights(model, checkpoint["model"], path)
-    state = checkpoint.get("optimizer")
-    try:
-        # The kernel choice is this run's (a CUDA checkpoint may resume on the CPU and back); setting
-        # it before loading also puts Adam's step counters where that kernel wants them.
-        for group in state["param_groups"]:
-            group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
-        optimizer.load_state_dict(state)
-        generator.set_state(checkpoint["generator"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CLIError(f"checkpoint {path}: cannot restore the optimizer/generator state ({_cli.one_line(e)[:200]})") from None
-    if checkpoint.get("scheduler") is None and checkpoint["config"].get("schedule", "none") != "none":
-        raise CLIError(f"checkpoint {path} has no scheduler state for its schedule")
-    return int(checkpoint["epoch"]), list(checkpoint.get("epochs", []))
+    _check_resumable(checkpoint, path, model, args, total_steps)
+    state = checkpoint["optimizer"]
+    # The kernel choice is this run's (a CUDA checkpoint may resume on the CPU and back); setting it
+    # before loading also puts Adam's step counters where that kernel wants them.
+    for group in state["param_groups"]:
+        group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
+    optimizer.load_state_dict(state)
+    generator.set_state(checkpoint["generator"])
+    return checkpoint["epoch"], list(checkpoint.get("epochs", []))
+
+
+def _check_resumable(checkpoint: dict, path: Path, model, args: argparse.Namespace, total_steps: int) -> None:
+    """The optimizer, schedule and batch-order states of `checkpoint` have the types and shapes of a
+    fresh run's, so that no step fails later on a value read from the file (which load_state_dict
+    takes on trust)."""
+    import torch
+
+    fresh_optimizer = _optimizer(model, args)
+    plain_keys = set(fresh_optimizer.param_groups[0])
+    fresh_scheduler = _scheduler(fresh_optimizer, args.schedule, total_steps, 0, None)  # adds its own keys
+    state, generator_state = checkpoint.get("optimizer"), checkpoint.get("generator")
+    why = _optimizer_state_problem(state, fresh_optimizer, plain_keys, model)
+    if why is None and args.schedule != "none" and checkpoint.get("scheduler") is None:
+        why = "it has no scheduler state for its schedule"
+    saved_schedule = checkpoint.get("scheduler")
+    if why is None and fresh_scheduler is not None and saved_schedule is not None:
+        fresh = fresh_scheduler.state_dict()
+        if not isinstance(saved_schedule, dict) or any(
+                key in saved_schedule and _kind(saved_schedule[key]) != _kind(fresh[key]) for key in fresh):
+            why = "its scheduler state is not the one of its schedule"
+    if why is None and not (isinstance(generator_state, torch.Tensor) and generator_state.dtype == torch.uint8
+                            and generator_state.shape == torch.Generator().get_state().shape):
+        why = "its generator entry is not the state of a torch.Generator"
+    if why is not None:
+        raise _cli.unreadable(path, why)
+
+
+def _optimizer_state_problem(state, fresh, plain_keys: set, model) -> str | None:
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list) or len(state["param_groups"]) != len(fresh.param_groups):
+        return "its optimizer entry is not the state of the run's optimizer"
+    params = list(model.parameters())
+    ids = []
+    for saved, ours in zip(state["param_groups"], fresh.param_groups):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list) \
+                or len(saved["params"]) != len(ours["params"]):
+            return "its optimizer entry does not hold the model's parameters"
+        ids += saved["params"]
+        scheduled = set(ours) - plain_keys  # e.g. initial_lr, max_lr: a resumed schedule needs them
+        for key, value in ours.items():
+            if key in ("params", "fused", "foreach") or (key not in saved and key not in scheduled):
+                continue
+            same = (saved.get(key) == value) if isinstance(value, (bool, str)) or value is None \
+                else key in saved and _kind(saved[key]) == _kind(value)
+            if not same:
+                return f"its optimizer setting {key} is {_cli.short_repr(saved.get(key))}, which this run cannot take"
+    if any(type(i) is not int for i in ids) or len(set(ids)) != len(params):
+        return "its optimizer entry does not hold the model's parameters"
+    shapes = dict(zip(ids, (tuple(p.shape) for p in params)))
+    for key, entry in state["state"].items():
+        if key not in shapes or not isinstance(entry, dict) or not all(
+                _kind(v) in (_kind(None), ("tensor", True, ()), ("tensor", True, shapes[key])) for v in entry.values()):
+            return "its optimizer state does not match the model's parameters"
+    return None
+
+
+def _kind(value) -> object:
+    """A value's type, with the kinds of a container's elements and a tensor's shape: what a state read
+    from a checkpoint must share with a fresh run's, whatever the values."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "tensor", value.is_floating_point(), tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_kind(v) for v in value)
+    if isinstance(value, dict):
+        return "dict", tuple(sorted((repr(k), _kind(v)) for k, v in value.items()))
+    return "number" if type(value) in (int, float) else type(value).__name__
 
 
 def train_epoch(model, optimizer, scheduler, loss_fn, x, y, *, batch_size: int, generator,
                 augment: bool = False, desc: str = "") -> tuple[float, float, float]:
     """One pass over (x, y): mean loss, accuracy and seconds. Waits for the device only for the bar."""
+    import torch
     from tqdm import tqdm
+
+    from fastlenet import data
 
     model.train()
     loss_sum = torch.zeros((), device=x.device)
@@ -294,15 +405,19 @@ def train_epoch(model, optimizer, scheduler, loss_fn, x, y, *, batch_size: int, 
     return train_loss, train_acc, time.perf_counter() - start
 
 
-@torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     """Logits for all of x, in large batches, with no autograd bookkeeping."""
+    import torch
+
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
     """(mean loss, accuracy) of model on (x, y)."""
+    import torch
+
     logits = predict(model, x, batch_size)
     with torch.inference_mode():
         loss = loss_fn(logits, y)

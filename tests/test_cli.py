@@ -2,16 +2,26 @@
 
 A smoke run (512 training images, 2 epochs) is shared by the schema, checkpoint, resume and
 evaluation tests; the error-path tests check the contract for user mistakes: exit status 2 and one
-line `error: ...` on stderr, never a traceback.
+line `error: ...` on stderr, never a traceback. What a user sees before anything runs (--help, the
+README) is checked in subprocesses and on the files themselves.
 """
 import json
+import os
+import pathlib
+import random
+import re
 import shutil
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
 
-from fastlenet import data, evaluate, train
-from fastlenet.models import LeNet5
+from fastlenet import _cli, data, evaluate, train
+from fastlenet.models import VARIANTS, LeNet5
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SMALL = ["--limit-train", "512", "--limit-test", "1000", "--batch-size", "128"]
 EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second", "seconds"}
@@ -173,6 +183,24 @@ def test_data_error(tmp_path, capsys, monkeypatch):
     assert_one_line_error(status, err, "cannot obtain MNIST")
 
 
+@pytest.mark.parametrize("where, fragment", [("a-file", "is a file, not a directory"),
+                                              ("a-file/data", "cannot create or write")])
+def test_unusable_data_dir_is_an_error_before_any_download(where, fragment, tmp_path, capsys, monkeypatch):
+    def no_fetching(*args):
+        raise AssertionError("fetched data into a directory that cannot keep it")
+
+    monkeypatch.setattr(data, "_fetch", no_fetching)
+    (tmp_path / "a-file").write_text("not a directory")
+    status, _, err = run_train(capsys, *SMALL, "--data-dir", tmp_path / where, "--out", tmp_path / "run")
+    assert_one_line_error(status, err, fragment, str(tmp_path / where))
+
+
+def test_target_accuracy_in_percent_is_explained(tmp_path, capsys):
+    status, _, err = run_train(capsys, "--target-accuracy", "99", "--out", tmp_path)
+    assert status == 2 and "Traceback" not in err
+    assert "(0.99 for 99%)" in err and "%%" not in err, err
+
+
 def test_checkpoint_of_another_variant(smoke, mnist_dir, tmp_path, capsys):
     out, _ = smoke
     status, _, err = run_train(capsys, "--resume", out / "checkpoint.pt", "--variant", "lenet5-classic",
@@ -187,24 +215,112 @@ def test_checkpoint_whose_weights_do_not_fit(smoke, mnist_dir, tmp_path, capsys)
     torch.save(checkpoint, tmp_path / "mislabelled.pt")
     status, _, err = run_train(capsys, "--resume", tmp_path / "mislabelled.pt", "--epochs", 3,
                                "--data-dir", mnist_dir, "--out", tmp_path / "run")
-    assert_one_line_error(status, err, "does not fit", "lenet5-nopad")
+    assert_one_line_error(status, err, "does not fit", "lenet5-nopad", "fc1.weight is 120x400, the model's 120x256")
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (b"definitely not a checkpoint", "cannot read checkpoint"),
-    (None, "does not exist"),
-    ("list", "not a fastlenet checkpoint"),
-])
-def test_bad_checkpoint_file(tmp_path, capsys, content, fragment):
+def _raw(transform):
+    """A checkpoint file made from the bytes of a good one."""
+    def make(good, path):
+        path.write_bytes(transform(good.read_bytes()))
+    return make
+
+
+def _edited(edit):
+    """A checkpoint file that torch.load reads, holding a good checkpoint changed by edit(checkpoint)."""
+    def make(good, path):
+        checkpoint = torch.load(good, weights_only=True)
+        edit(checkpoint)
+        torch.save(checkpoint, path)
+    return make
+
+
+def _flip_middle(content: bytes) -> bytes:
+    middle = len(content) // 2
+    return content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1:]
+
+
+def _plain_zip(good, path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weights.txt", "not a torch.save archive")
+
+
+class Hostile:
+    """Pickles as a call of os.system, which loading with weights_only=True must refuse to make."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile(good, path):
+    torch.save({"model": Hostile(path.parent / "pwned"), "config": {}, "epoch": 1}, path)
+
+
+def _exp_avg(checkpoint):  # the Adam state of the first parameter, in the wrong shape
+    checkpoint["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+# name: (how to make the file, what the one line says, whether evaluate reads that part too)
+BAD_CHECKPOINTS = {
+    "empty": (_raw(lambda b: b""), "the file is empty", True),
+    "random bytes": (_raw(lambda b: random.Random(0).randbytes(len(b))), "not a zip archive", True),
+    "text": (_raw(lambda b: b"definitely not a checkpoint"), "not a zip archive", True),
+    "truncated": (_raw(lambda b: b[:len(b) // 2]), "truncated", True),
+    "flipped byte": (_raw(_flip_middle), "damaged", True),
+    "a plain zip": (_plain_zip, "not one written by torch.save", True),
+    "hostile pickle": (_hostile, "weights_only=True refuses", True),
+    "a list": (lambda good, path: torch.save([1, 2, 3], path), "holds a list", True),
+    "no config": (_edited(lambda c: c.pop("config")), "no config", True),
+    "model is a list": (_edited(lambda c: c.update(model=[1, 2])), "not a state_dict", True),
+    "integer weights": (_edited(lambda c: c["model"].update({"fc3.bias": torch.zeros(10, dtype=torch.long)})),
+                        "not a state_dict", True),
+    "epoch is text": (_edited(lambda c: c.update(epoch="2")), "epoch entry is '2'", True),
+    "history of tensors": (_edited(lambda c: c.update(epochs=[torch.ones(1)])), "epochs entry", True),
+    "colour codes": (_edited(lambda c: c["config"].update(variant="\x1b[31mlenet5")), "variant", True),
+    "wrong shapes": (_edited(lambda c: c["model"].update({"conv1.weight": torch.zeros(6, 1, 3, 3)})),
+                     "conv1.weight is 6x1x3x3, the model's 6x1x5x5", True),
+    "missing weights": (_edited(lambda c: c["model"].pop("fc2.bias")), "no 'fc2.bias'", True),
+    "batch size as text": (_edited(lambda c: c["config"].update(batch_size="128")), "batch_size '128'", False),
+    "lr as text": (_edited(lambda c: c["optimizer"]["param_groups"][0].update(lr="fast")), "lr is 'fast'", False),
+    "Adam state of another shape": (_edited(_exp_avg), "optimizer state", False),
+    "no optimizer": (_edited(lambda c: c.pop("optimizer")), "optimizer entry", False),
+    "generator": (_edited(lambda c: c.update(generator=torch.zeros(3))), "generator", False),
+    "scheduler": (_edited(lambda c: c["scheduler"].update(_last_lr="x")), "scheduler state", False),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_one_line_of_ours(case, smoke, mnist_dir, tmp_path, capsys):
+    """Whatever a checkpoint file holds, --resume and evaluate end with status 2 and one line saying
+    what is wrong in our words: not PyTorch's unpickler text, a KeyError, or colour codes."""
+    make, fragment, evaluated = BAD_CHECKPOINTS[case]
     path = tmp_path / "checkpoint.pt"
-    if content == "list":
-        torch.save([1, 2, 3], path)
-    elif content is not None:
-        path.write_bytes(content)
-    status, _, err = run_train(capsys, "--resume", path, "--out", tmp_path / "run")
-    assert_one_line_error(status, err, fragment)
-    assert_one_line_error(evaluate.main([str(path), "--out", str(tmp_path / "eval")]), capsys.readouterr().err,
-                          fragment)
+    make(smoke[0] / "checkpoint.pt", path)
+    runs = [("train", lambda: train.main(["--resume", str(path), "--epochs", "3", "--data-dir", str(mnist_dir),
+                                          "--out", str(tmp_path / "run")]))]
+    if evaluated:
+        runs.append(("evaluate", lambda: evaluate.main([str(path), "--data-dir", str(mnist_dir),
+                                                        "--out", str(tmp_path / "eval")])))
+    for tool, run in runs:
+        capsys.readouterr()
+        status = run()
+        err = capsys.readouterr().err
+        assert_one_line_error(status, err, fragment)
+        assert str(path) in err, tool
+        for raw_text in ("\x1b", "Weights only", "PytorchStreamReader", "Error", "file an issue"):
+            assert raw_text not in err, (tool, raw_text, err)
+        assert len(err) < 400, err
+    assert not (tmp_path / "pwned").exists()  # the hostile payload never ran
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    status, _, err = run_train(capsys, "--resume", tmp_path / "nowhere.pt", "--out", tmp_path / "run")
+    assert_one_line_error(status, err, "does not exist")
+    assert_one_line_error(evaluate.main([str(tmp_path), "--out", str(tmp_path / "eval")]), capsys.readouterr().err,
+                          "is not a file")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -265,3 +381,75 @@ def test_evaluate_defaults_to_the_checkpoint_directory(smoke, mnist_dir, tmp_pat
     shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
     assert evaluate.main([str(tmp_path / "checkpoint.pt"), "--data-dir", str(mnist_dir), "--limit-test", "200"]) == 0
     assert {"evaluation.json", "confusion_matrix.png", "misclassified.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_evaluate_needs_only_the_test_files(smoke, mnist_dir, tmp_path, monkeypatch):
+    def no_fetching(*args):
+        raise AssertionError("fetched files evaluate does not need")
+
+    monkeypatch.setattr(data, "_fetch", no_fetching)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copyfile(mnist_dir / "MNIST" / "raw" / f, raw / f)
+    assert evaluate.main([str(smoke[0] / "checkpoint.pt"), "--data-dir", str(tmp_path / "data"), "--limit-test", "200",
+                          "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["test_images"] == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# What a user sees first: --help, and the README
+# --------------------------------------------------------------------------------------------------
+
+def test_parser_choices_are_the_library_names():
+    assert _cli.VARIANT_NAMES == tuple(sorted(VARIANTS))
+    assert _cli.DATASET_NAMES == data.DATASETS
+
+
+@pytest.mark.parametrize("command", [["fastlenet.train", "--help"], ["fastlenet.evaluate", "--help"],
+                                     ["fastlenet.train", "--epochs", "0"]])
+def test_help_and_bad_flags_answer_without_importing_torch(command):
+    """PyTorch takes seconds to import on a busy machine; --help and a bad flag need none of it.
+    -X importtime lists every module the process imports, on stderr."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", *command], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == (0 if command[-1] == "--help" else 2), proc.stderr[-2000:]
+    assert "usage: python -m fastlenet." in proc.stdout + proc.stderr
+    imported = re.findall(r"^import time:.*\|\s*([\w.]+)\s*$", proc.stderr, re.M)
+    assert "argparse" in imported  # the listing works
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "numpy", "triton")], command
+
+
+PROCESS_WORDS = re.compile(r"\bissue\s*#?\d|\bthe issue\b|\bseed[-_ ]style|\bseeds'|\bseed's|\bseed script", re.I)
+
+
+def test_user_facing_text_has_no_process_words():
+    """The README, --help and the shipped code speak of what a user can know: no issue numbers or
+    names for scripts that only the project's history explains."""
+    files = [REPO / "README.md", *sorted(REPO.glob("fastlenet/*.py")), *sorted(REPO.glob("kernels/*.py")),
+             *sorted(REPO.glob("bench/*.py"))]
+    hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in files
+            for n, line in enumerate(path.read_text().splitlines(), 1) if PROCESS_WORDS.search(line)]
+    helps = [train.build_parser().format_help(), evaluate.build_parser().format_help()]
+    hits += [line for text in helps for line in text.splitlines() if PROCESS_WORDS.search(line)]
+    assert not hits, "\n".join(hits)
+    assert not (REPO / "bench" / "seed_style_mnist.py").exists()
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_says_how_to_get_fashion_mnist():
+    section = readme_section("Data")
+    for needed in ("torchvision", "apt-get install dataset-fashion-mnist", "--data-dir", "pip alone cannot",
+                   "FashionMNIST/raw", *data.FILES):
+        assert needed in section, needed
+
+
+def test_readme_says_what_repeats_a_run():
+    (seed_row,) = [line for line in readme_section("Training CLI").splitlines() if line.startswith("| `--seed")]
+    assert "same device" in seed_row and "--threads" in seed_row

@@ -1,14 +1,22 @@
-"""Issue #4 end to end: `python -m fastlenet.train --fused` trains, and takes the reference's path.
+"""The fused path end to end: `python -m fastlenet.train --fused` trains, and takes the reference's path.
 
 On a machine without CUDA the fused kernels run through Triton's interpreter (conftest.py), so the
-run is tiny: 16 images, batch 8, two epochs.
+run is tiny: 16 images, batch 8, two epochs. The fused run is a subprocess, as a user starts it, so
+that its whole stderr can be checked.
 """
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fastlenet import train
+from fastlenet import _cli, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+INTERPRETED = not torch.cuda.is_available()
 
 # SGD, not Adam: Adam is invariant to the gradient's scale, so it would hide a wrong loss gradient.
 TINY = ["--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--epochs", "2",
@@ -18,13 +26,56 @@ TINY = ["--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--epo
 
 @pytest.fixture(scope="module")
 def runs(mnist_dir, tmp_path_factory):
-    """The same tiny run, fused and reference, on the same device."""
+    """The same tiny run, fused (python -m fastlenet.train --fused) and reference, on the same device."""
     out = {}
-    for name, extra in (("fused", ["--fused"]), ("reference", [])):
-        path = tmp_path_factory.mktemp(name)
-        assert train.main([*TINY, *extra, "--data-dir", str(mnist_dir), "--out", str(path)]) == 0
-        out[name] = (path, json.loads((path / "metrics.json").read_text()))
+    path = tmp_path_factory.mktemp("fused")
+    env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if INTERPRETED else {}))
+    proc = subprocess.run([sys.executable, "-m", "fastlenet.train", *TINY, "--fused", "--data-dir", str(mnist_dir),
+                           "--out", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out["fused"] = (path, json.loads((path / "metrics.json").read_text()))
+    out["fused stderr"] = proc.stderr
+    path = tmp_path_factory.mktemp("reference")
+    assert train.main([*TINY, "--data-dir", str(mnist_dir), "--out", str(path)]) == 0
+    out["reference"] = (path, json.loads((path / "metrics.json").read_text()))
     return out
+
+
+def test_fused_run_says_one_warning_and_nothing_else(runs):
+    """Under the interpreter: the warning, and none of numpy's RuntimeWarnings about the masked-off
+    lanes the interpreter computes (and never stores)."""
+    lines = runs["fused stderr"].splitlines()
+    if INTERPRETED:
+        assert len(lines) == 1 and lines[0].startswith("warning: --fused on the CPU"), runs["fused stderr"]
+        assert "test images only" not in lines[0]  # --limit-test was given
+    else:
+        assert lines == [], runs["fused stderr"]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs where there is no CUDA device")
+def test_the_interpreter_tests_on_a_few_images_unless_told(mnist_dir, tmp_path, capsys, monkeypatch):
+    """All 10,000 test images would take the interpreter about an hour: without --limit-test a fused
+    run on the CPU tests on the first INTERPRETER_TEST_IMAGES, says so, and records it."""
+    tested = []
+
+    def evaluate(model, loss_fn, x, y):
+        tested.append(len(x))
+        return 2.3, 0.1
+
+    # Stand-ins for the (interpreted, slow) training and test passes: this is about which images.
+    monkeypatch.setattr(train, "train_epoch", lambda *args, **kwargs: (2.3, 0.1, 1.0))
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    common = ["--fused", "--limit-train", "8", "--epochs", "1", "--no-plot", "--data-dir", str(mnist_dir)]
+    capsys.readouterr()
+    assert train.main([*common, "--out", str(tmp_path / "default")]) == 0
+    err = capsys.readouterr().err
+    assert tested == [_cli.INTERPRETER_TEST_IMAGES] == [100]
+    assert f"first {_cli.INTERPRETER_TEST_IMAGES} test images only (--limit-test N for more)" in err
+    metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert metrics["config"]["limit_test"] == _cli.INTERPRETER_TEST_IMAGES
+
+    assert train.main([*common, "--limit-test", "300", "--out", str(tmp_path / "asked")]) == 0
+    assert tested[-1] == 300 and "test images only" not in capsys.readouterr().err
 
 
 def test_fused_run_lowers_the_loss(runs):

@@ -22,21 +22,21 @@ META_KEYS = {"device", "device_name", "gpu", "cpu", "torch", "triton", "cuda", "
              "flops_per_image", "peak_tflops", "triton_interpret"}
 
 
-def run_bench(tmp_path, *args, interpret: bool):
+def run_bench(tmp_path, *args, interpret: bool, tiny=TINY):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = subprocess.run([sys.executable, str(BENCH), *TINY, *args, "--json", str(out_json),
+    proc = subprocess.run([sys.executable, str(BENCH), *tiny, *args, "--json", str(out_json),
                            "--plot", str(out_png)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out_json.read_text()), out_png, proc.stdout
+    return json.loads(out_json.read_text()), out_png, proc
 
 
 def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
-    payload, png, stdout = run_bench(tmp_path, "--providers", "eager", "fused", "fused-graph",
-                                     interpret=False)
+    payload, png, proc = run_bench(tmp_path, "--providers", "eager", "fused", "fused-graph",
+                                   interpret=False)
     meta, results = payload["meta"], payload["results"]
     assert META_KEYS <= meta.keys()
     assert meta["device"] == "cpu" and meta["gpu"] is None and not meta["triton_interpret"]
@@ -57,20 +57,20 @@ def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
             assert r["images_per_second"] is None and r["p20"] is None and r["launches_per_step"] is None
     assert payload["ratios"] == [{"batch_size": 8, "mode": m, "fused/eager": None, "fused/compile": None,
                                   "fused-graph/eager": None} for m in ("inference", "train")]
-    assert "n/a" in stdout and "TRITON_INTERPRET=1" in stdout
+    assert "n/a" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_interpreter_run_is_labelled_and_gives_no_speed_figure(tmp_path):
-    payload, _, stdout = run_bench(tmp_path, "--providers", "fused", "--modes", "inference",
-                                   interpret=True)
+    payload, _, proc = run_bench(tmp_path, "--providers", "fused", "--modes", "inference",
+                                 interpret=True)
     (row,) = payload["results"]
     assert payload["meta"]["triton_interpret"] is True
     assert row["provider"] == "fused" and row["interpreter"] is True and row["available"]
     assert row["images_per_second"] is None and row["p20"] is None and row["achieved_tflops"] is None
     assert row["interpreter_seconds_per_step"] > 0
     assert row["launches_per_step"] == 5, row["ops_breakdown"]
-    assert "not a speed figure" in stdout
+    assert "not a speed figure" in proc.stdout
 
 
 def test_cpu_floor_runs_the_required_computation(mnist_dir):
@@ -85,3 +85,23 @@ def test_cpu_floor_runs_the_required_computation(mnist_dir):
     assert 0 <= right <= 10_000
     for phase in ("import", "data", "epoch", "test"):
         assert f"{phase} " in line and " s" in line.split(f"{phase} ")[1], line
+
+
+def test_a_log_of_the_bench_holds_no_progress_bar_or_cuda_home_noise(tmp_path):
+    """stderr is not a terminal here, as in a log: no progress bar, and no "No CUDA runtime is found"
+    from torch.compile's toolchain, which a CPU user has no use for."""
+    tiny = ["--device", "cpu", "--batch-sizes", "8", "--repeats", "1", "--warmup", "0", "--cpu-threads", "1"]
+    payload, _, proc = run_bench(tmp_path, "--providers", "eager", "compile", "--modes", "inference",
+                                 interpret=False, tiny=tiny)
+    assert {r["provider"] for r in payload["results"]} == {"eager", "compile"}
+    for noise in ("\r", "measuring", "it/s", "No CUDA runtime"):
+        assert noise not in proc.stderr, proc.stderr
+
+
+def test_help_shows_no_empty_defaults():
+    proc = subprocess.run([sys.executable, str(BENCH), "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 50)" in text  # the informative ones stay

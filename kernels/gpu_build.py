@@ -23,7 +23,6 @@ default ~/.cache/fastlenet), so only an edited kernel is rebuilt.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import hashlib
 import importlib
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 from .launch import TensorSpec
 
@@ -117,7 +116,8 @@ class _TargetDriver:
         return self.target
 
 
-def _jit_kernel(module: str, name: str):
+def jit_function(module: str, name: str):
+    """The @triton.jit kernel `name` of `module`, checked to be a JITFunction this build can drive."""
     kernel = getattr(importlib.import_module(module), name)
     for needed in ("run", "preload", "device_caches"):
         if not hasattr(kernel, needed):
@@ -126,7 +126,7 @@ def _jit_kernel(module: str, name: str):
             raise RuntimeError(
                 f"{module}.{name} is a {type(kernel).__name__} without .{needed}: the GPU build needs "
                 f"Triton's JITFunction (is TRITON_INTERPRET set?) with run/preload/device_caches, as in "
-                f"Triton 3.3-3.9; this is Triton {triton.__version__}")
+                f"Triton 3.6-3.9; this is Triton {triton.__version__}")
     return kernel
 
 
@@ -139,7 +139,7 @@ def _as_target(kernel, cc: int, cache_hook):
 
     if not hasattr(knobs, "runtime") or not hasattr(knobs.runtime, "jit_cache_hook"):
         raise RuntimeError("this Triton has no knobs.runtime.jit_cache_hook; the GPU build needs "
-                           "Triton >= 3.3")
+                           "Triton 3.6-3.9")
     stand_in = _TargetDriver(cc)
     try:
         previous = driver.active
@@ -156,12 +156,15 @@ def _as_target(kernel, cc: int, cache_hook):
         kernel.device_caches.pop(stand_in.device, None)
 
 
+def _arguments(desc: dict) -> dict:
+    return {name: _Pointer(v["dtype"], v["data_ptr_mod16"]) if isinstance(v, dict) else v
+            for name, v in desc["args"].items()}
+
+
 def specialize(desc: dict, cc: int) -> dict:
     """What the JIT compiles when `desc` is launched on a GPU of compute capability `cc`: its
     serialised specialisation data (signature, constexprs, attrs, options, target) and cache key."""
-    kernel = _jit_kernel(desc["module"], desc["kernel"])
-    args = {name: _Pointer(v["dtype"], v["data_ptr_mod16"]) if isinstance(v, dict) else v
-            for name, v in desc["args"].items()}
+    kernel = jit_function(desc["module"], desc["kernel"])
     seen = {}
 
     def capture(*, key, compile, **_):
@@ -169,10 +172,10 @@ def specialize(desc: dict, cc: int) -> dict:
         return True  # skip compiling: only the decision is wanted here
 
     with _as_target(kernel, cc, capture):
-        kernel.run(grid=tuple(desc["grid"]), warmup=True, **args, **desc["meta"])
+        kernel.run(grid=tuple(desc["grid"]), warmup=True, **_arguments(desc), **desc["meta"])
     if not seen:
         raise RuntimeError(f"{desc['kernel']}: the JIT did not reach its cache hook; this Triton's "
-                           f"launch path differs from 3.3-3.9")
+                           f"launch path differs from 3.6-3.9's")
     # The JIT's hash of the kernel's source and of every @triton.jit function it calls (what Triton's
     # own cache is keyed on): editing a kernel, or a helper it calls, rebuilds that kernel only.
     return {"module": desc["module"], "kernel": desc["kernel"], "cc": cc, "key": str(seen["key"]),
@@ -183,9 +186,17 @@ def compile_for(spec: dict):
     """Compile a `specialize` result with the JIT's own path (JITFunction.preload: the serialised
     data -> ASTSource(fn, signature, constexprs, attrs) -> triton.compile). Returns Triton's
     CompiledKernel (asm: ttir, ttgir, llir, ptx, cubin; hash)."""
-    kernel = _jit_kernel(spec["module"], spec["kernel"])
+    kernel = jit_function(spec["module"], spec["kernel"])
     with _as_target(kernel, spec["cc"], None):
         return kernel.preload(spec["data"])
+
+
+def jit_compile(desc: dict, cc: int):
+    """Compile `desc` for `cc` through the JIT's launch path itself (JITFunction.run, warmup): the
+    reference that compile_for(specialize(desc, cc)) reproduces, as the tests check."""
+    kernel = jit_function(desc["module"], desc["kernel"])
+    with _as_target(kernel, cc, None):
+        return kernel.run(grid=tuple(desc["grid"]), warmup=True, **_arguments(desc), **desc["meta"])
 
 
 def _tool(name: str) -> str:
@@ -245,8 +256,14 @@ def _worker(conn) -> None:
     """A compile process: build each spec it receives; a failure is a result, not a crash."""
     import traceback
 
-    # Its own process group, so that stopping it also stops the ptxas it may be running.
+    # Its own process group, so that stopping it also stops the ptxas it may be running; and if the
+    # build itself is killed (a test timeout), the group goes with it (Linux: parent-death signal).
     os.setpgrp()
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     while True:
         try:
             spec = conn.recv()

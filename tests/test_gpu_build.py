@@ -64,6 +64,13 @@ def _loss_step(batch, classes, device):
     return lambda: FF.cross_entropy(logits, target).backward()
 
 
+def _misaligned_loss_step(device):
+    # Logits that start 4 bytes into their storage (a column slice): no 16-byte alignment to assume.
+    logits = torch.empty(128, 11, device=device, requires_grad=True)
+    target = torch.zeros(128, dtype=torch.int64, device=device)
+    return lambda: FF.cross_entropy(logits[:, 1:], target).backward()
+
+
 def _conv_step(batch, activation, pool, bias, device):
     # A CIFAR-sized first layer of a VGG-style net: 3 -> 64 channels, 3x3, padding 1, 32x32.
     x = torch.empty(batch, 3, 32, 32, device=device, requires_grad=True)
@@ -89,6 +96,7 @@ def user_launch_configs(device):
     for classes in LOSS_CLASSES:
         for batch in LOSS_BATCHES:
             descs += _recorded(f"cross_entropy B={batch} C={classes}", _loss_step(batch, classes, device))
+    descs += _recorded("cross_entropy B=128 C=10 on a misaligned view", _misaligned_loss_step(device))
     # Layers without bias (before a norm layer) take another code path; one batch size covers it.
     for activation in ACTIVATIONS:
         for bias, batches in ((True, LAYER_BATCHES), (False, (128,))):
@@ -159,6 +167,9 @@ def test_every_user_configuration_compiles_for_every_target(build_results):
     # Batch 1 launches specialise their size argument to a constant, batch 128 to a multiple of 16.
     assert any(r["constexprs"].get("N") == 1 for r in results if r["kernel"] == "conv2d_act_pool_fwd_kernel")
     assert any("M" in r["divisible_by_16"] for r in results if r["kernel"] == "linear_act_fwd_kernel")
+    misaligned = [r for r in results if "cross_entropy B=128 C=10 on a misaligned view" in r["origins"]]
+    assert misaligned and all("logits_ptr" not in r["divisible_by_16"] for r in misaligned)
+    assert any("logits_ptr" in r["divisible_by_16"] for r in results if r["kernel"] == "cross_entropy_fwd_kernel")
 
 
 def test_no_spills_and_shared_memory_within_limits(build_results):
@@ -187,37 +198,74 @@ def test_recording_without_executing_records_what_a_run_launches(device):
 
 
 def test_a_misaligned_view_is_recorded_as_misaligned(device):
-    logits = torch.randn(3, 11, device=device)[:, 1:]  # starts 4 bytes into its storage
     with record_launches(execute=False) as launches:
-        FF.cross_entropy(logits, torch.zeros(3, dtype=torch.int64, device=device))
+        _misaligned_loss_step(device)()
     assert describe(launches[0])["args"]["logits_ptr"]["data_ptr_mod16"] == 4
+
+
+def test_a_second_build_comes_from_the_cache(tmp_path, device):
+    descs = _recorded("cross_entropy B=3 C=10", _loss_step(3, 10, device))[:1]
+    (tmp_path / "launches.json").write_text(json.dumps(descs))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTLENET_CACHE_DIR"] = str(tmp_path / "cache")
+    stats = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "fastlenet.kernels.gpu_build", str(tmp_path / "launches.json"),
+                               "--stats", str(tmp_path / "stats.json")], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        stats.append(json.loads((tmp_path / "stats.json").read_text()))
+    assert [(s["built"], s["from_cache"]) for s in stats] == [(2, 0), (0, 2)]
+
+
+_SAME_AS_JIT = """
+import json, sys
+from fastlenet.kernels.gpu_build import compile_for, jit_compile, specialize
+for desc in json.load(open(sys.argv[1])):
+    for cc in (80, 90):
+        jit, ours = jit_compile(desc, cc), compile_for(specialize(desc, cc))
+        print(json.dumps([desc["kernel"], cc, jit.hash == ours.hash, jit.asm["ttgir"] == ours.asm["ttgir"]]))
+"""
+
+
+def test_build_compiles_what_the_jit_launch_path_compiles(tmp_path, device):
+    """Without a GPU: for the same launch and target, compile_for (specialisation data -> preload)
+    yields the kernel the JIT's launch path compiles itself, byte for byte in TTGIR, same hash."""
+    descs = []
+    for origin, step in [("lenet5 B=1", _lenet_step("lenet5", 1, device)),
+                         ("misaligned", _misaligned_loss_step(device))]:
+        descs += _recorded(origin, step)
+    (tmp_path / "launches.json").write_text(json.dumps(descs[:1] + descs[-2:]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SAME_AS_JIT, str(tmp_path / "launches.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    checks = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(checks) == 6 and all(same_hash and same_ttgir for _, _, same_hash, same_ttgir in checks), checks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with what the JIT compiled")
 def test_build_compiles_exactly_what_the_jit_compiled():
     """After real launches on this GPU, each kernel the JIT compiled (found in its own cache under
     the key our specialisation predicts) has the same Triton hash and TTGIR as compile_for's."""
-    from fastlenet.kernels.gpu_build import _jit_kernel, compile_for, specialize
+    from fastlenet.kernels.gpu_build import compile_for, jit_function, specialize
 
     cc = int("".join(map(str, torch.cuda.get_device_capability())))
     descs = []
     for origin, step in [("lenet5 B=1", _lenet_step("lenet5", 1, "cuda")),
                          ("lenet5-classic B=3", _lenet_step("lenet5-classic", 3, "cuda")),
                          ("lenet5-nopad B=128", _lenet_step("lenet5-nopad", 128, "cuda")),
-                         ("cross_entropy B=3 C=100", _loss_step(3, 100, "cuda"))]:
+                         ("cross_entropy B=3 C=100", _loss_step(3, 100, "cuda")),
+                         ("cross_entropy on a misaligned view", _misaligned_loss_step("cuda"))]:
         with record_launches() as launches:
             step()
         torch.cuda.synchronize()
         descs += [describe(launch, origin) for launch in launches]
-    misaligned = torch.randn(3, 11, device="cuda")[:, 1:]
-    with record_launches() as launches:
-        FF.cross_entropy(misaligned, torch.zeros(3, dtype=torch.int64, device="cuda"))
-    descs += [describe(launch, "cross_entropy on a misaligned view") for launch in launches]
 
     checked = 0
     for desc in merge_descriptions(descs):
         spec = specialize(desc, cc)
-        kernel = _jit_kernel(desc["module"], desc["kernel"])
+        kernel = jit_function(desc["module"], desc["kernel"])
         jit_cache = kernel.device_caches[torch.cuda.current_device()][0]
         assert spec["key"] in jit_cache, (
             f"{desc['kernel']} from {desc['origins']}: the JIT compiled none under our key {spec['key']};"

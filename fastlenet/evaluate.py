@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", action="store_true", help="run the fused Triton model (any checkpoint loads into it)")
     p.add_argument("--batch-size", type=_cli.positive_int, default=EVAL_BATCH_SIZE, metavar="N",
                    help="inference batch size")
-    p.add_argument("--limit-test", type=_cli.positive_int, metavar="N", help="evaluate the first N test images only")
+    p.add_argument("--limit-test", type=_cli.positive_int, metavar="N",
+                   help=f"evaluate the first N test images only (default: all; {_cli.INTERPRETER_TEST_IMAGES} for "
+                        "--fused under Triton's interpreter)")
     p.add_argument("--max-images", type=_cli.positive_int, default=64, metavar="N",
                    help="most misclassified images to draw")
     p.add_argument("--out", metavar="DIR", help="output directory (default: the checkpoint's directory)")

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", choices=_cli.DATASET_NAMES, default="mnist", help="dataset to train and test on")
     d.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept (fetched there if missing)")
     d.add_argument("--limit-train", type=_cli.positive_int, metavar="N", help="train on the first N images only")
-    d.add_argument("--limit-test", type=_cli.positive_int, metavar="N", help="test on the first N images only")
+    d.add_argument("--limit-test", type=_cli.positive_int, metavar="N",
+                   help=f"test on the first N images only (default: all; {_cli.INTERPRETER_TEST_IMAGES} for --fused "
+                        "under Triton's interpreter)")
     d.add_argument("--augment", action="store_true", help="shift each training image by up to 2 pixels")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_cli.positive_int, default=8, metavar="N", help="total epochs (with --resume: up to this many)")
@@ -196,11 +198,10 @@ def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
     for key in RUN_SETTINGS:
         if key not in saved:
             continue
+        flag = "--" + key.replace("_", "-")
         if not _valid_setting(actions[key], saved[key]):
-            raise _cli.unreadable(Path(args.resume), f"its {key} {_cli.short_repr(saved[key])} is not a value "
-                                                     f"of {'--' + key.replace('_', '-')}")
+            raise _cli.unreadable(Path(args.resume), f"its {key} {_cli.short_repr(saved[key])} is not a value of {flag}")
         if key in args._given and getattr(args, key) != saved[key]:
-            flag = "--" + key.replace("_", "-")
             raise CLIError(f"--resume {args.resume}: the checkpoint was trained with {flag} {saved[key]}, "
                            f"not {getattr(args, key)}; drop {flag} to continue it, or start a new run")
         setattr(args, key, saved[key])
@@ -301,23 +302,29 @@ def _restore(checkpoint: dict, path: Path, model, optimizer, generator, args: ar
 
 def _check_resumable(checkpoint: dict, path: Path, model, args: argparse.Namespace, total_steps: int) -> None:
     """The optimizer, schedule and batch-order states of `checkpoint` have the types and shapes of a
-    fresh run's, so that no step fails later on a value read from the file (which load_state_dict
-    takes on trust)."""
+    fresh run's after one step, so that no step fails later on a value read from the file (which
+    load_state_dict takes on trust)."""
+    import copy
+
     import torch
 
-    fresh_optimizer = _optimizer(model, args)
+    probe = copy.deepcopy(model)  # a throwaway copy: the probing step must not touch the weights
+    fresh_optimizer = _optimizer(probe, args)
     plain_keys = set(fresh_optimizer.param_groups[0])
-    fresh_scheduler = _scheduler(fresh_optimizer, args.schedule, total_steps, 0, None)  # adds its own keys
-    state, generator_state = checkpoint.get("optimizer"), checkpoint.get("generator")
-    why = _optimizer_state_problem(state, fresh_optimizer, plain_keys, model)
-    if why is None and args.schedule != "none" and checkpoint.get("scheduler") is None:
-        why = "it has no scheduler state for its schedule"
+    fresh_scheduler = _scheduler(fresh_optimizer, args.schedule, total_steps, 0, None)  # adds its keys
+    for parameter in probe.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    fresh_optimizer.step()  # creates the per-parameter state (Adam's moments, SGD's momentum)
+    why = _optimizer_state_problem(checkpoint.get("optimizer"), fresh_optimizer.state_dict(), plain_keys)
     saved_schedule = checkpoint.get("scheduler")
-    if why is None and fresh_scheduler is not None and saved_schedule is not None:
+    if why is None and fresh_scheduler is not None:
         fresh = fresh_scheduler.state_dict()
-        if not isinstance(saved_schedule, dict) or any(
+        if saved_schedule is None:
+            why = "it has no scheduler state for its schedule"
+        elif not isinstance(saved_schedule, dict) or any(
                 key in saved_schedule and _kind(saved_schedule[key]) != _kind(fresh[key]) for key in fresh):
             why = "its scheduler state is not the one of its schedule"
+    generator_state = checkpoint.get("generator")
     if why is None and not (isinstance(generator_state, torch.Tensor) and generator_state.dtype == torch.uint8
                             and generator_state.shape == torch.Generator().get_state().shape):
         why = "its generator entry is not the state of a torch.Generator"
@@ -325,31 +332,29 @@ def _check_resumable(checkpoint: dict, path: Path, model, args: argparse.Namespa
         raise _cli.unreadable(path, why)
 
 
-def _optimizer_state_problem(state, fresh, plain_keys: set, model) -> str | None:
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
-            or not isinstance(state.get("param_groups"), list) or len(state["param_groups"]) != len(fresh.param_groups):
+def _optimizer_state_problem(saved, fresh: dict, plain_keys: set) -> str | None:
+    """What keeps the saved optimizer state from having the kinds of `fresh` (a state_dict), or None."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list) or len(saved["param_groups"]) != len(fresh["param_groups"]):
         return "its optimizer entry is not the state of the run's optimizer"
-    params = list(model.parameters())
-    ids = []
-    for saved, ours in zip(state["param_groups"], fresh.param_groups):
-        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list) \
-                or len(saved["params"]) != len(ours["params"]):
+    for saved_group, group in zip(saved["param_groups"], fresh["param_groups"]):
+        if not isinstance(saved_group, dict) or _kind(saved_group.get("params")) != _kind(group["params"]):
             return "its optimizer entry does not hold the model's parameters"
-        ids += saved["params"]
-        scheduled = set(ours) - plain_keys  # e.g. initial_lr, max_lr: a resumed schedule needs them
-        for key, value in ours.items():
-            if key in ("params", "fused", "foreach") or (key not in saved and key not in scheduled):
+        for key, value in group.items():
+            if key in ("params", "fused", "foreach"):  # the parameters are checked above; the kernel is this run's
                 continue
-            same = (saved.get(key) == value) if isinstance(value, (bool, str)) or value is None \
-                else key in saved and _kind(saved[key]) == _kind(value)
+            if (isinstance(value, bool) or value is None) and key in plain_keys:
+                same = saved_group.get(key, value) == value  # a flag: torch fills in a missing one
+            else:  # a number, or a key the schedule needs (e.g. initial_lr)
+                same = key in saved_group and _kind(saved_group[key]) == _kind(value)
             if not same:
-                return f"its optimizer setting {key} is {_cli.short_repr(saved.get(key))}, which this run cannot take"
-    if any(type(i) is not int for i in ids) or len(set(ids)) != len(params):
+                return f"its optimizer setting {key} is {_cli.short_repr(saved_group.get(key))}, which this run cannot take"
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(set(ids)) != len(ids):
         return "its optimizer entry does not hold the model's parameters"
-    shapes = dict(zip(ids, (tuple(p.shape) for p in params)))
-    for key, entry in state["state"].items():
-        if key not in shapes or not isinstance(entry, dict) or not all(
-                _kind(v) in (_kind(None), ("tensor", True, ()), ("tensor", True, shapes[key])) for v in entry.values()):
+    fresh_entries = dict(zip(ids, (fresh["state"][i] for group in fresh["param_groups"] for i in group["params"])))
+    for key, entry in saved["state"].items():
+        if key not in fresh_entries or _kind(entry) != _kind(fresh_entries[key]):
             return "its optimizer state does not match the model's parameters"
     return None
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastlenet._cli import HelpFormatter
+from fastlenet._cli import HelpFormatter, quiet_interpreter_warnings
 from fastlenet.models import VARIANTS, LeNet5
 from fastlenet.profiling import count_device_ops, model_flops, training_step
 
@@ -586,6 +586,8 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if not torch.cuda.is_available():
         quiet_cuda_home_warning()
+    if interpreting():
+        quiet_interpreter_warnings()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     print(f"device: {device} ({device_name(device)}); torch {torch.__version__}"

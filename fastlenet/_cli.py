@@ -152,9 +152,7 @@ def check_fused(device: torch.device, args: argparse.Namespace) -> None:
         raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
                        "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
                        "(slow, for debugging), or drop --fused to use the reference model on the CPU")
-    # The interpreter computes the masked-off lanes of every block too, in numpy, which warns about
-    # their overflows and NaNs; those lanes are never stored, so the warnings say nothing about the run.
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+    quiet_interpreter_warnings()
     tested = ""
     if args.limit_test is None:
         args.limit_test = INTERPRETER_TEST_IMAGES
@@ -162,6 +160,13 @@ def check_fused(device: torch.device, args: argparse.Namespace) -> None:
     print("warning: --fused on the CPU runs the Triton kernels through Triton's interpreter "
           "(TRITON_INTERPRET=1): correct but very slow (about a second per training image), for "
           f"debugging: use a small --limit-train{tested}", file=sys.stderr)
+
+
+def quiet_interpreter_warnings() -> None:
+    """Triton's interpreter computes the masked-off lanes of every block too, in numpy, which warns
+    about their overflows and NaNs; those lanes are never stored, so the warnings say nothing about
+    the run and only bury its output."""
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
 
 def prepare_out_dir(path: Path) -> Path:

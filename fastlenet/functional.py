@@ -135,6 +135,12 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if PH == 0 or PW == 0:
         raise ValueError(f"{op}: the {H + 2 * padding - k + 1}x{W + 2 * padding - k + 1} convolution "
                          f"output of input {tuple(x.shape)} is too small for 2x2 pooling")
+    positions = x.shape[0] * max(H * W, 4 * PH * PW)
+    if positions > _conv.ROW_INDEX_LIMIT:
+        per_image = max(H * W, 4 * PH * PW)
+        raise ValueError(f"{op}: input {tuple(x.shape)} has {positions:,} positions in one call; the "
+                         f"kernels index at most {_conv.ROW_INDEX_LIMIT:,}, i.e. "
+                         f"{_conv.ROW_INDEX_LIMIT // per_image:,} images of this size: split the batch")
     _check_tensors(op, input=x, weight=weight, bias=bias)
     return _Conv2dActPool.apply(x, weight, bias, padding, activation, pool,
                                 _grad_wanted(x, weight, bias))

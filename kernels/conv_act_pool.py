@@ -37,7 +37,8 @@ def _im2col(x_ptr, n, oh, ow, row_mask, offs_k,
     """Input patch values x[n, ci, oh + kh - p, ow + kw - p] for rows (n, oh, ow) and reduction
     index offs_k = (ci, kh, kw), zero outside the image. Rows and offs_k broadcast against each
     other, so the same gather serves the forward (rows x k) and the weight gradient (k x rows).
-    n is int64 (a batch may pass 2^31 elements), oh/ow/offs_k int32 (one image never does)."""
+    n is int64 (a batch may pass 2^31 elements), oh/ow/offs_k int32 (one image never does).
+    Addresses are int64; the position indices they come from are int32 (ROW_INDEX_LIMIT)."""
     K = C_in * KSIZE * KSIZE
     ci = offs_k // (KSIZE * KSIZE)
     kh = (offs_k // KSIZE) % KSIZE - PADDING
@@ -113,12 +114,13 @@ def conv2d_act_pool_fwd_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, a_ptr, counter_ptr,
     # sizes
-    N, C_in, H, W, C_out, PH, PW, NUM_COUNTERS,
+    N, C_in, C_out, NUM_COUNTERS,
     # strides
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     # meta-parameters
-    KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
+    KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_WIN: tl.constexpr, SAVE_PREPOOL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -128,12 +130,12 @@ def conv2d_act_pool_fwd_kernel(
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     zero_counters(counter_ptr, NUM_COUNTERS, pid_m + pid_n)
 
-    # Rows: pooled positions (n, ph, pw), in int64 since N*C*H*W may pass 2^31.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows: pooled positions (n, ph, pw). See ROW_INDEX_LIMIT for why the index is int32 and n int64.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N * PH * PW
-    pw = (offs_m % PW).to(tl.int32)
-    ph = ((offs_m // PW) % PH).to(tl.int32)
-    n = offs_m // (PW * PH)
+    pw = offs_m % PW
+    ph = (offs_m // PW) % PH
+    n = (offs_m // (PW * PH)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
 
@@ -200,12 +202,12 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
     over (co, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw)."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     num_n = tl.cdiv(C_in, BLOCK_N)
-    offs_m = (pid // num_n).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ci = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < N * H * W
-    iw = (offs_m % W).to(tl.int32)[:, None]
-    ih = ((offs_m // W) % H).to(tl.int32)[:, None]
-    n = (offs_m // (W * H))[:, None]
+    iw = (offs_m % W)[:, None]
+    ih = ((offs_m // W) % H)[:, None]
+    n = (offs_m // (W * H)).to(tl.int64)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for k0 in range(0, C_out * KSIZE * KSIZE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -238,18 +240,19 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
     dz^T, R = the conv positions covered by a pooling window; this program sums one slice of R."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     K = C_in * KSIZE * KSIZE
-    split, tile, offs_co, offs_k = weight_grad_program(pid, C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K)
+    split, tile, offs_co, offs_k, owns_bias = weight_grad_program(pid, C_out, K, SPLIT, BLOCK_CO, BLOCK_K)
     OH2 = 2 * PH
     OW2 = 2 * PW
     acc = tl.zeros([BLOCK_CO, BLOCK_K], dtype=acc_dtype)
-    acc_bias = tl.zeros([BLOCK_CO], dtype=acc_dtype)
-    r_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    # dL/dz summed elementwise over this program's rows, for the bias gradient (split_reduce.py).
+    bias_parts = tl.zeros([BLOCK_CO, BLOCK_R], dtype=acc_dtype)
+    r_start = split * ROWS_PER_SPLIT
     for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
         offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < N * OH2 * OW2
-        ow = (offs_r % OW2).to(tl.int32)
-        oh = ((offs_r // OW2) % OH2).to(tl.int32)
-        n = offs_r // (OW2 * OH2)
+        ow = offs_r % OW2
+        oh = (offs_r // OW2) % OH2
+        n = (offs_r // (OW2 * OH2)).to(tl.int64)
         dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n[None, :], offs_co[:, None],
                           oh[None, :], ow[None, :], mask_r[None, :] & (offs_co[:, None] < C_out),
                           C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL)
@@ -258,10 +261,10 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
                           stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            acc_bias += tl.sum(dz, axis=1)
+            bias_parts += dz
     # dw is contiguous [C_out, C_in, k, k] == [C_out, K].
-    finish_weight_grad(acc, acc_bias, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
-                       C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K)
+    finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
+                       owns_bias, C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -269,12 +272,13 @@ def conv2d_act_pool_bwd_kernel(
     # pointers
     x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
     # sizes
-    N, C_in, H, W, C_out, PH, PW, NUM_DX, SPLIT, ROWS_PER_SPLIT,
+    N, C_in, C_out, NUM_DX, SPLIT, ROWS_PER_SPLIT,
     # strides
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     # meta-parameters
-    KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
+    KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
@@ -298,6 +302,15 @@ def conv2d_act_pool_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
 # --------------------------------------------------------------------------------------------------
+
+# Every GEMM row index (pooled, conv and input positions: n * positions_per_image + position) is
+# int32, and only the image index n derived from it is widened to int64 for addresses. Decomposing
+# an int64 index with // and % by a runtime size compiles to a call to a 64-bit division routine,
+# whose call frame is stack memory (8-24 bytes on sm_80/sm_90) and its 64-bit work slow; int32 // and
+# % inline. The price is this bound on N * H * W, checked by fastlenet.functional with a clear error:
+# about 2 million 32x32 images, or 2.7 million of MNIST's 28x28, in one call.
+ROW_INDEX_LIMIT = 2**31 - 1024
+
 
 def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
     """(PH, PW) of pool2x2(conv_kxk(padding)) on an h x w input, with PyTorch's floor semantics."""
@@ -326,7 +339,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     prepool = (empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
                if save_prepool else None)
     block_co, block_k, _ = _weight_grad_blocks(C_out)
-    num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, bias is not None, block_co, block_k)
+    num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k)
                     if save_for_backward else 0)
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
@@ -338,11 +351,11 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
                 win_ptr=win if save_win else y, a_ptr=prepool if save_prepool else y,
                 counter_ptr=counters if save_for_backward else y,
-                N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW, NUM_COUNTERS=num_counters,
+                N=N, C_in=C_in, C_out=C_out, NUM_COUNTERS=num_counters,
                 stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
                 stride_wo=weight.stride(0), stride_wi=weight.stride(1),
                 stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
-           dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
+           dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
                 HAS_BIAS=bias is not None, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=dot_precision(x, "conv"), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                 num_warps=8, num_stages=2))
@@ -378,19 +391,21 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
                 db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
-                N=N, C_in=C_in, H=H, W=W, C_out=C_out, PH=PH, PW=PW, NUM_DX=num_dx,
+                N=N, C_in=C_in, C_out=C_out, NUM_DX=num_dx,
                 SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
                 stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
                 stride_wo=weight.stride(0), stride_wi=weight.stride(1),
                 stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
-           dict(KSIZE=ksize, PADDING=padding, ACTIVATION=activation, POOL=pool,
+           dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
                 SAVED_PREPOOL=prepool is not None, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "conv"),
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=8, num_stages=2))
+                # 3 stages: with 2, ptxas (12.9) kept a value or two of some configurations on the
+                # stack at only 64-80 registers; the GPU build test checks every configuration.
+                num_warps=8, num_stages=3))
     return dx, dw, db
 
 
 
-__all__ = ["ACTIVATIONS", "POOLS", "pooled_size", "conv2d_act_pool_forward", "conv2d_act_pool_backward",
+__all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward", "conv2d_act_pool_backward",
            "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel"]

@@ -94,10 +94,11 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dW tile = dz^T [N, M] @ x [M, K] and db = the row sums of dz^T, over one slice of the batch."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    split, tile, offs_n, offs_k = weight_grad_program(pid, N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K)
+    split, tile, offs_n, offs_k, owns_bias = weight_grad_program(pid, N, K, SPLIT, BLOCK_N, BLOCK_K)
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_dtype)
-    acc_bias = tl.zeros([BLOCK_N], dtype=acc_dtype)
+    # dL/dz summed elementwise over this program's rows, for the bias gradient (split_reduce.py).
+    bias_parts = tl.zeros([BLOCK_N, BLOCK_R], dtype=acc_dtype)
     r_start = split.to(tl.int64) * ROWS_PER_SPLIT
     for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
         offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
@@ -108,9 +109,9 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
                     mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
         acc = tl.dot(dz_t.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            acc_bias += tl.sum(dz_t, axis=1)
-    finish_weight_grad(acc, acc_bias, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
-                       N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K)
+            bias_parts += dz_t
+    finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
+                       owns_bias, N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -156,7 +157,7 @@ def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool
     N = weight.shape[0]
     y = empty((M, N), device=x.device, dtype=x.dtype)
     block_n, block_k, _ = _weight_grad_blocks(N)
-    num_counters = weight_grad_tiles(N, K, bias is not None, block_n, block_k) if save_for_backward else 0
+    num_counters = weight_grad_tiles(N, K, block_n, block_k) if save_for_backward else 0
     counters = arrival_counters(num_counters, x, M * N) if save_for_backward else None
     BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
     # grid: (row tiles of the batch, tiles of output features)

@@ -22,27 +22,35 @@ import triton.language as tl
 
 
 @triton.jit
-def weight_grad_program(pid, OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Decode a weight-gradient program id into (split, tile, offs_o, offs_k): which slice of the
-    reduction it sums, and which [BLOCK_O, BLOCK_K] tile of the [OUT, K (+1 bias column)] result.
+def weight_grad_program(pid, OUT, K, SPLIT, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode a weight-gradient program id into (split, tile, offs_o, offs_k, owns_bias): which
+    slice of the reduction it sums, which [BLOCK_O, BLOCK_K] tile of the [OUT, K] result, and
+    whether it also sums the bias gradient of its rows (the tiles of the first K block do).
     Programs of one tile are adjacent, so they run close together and its partials stay in L2."""
     split = pid % SPLIT
     tile = pid // SPLIT
-    num_k = tl.cdiv(K + 1 if HAS_BIAS else K, BLOCK_K)
+    num_k = tl.cdiv(K, BLOCK_K)
     offs_o = (tile // num_k) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_k = (tile % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    return split, tile, offs_o, offs_k
+    return split, tile, offs_o, offs_k, (tile % num_k) == 0
 
 
 @triton.jit
-def store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_a, offs_b, tile_id, split_id,
-                             SIZE_A, SIZE_B, SPLIT):
+def store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_a, offs_b, tile_id, split_id,
+                             SIZE_A, SIZE_B, SPLIT, owns_bias, HAS_BIAS: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
     """Write this program's partial tile (rows offs_a, cols offs_b of a SIZE_A x SIZE_B result) to
-    ws[split_id] and return True in the program that completed the tile's set of SPLIT partials."""
+    ws[split_id] (and, when it owns the bias, its [SIZE_A, BLOCK_R] bias partials to the bias
+    region after the SPLIT tiles) and return True in the program that completed the tile's set of
+    SPLIT partials."""
     mask = (offs_a[:, None] < SIZE_A) & (offs_b[None, :] < SIZE_B)
     ws = ws_ptr + split_id.to(tl.int64) * SIZE_A * SIZE_B
     tl.store(ws + offs_a[:, None] * SIZE_B + offs_b[None, :], acc, mask=mask)
+    if HAS_BIAS:
+        offs_r = tl.arange(0, BLOCK_R)
+        bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * SIZE_A * SIZE_B + split_id.to(tl.int64) * SIZE_A * BLOCK_R
+        tl.store(bias_ws + offs_a[:, None] * BLOCK_R + offs_r[None, :], bias_parts,
+                 mask=(offs_a[:, None] < SIZE_A) & owns_bias)
     # The barrier orders every thread's partial stores before the (single-thread) counter update;
     # acq_rel at GPU scope then publishes them to the other programs before the count, and orders
     # the last arriver's reads of their partials after it has seen every count (the split-K
@@ -77,28 +85,33 @@ def sum_partials(ws_ptr, counter_ptr, offs_a, offs_b, tile_id, SIZE_A, SIZE_B, S
 
 
 @triton.jit
-def finish_weight_grad(acc, acc_bias, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile, split,
-                       OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
-                       BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile,
+                       split, owns_bias, OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
+                       BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Reduce a [BLOCK_O, BLOCK_K] weight-gradient partial over the SPLIT programs of its tile and
-    store it into the contiguous dw [OUT, K]; with HAS_BIAS, the bias partial acc_bias [BLOCK_O]
-    travels as column K of the augmented [OUT, K + 1] gradient and lands in db [OUT].
+    store it into the contiguous dw [OUT, K]; with HAS_BIAS, the tile that owns the bias also
+    reduces its [BLOCK_O, BLOCK_R] bias partials and stores their row sums into db [OUT].
 
-    The bias partial is a plain sum of dL/dz, kept apart from the GEMM: a TF32 dot would round
-    each dL/dz to 10 mantissa bits, and cuDNN sums the bias gradient in full fp32."""
-    k_out = K + 1 if HAS_BIAS else K
-    if HAS_BIAS:
-        acc = tl.where(offs_k[None, :] == K, acc_bias[:, None], acc)
-    last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, offs_o, offs_k, tile, split,
-                                    OUT, k_out, SPLIT)
+    The bias partials are plain elementwise sums of dL/dz over the program's rows, kept apart from
+    the GEMM: a TF32 dot would round each dL/dz to 10 mantissa bits, and cuDNN sums the bias
+    gradient in full fp32. They are reduced over their BLOCK_R columns only here, once, by the
+    last program: a cross-warp sum in the busy program (before its partial store) made ptxas keep
+    registers on the stack."""
+    last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, tile, split,
+                                    OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R)
     if last:
-        total = sum_partials(ws_ptr, counter_ptr, offs_o, offs_k, tile, OUT, k_out, SPLIT,
+        total = sum_partials(ws_ptr, counter_ptr, offs_o, offs_k, tile, OUT, K, SPLIT,
                              BLOCK_O, BLOCK_K, acc.dtype)
         o = offs_o[:, None]
         k = offs_k[None, :]
         tl.store(dw_ptr + o * K + k, total.to(dw_ptr.dtype.element_ty), mask=(o < OUT) & (k < K))
         if HAS_BIAS:
-            tl.store(db_ptr + o + 0 * k, total.to(db_ptr.dtype.element_ty), mask=(o < OUT) & (k == K))
+            if owns_bias:
+                bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * OUT * K
+                parts = sum_partials(bias_ws, counter_ptr, offs_o, tl.arange(0, BLOCK_R), tile, OUT,
+                                     BLOCK_R, SPLIT, BLOCK_O, BLOCK_R, acc.dtype)
+                tl.store(db_ptr + offs_o, tl.sum(parts, axis=1).to(db_ptr.dtype.element_ty),
+                         mask=offs_o < OUT)
 
 
 @triton.jit
@@ -115,9 +128,9 @@ def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
 # Host side: how to split, and the counters.
 # --------------------------------------------------------------------------------------------------
 
-def weight_grad_tiles(out_features: int, k: int, has_bias: bool, block_out: int, block_k: int) -> int:
-    """Output tiles of the [out_features, k (+1 bias column)] weight gradient: one counter each."""
-    return triton.cdiv(out_features, block_out) * triton.cdiv(k + 1 if has_bias else k, block_k)
+def weight_grad_tiles(out_features: int, k: int, block_out: int, block_k: int) -> int:
+    """Output tiles of the [out_features, k] weight gradient: one counter each."""
+    return triton.cdiv(out_features, block_out) * triton.cdiv(k, block_k)
 
 
 def arrival_counters(num_tiles: int, like, forward_rows: int):
@@ -152,7 +165,7 @@ class WeightGradPlan:
 def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, block_out: int,
                      block_k: int, block_rows: int, max_split: int, like, enabled: bool,
                      counters=None) -> WeightGradPlan:
-    """Plan the [out_features, k (+1 bias column)] weight-gradient reduction over `rows` rows: enough
+    """Plan the [out_features, k] weight-gradient (and bias-gradient) reduction over `rows` rows: enough
     splits to fill a GPU at large batch, while each program still sums at least 8 row blocks.
     `counters` are the ones the forward zeroed; without them (a backward called on its own) fresh
     zeroed counters are allocated, at the cost of a memset."""
@@ -160,8 +173,7 @@ def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, bl
 
     from .launch import accumulator_dtype, empty
 
-    k_out = k + 1 if has_bias else k
-    num_tiles = weight_grad_tiles(out_features, k, has_bias, block_out, block_k) if enabled else 0
+    num_tiles = weight_grad_tiles(out_features, k, block_out, block_k) if enabled else 0
     if counters is None:
         counters = torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
     elif enabled and counters.numel() < num_tiles:
@@ -169,6 +181,8 @@ def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, bl
     split = max(1, min(max_split, triton.cdiv(rows, 8 * block_rows)))
     rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_rows) * block_rows
     split = max(1, triton.cdiv(rows, rows_per_split))
-    workspace = empty((split * out_features * k_out,) if enabled else (1,), dtype=accumulator_dtype(like.dtype),
-                      device=like.device)
+    # The SPLIT [out_features, k] partial tiles, then (with a bias) SPLIT [out_features, block_rows]
+    # bias partials.
+    size = split * out_features * (k + (block_rows if has_bias else 0))
+    workspace = empty((size,) if enabled else (1,), dtype=accumulator_dtype(like.dtype), device=like.device)
     return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)

@@ -364,6 +364,7 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
     kernel: its resources, its readable specialisation and the origins of every launch that
     compiles to it."""
     started = time.perf_counter()
+    ccs = list(ccs)
     tools = toolchain()
     groups: dict[str, dict] = {}
     for desc in descs:
@@ -405,7 +406,7 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
         spec = group["spec"]
         results.append({"kernel": spec["kernel"], "cc": spec["cc"], **built[key], **_summary(spec),
                         "origins": group["origins"], "key": key[:16]})
-    stats = {**tools, "descriptions": len(descs), "targets": list(ccs), "compiled_kernels": len(groups),
+    stats = {**tools, "descriptions": len(descs), "targets": ccs, "compiled_kernels": len(groups),
              "from_cache": cached, "built": len(todo), "jobs": jobs,
              "specialize_seconds": round(specialised - started, 2),
              "seconds": round(time.perf_counter() - started, 2)}
@@ -465,7 +466,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("launches", help="JSON list of describe(launch) dicts")
     parser.add_argument("--cc", type=int, nargs="+", default=[80, 90], help="compute capabilities")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="compile processes (each holds torch and Triton: about 1 GB of memory)")
     parser.add_argument("--cache-dir", type=pathlib.Path, default=default_cache_dir(),
                         help="result cache ($FASTLENET_CACHE_DIR/gpu_build overrides the default)")
     parser.add_argument("--no-cache", action="store_true", help="build everything, read and write no cache")

@@ -1,0 +1,161 @@
+"""Host overhead of one LeNet-5 training step: what fastlenet's Python costs, with no kernel run.
+
+    TRITON_INTERPRET=1 python bench/host_overhead.py                    # batch 256, CPU, no GPU needed
+    TRITON_INTERPRET=1 python bench/host_overhead.py --adam --json out.json
+
+At LeNet's size a GPU training step is bound by host work, not by the device. This bench times the
+fused training step (LeNet5(fused=True), fastlenet.functional.cross_entropy, backward; with --adam
+also an Adam(fused=True) step) on CPU tensors with every Triton launch replaced by a no-op
+(fastlenet.kernels.launch.skip_launches): what remains is validation, autograd, output and workspace
+allocation, planning and launch-argument assembly, i.e. everything fastlenet's host code does.
+
+LEFT OUT, and to be added for a real GPU step: Triton's own launcher (argument binding, cache
+lookup, driver call; about 10 us per launch in current Triton releases) and all device time. CPU
+allocation (torch.empty on the CPU) stands in for the CUDA caching allocator.
+
+The yardstick, measured in the same run: the eager reference step (LeNet5(fused=False),
+F.cross_entropy, backward; with --adam Adam(fused=True)) on the CPU, twice: at one image, where
+PyTorch's dispatch and autograd dominate and its CPU compute is small (the nearest CPU stand-in for
+eager's host work; on a GPU it would add ~5 us of CUDA launch per op), and at the bench's batch,
+where CPU compute dominates (for scale only; it is no host-overhead figure). The "meta" device would
+compute nothing, but its conv meta-functions are Python and cost more than the CPU's compute.
+
+Each step is timed alone with time.perf_counter after warm-up steps, garbage collection off;
+reported: the median, the 10th..90th percentile range, and for the fused step the median per launch
+(launches counted through fastlenet.kernels.launch's listeners).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on the CPU
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from fastlenet import functional as FF  # noqa: E402
+from fastlenet.kernels import launch as _launch  # noqa: E402
+from fastlenet.models import LeNet5  # noqa: E402
+
+LEFT_OUT = ("Triton's own launcher (~10 us per launch in current Triton releases) and all device "
+            "time; CPU allocation stands in for the CUDA caching allocator")
+
+
+def _step_fn(fused: bool, batch: int, adam: bool):
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = LeNet5(fused=fused).to(device)
+    x = torch.randn(batch, 1, 28, 28).to(device)
+    target = torch.randint(0, 10, (batch,)).to(device)
+    loss_fn = FF.cross_entropy if fused else F.cross_entropy
+    opt = None
+    if adam:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+    return step
+
+
+def _time(step, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        gc.enable()
+    return times
+
+
+def _summary(times: list[float], launches: int | None) -> dict:
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    median = statistics.median(times)
+    out = {"us_per_step_median": round(median, 2), "us_per_step_p10": round(q[0], 2),
+           "us_per_step_p90": round(q[-1], 2), "repeats": len(times)}
+    if launches:
+        out["launches_per_step"] = launches
+        out["us_per_launch_median"] = round(median / launches, 2)
+    return out
+
+
+def run(batch: int = 256, repeats: int = 300, warmup: int = 30, adam: bool = False) -> dict:
+    if not _launch.interpreting():
+        raise SystemExit("bench/host_overhead.py runs under TRITON_INTERPRET=1 (set it before Python starts)")
+    fused_step = _step_fn(True, batch, adam)
+    eager_1 = _step_fn(False, 1, adam)
+    eager_b = _step_fn(False, batch, adam)
+    with _launch.skip_launches():
+        with _launch.record_launches(execute=False) as launches:
+            fused_step()  # also the first warm-up step
+        fused_times = _time(fused_step, repeats, warmup)
+    eager_1_times = _time(eager_1, repeats, warmup)
+    eager_b_times = _time(eager_b, max(repeats // 5, 1), max(warmup // 5, 1))
+    return {
+        "bench": "host_overhead",
+        "batch": batch, "adam": adam,
+        "fused": _summary(fused_times, len(launches)),
+        "eager_cpu_batch1": _summary(eager_1_times, None),
+        "eager_cpu": _summary(eager_b_times, None),
+        "left_out": LEFT_OUT,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "cpus": os.cpu_count()},
+        "versions": {"torch": torch.__version__, "triton": triton.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Runs on a CPU under TRITON_INTERPRET=1. " + LEFT_OUT + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=300, help="timed steps per path (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
+    parser.add_argument("--adam", action="store_true", help="include an Adam step (fused=True for fastlenet)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    res = run(args.batch, args.repeats, args.warmup, args.adam)
+    f, e, c = res["fused"], res["eager_cpu_batch1"], res["eager_cpu"]
+    print(f"host work per training step, batch {args.batch}{' + Adam' if args.adam else ''} "
+          f"(median, p10..p90 over {args.repeats} steps):")
+    print(f"  fused (fastlenet, launches skipped): {f['us_per_step_median']:9.1f} us  "
+          f"({f['us_per_step_p10']:.1f}..{f['us_per_step_p90']:.1f})  {f['launches_per_step']} launches, "
+          f"{f['us_per_launch_median']:.1f} us per launch")
+    print(f"  eager reference, CPU, 1 image      : {e['us_per_step_median']:9.1f} us  "
+          f"({e['us_per_step_p10']:.1f}..{e['us_per_step_p90']:.1f})  (host-dominated yardstick)")
+    print(f"  eager reference, CPU, batch {args.batch:<6}: {c['us_per_step_median']:9.1f} us  "
+          f"({c['us_per_step_p10']:.1f}..{c['us_per_step_p90']:.1f})  (CPU compute included; scale only)")
+    print(f"  NOT included: {LEFT_OUT}.")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"  wrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

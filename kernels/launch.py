@@ -119,6 +119,19 @@ def record_launches(execute: bool = True):
         _listeners.remove(launches.append)
 
 
+@contextlib.contextmanager
+def skip_launches():
+    """Inside the block no kernel runs (and no record is made of its own): every launch helper still validates,
+    allocates, plans and assembles its arguments, and listeners still see each launch, but
+    `kernel[grid](...)` is skipped. bench/host_overhead.py times the host's share of a step this way."""
+    global _execute
+    previous, _execute = _execute, False
+    try:
+        yield
+    finally:
+        _execute = previous
+
+
 def dot_precision(x: torch.Tensor, kind: str) -> str:
     """tl.dot's input_precision for x's dtype: "tf32" or "ieee". float32 follows the switches
     PyTorch itself uses for the same work: convolutions as cuDNN's (TF32 by default), matmuls as

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_backward
-from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
-                           weight_grad_tiles, zero_counters)
+from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
+from .split_reduce import (arrival_counters, finish_weight_grad, weight_grad_plan, weight_grad_program,
+                           weight_grad_sizes, weight_grad_tiles, zero_counters)
 
 POOLS = ("max", "avg")
 
@@ -323,43 +323,88 @@ def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
     return min(max(next_pow2(C_out), 16), 32), 32, 32
 
 
+def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
+                    save_for_backward: bool):
+    """Everything conv2d_act_pool_forward derives from shapes and settings alone: output shapes,
+    counter count, grid and constexprs (DOT_PRECISION is filled per call). Cached in _FWD."""
+    N, C_in, H, W = x_shape
+    C_out, _, ksize, _ = w_shape
+    PH, PW = pooled_size(H, W, ksize, padding)
+    save_win = save_for_backward and pool == "max"
+    save_prepool = save_for_backward and pool == "avg" and activation != "identity"
+    block_co, block_k, _ = _weight_grad_blocks(C_out)
+    num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k)
+                    if save_for_backward else 0)
+    # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
+    # file on sm_80/sm_90 (64 rows spills: see tests/test_gpu_build.py).
+    # BLOCK_N at most 32: with 64 output channels in one tile the four IEEE (FMA) accumulators sat
+    # at 128 registers and spilled on sm_80.
+    BLOCK_M, BLOCK_N, BLOCK_K = 32, min(max(next_pow2(C_out), 16), 32), 32
+    # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
+    grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
+    meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
+                HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
+                DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                num_warps=8, num_stages=2)
+    return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
+
+
+_FWD = PlanCache()
+
+
 def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool: str,
                             save_for_backward: bool):
     """Returns (y, win, prepool, counters): y the pooled output; win the int8 window index (max
     pooling, when saving for backward) or None; prepool the pre-pool activations (avg pooling with a
     non-identity activation, when saving) or None; counters the weight-gradient arrival counters
     this launch zeroes for the backward (when saving) or None. Inputs must already be validated."""
-    N, C_in, H, W = x.shape
-    C_out, _, ksize, _ = weight.shape
-    PH, PW = pooled_size(H, W, ksize, padding)
-    save_win = save_for_backward and pool == "max"
-    save_prepool = save_for_backward and pool == "avg" and activation != "identity"
-    y = empty((N, C_out, PH, PW), device=x.device, dtype=x.dtype)
-    win = empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8) if save_win else None
-    prepool = (empty((N, C_out, 2 * PH, 2 * PW), device=x.device, dtype=x.dtype)
+    key = (x.shape, weight.shape, padding, activation, pool, bias is not None, save_for_backward)
+    cfg = _FWD.get(key) or _FWD.put(key, _forward_config(*key))
+    N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, cached_meta = cfg
+    device, dtype = x.device, x.dtype
+    y = empty((N, C_out, PH, PW), device=device, dtype=dtype)
+    win = empty((N, C_out, PH, PW), device=device, dtype=torch.int8) if save_win else None
+    prepool = (empty((N, C_out, 2 * PH, 2 * PW), device=device, dtype=dtype)
                if save_prepool else None)
-    block_co, block_k, _ = _weight_grad_blocks(C_out)
-    num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k)
-                    if save_for_backward else 0)
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
-    # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
-    # file on sm_80/sm_90 (64 rows spills: see tests/test_gpu_build.py).
-    BLOCK_M, BLOCK_N, BLOCK_K = 32, min(max(next_pow2(C_out), 16), 64), 32
-    # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
-    grid = (triton.cdiv(N * PH * PW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    meta = dict(cached_meta)
+    meta["DOT_PRECISION"] = dot_precision(x, "conv")
+    sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
                 win_ptr=win if save_win else y, a_ptr=prepool if save_prepool else y,
                 counter_ptr=counters if save_for_backward else y,
                 N=N, C_in=C_in, C_out=C_out, NUM_COUNTERS=num_counters,
-                stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
-                stride_wo=weight.stride(0), stride_wi=weight.stride(1),
-                stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
-           dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
-                HAS_BIAS=bias is not None, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
-                DOT_PRECISION=dot_precision(x, "conv"), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                num_warps=8, num_stages=2))
+                stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
+                stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
+           meta)
     return y, win, prepool, counters
+
+
+def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, pool: str,
+                     saved_prepool: bool, has_bias: bool, need_dx: bool, need_dw: bool):
+    """What conv2d_act_pool_backward derives from shapes and settings alone (cached in _BWD)."""
+    N, C_in, H, W = x_shape
+    C_out, _, ksize, _ = w_shape
+    PH, PW = y_shape[2], y_shape[3]
+    K = C_in * ksize * ksize
+    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 32
+    num_dx = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
+    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
+    # The weight-gradient rows are the conv positions a pooling window covers.
+    plan_sizes = weight_grad_sizes(C_out, K, has_bias, N * 2 * PH * 2 * PW, block_out=BLOCK_DW_CO,
+                                   block_k=BLOCK_DW_K, block_rows=BLOCK_DW_R, max_split=256, enabled=need_dw)
+    meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
+                SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias, DOT_PRECISION=None,
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
+                BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
+                # 3 stages: with 2, ptxas (12.9) kept a value or two of some configurations on the
+                # stack at only 64-80 registers; the GPU build test checks every configuration.
+                num_warps=8, num_stages=3)
+    return (N, C_in, C_out, ksize, num_dx, plan_sizes, meta)
+
+
+_BWD = PlanCache()
 
 
 def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, activation: str,
@@ -367,22 +412,18 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     """Returns (dx or None, dw or None, db or None) in one launch. grad_y/y/win/prepool must be
     contiguous (the caller ensures it); x and weight may be strided. `counters` are those the
     forward returned (zeroed by it); None allocates zeroed ones."""
-    N, C_in, H, W = x.shape
-    C_out, _, ksize, _ = weight.shape
-    PH, PW = y.shape[2], y.shape[3]
-    K = C_in * ksize * ksize
-    dx = empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-    dw = empty((C_out, C_in, ksize, ksize), device=x.device, dtype=x.dtype) if need_dw else None
-    db = empty((C_out,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
-
-    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 32
-    num_dx = (triton.cdiv(N * H * W, BLOCK_DX_M) * triton.cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
-
-    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
-    # The weight-gradient rows are the conv positions a pooling window covers.
-    plan = plan_weight_grad(C_out, K, has_bias, N * 2 * PH * 2 * PW, block_out=BLOCK_DW_CO,
-                            block_k=BLOCK_DW_K, block_rows=BLOCK_DW_R, max_split=256, like=x,
-                            enabled=need_dw, counters=counters)
+    key = (x.shape, weight.shape, y.shape, padding, activation, pool, prepool is not None, has_bias,
+           need_dx, need_dw)
+    cfg = _BWD.get(key) or _BWD.put(key, _backward_config(*key))
+    N, C_in, C_out, ksize, num_dx, plan_sizes, cached_meta = cfg
+    device, dtype = x.device, x.dtype
+    dx = empty(x.shape, dtype=dtype, device=device) if need_dx else None
+    dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype) if need_dw else None
+    db = empty((C_out,), device=device, dtype=dtype) if need_dw and has_bias else None
+    plan = weight_grad_plan(plan_sizes, x, counters)
+    meta = dict(cached_meta)
+    meta["DOT_PRECISION"] = dot_precision(x, "conv")
+    sx, sw = x.stride(), weight.stride()
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
     grid = (num_dx + plan.programs,)
@@ -393,16 +434,9 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
                 db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
                 N=N, C_in=C_in, C_out=C_out, NUM_DX=num_dx,
                 SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
-                stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
-                stride_wo=weight.stride(0), stride_wi=weight.stride(1),
-                stride_wh=weight.stride(2), stride_ww=weight.stride(3)),
-           dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
-                SAVED_PREPOOL=prepool is not None, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "conv"),
-                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
-                BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                # 3 stages: with 2, ptxas (12.9) kept a value or two of some configurations on the
-                # stack at only 64-80 registers; the GPU build test checks every configuration.
-                num_warps=8, num_stages=3))
+                stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
+                stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
+           meta)
     return dx, dw, db
 
 

@@ -15,10 +15,14 @@ outlive its step, and a CUDA graph that captures forward and backward re-zeroes 
 with no extra device operation. The last arriver still re-arms its counter, so a second backward
 through the same graph (retain_graph=True) finds it at zero.
 """
+import functools
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
+
+from .launch import accumulator_dtype, cdiv, empty
 
 
 @triton.jit
@@ -117,11 +121,11 @@ def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, off
 @triton.jit
 def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
     """Program 0 of a forward launch zeroes the arrival counters of its backward (see the top of
-    this file); NUM_COUNTERS is 0 when no backward will follow."""
-    if pid == 0:
-        for i in range(0, NUM_COUNTERS, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < NUM_COUNTERS)
+    this file); NUM_COUNTERS is 0 when no backward will follow. The other programs' stores are
+    masked off rather than branched around: a LeNet layer has at most a few dozen counters."""
+    for i in range(0, NUM_COUNTERS, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=(offs < NUM_COUNTERS) & (pid == 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +134,7 @@ def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
 
 def weight_grad_tiles(out_features: int, k: int, block_out: int, block_k: int) -> int:
     """Output tiles of the [out_features, k] weight gradient: one counter each."""
-    return triton.cdiv(out_features, block_out) * triton.cdiv(k, block_k)
+    return cdiv(out_features, block_out) * cdiv(k, block_k)
 
 
 def arrival_counters(num_tiles: int, like, forward_rows: int):
@@ -138,10 +142,6 @@ def arrival_counters(num_tiles: int, like, forward_rows: int):
     kernel zeroes them (zero_counters). Inside launch.poison_outputs() they start as garbage, so a
     kernel that forgot to zero them fails the tests. A forward with no output rows launches nothing
     (see launch.launch), so then they are zeroed here."""
-    import torch
-
-    from .launch import empty
-
     if forward_rows == 0:
         return torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
     return empty((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
@@ -169,20 +169,32 @@ def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, bl
     splits to fill a GPU at large batch, while each program still sums at least 8 row blocks.
     `counters` are the ones the forward zeroed; without them (a backward called on its own) fresh
     zeroed counters are allocated, at the cost of a memset."""
-    import torch
+    return weight_grad_plan(weight_grad_sizes(out_features, k, has_bias, rows, block_out, block_k,
+                                              block_rows, max_split, enabled), like, counters)
 
-    from .launch import accumulator_dtype, empty
 
-    num_tiles = weight_grad_tiles(out_features, k, block_out, block_k) if enabled else 0
+def weight_grad_plan(sizes: tuple[int, int, int, int], like, counters=None) -> WeightGradPlan:
+    """plan_weight_grad from sizes already computed by weight_grad_sizes (which the launch helpers
+    cache per shape): only the workspace is allocated, and the counters checked, per call."""
+    num_tiles, split, rows_per_split, size = sizes
     if counters is None:
         counters = torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
-    elif enabled and counters.numel() < num_tiles:
+    elif counters.numel() < num_tiles:  # num_tiles is 0 when no weight gradient is wanted
         raise ValueError(f"{num_tiles} arrival counters needed, the forward zeroed {counters.numel()}")
-    split = max(1, min(max_split, triton.cdiv(rows, 8 * block_rows)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), split), block_rows) * block_rows
-    split = max(1, triton.cdiv(rows, rows_per_split))
+    workspace = empty((size,), dtype=accumulator_dtype(like.dtype), device=like.device)
+    return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)
+
+
+@functools.lru_cache(maxsize=256)
+def weight_grad_sizes(out_features: int, k: int, has_bias: bool, rows: int, block_out: int, block_k: int,
+                      block_rows: int, max_split: int, enabled: bool) -> tuple[int, int, int, int]:
+    """(num_tiles, split, rows_per_split, workspace elements) of plan_weight_grad: integers of
+    integers, so cached (a training loop plans the same few shapes every step)."""
+    num_tiles = weight_grad_tiles(out_features, k, block_out, block_k) if enabled else 0
+    split = max(1, min(max_split, cdiv(rows, 8 * block_rows)))
+    rows_per_split = cdiv(cdiv(max(rows, 1), split), block_rows) * block_rows
+    split = max(1, cdiv(rows, rows_per_split))
     # The SPLIT [out_features, k] partial tiles, then (with a bias) SPLIT [out_features, block_rows]
     # bias partials.
-    size = split * out_features * (k + (block_rows if has_bias else 0))
-    workspace = empty((size,) if enabled else (1,), dtype=accumulator_dtype(like.dtype), device=like.device)
-    return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)
+    size = split * out_features * (k + (block_rows if has_bias else 0)) if enabled else 1
+    return num_tiles, split, rows_per_split, size

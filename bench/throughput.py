@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from fastlenet._cli import HelpFormatter, quiet_interpreter_warnings
 from fastlenet.models import VARIANTS, LeNet5
-from fastlenet.profiling import count_device_ops, model_flops, training_step
+from fastlenet.profiling import capture, count_device_ops, model_flops, training_step
 
 PROVIDERS = ("eager", "compile", "fused", "fused-graph")
 MODES = ("train", "inference")
@@ -228,28 +228,8 @@ def step_function(provider, model, optimizer, loss_fn, x, y, mode):
             with torch.inference_mode():
                 model(x)
     if provider == "fused-graph":
-        return cuda_graph(step)
+        return capture(step)  # the same step and capture as `python -m fastlenet.train --fused` on CUDA
     return step
-
-
-def cuda_graph(step):
-    """Capture step() in a CUDA graph and return the graph's replay.
-
-    As in PyTorch's whole-network capture recipe: a few warm-up calls on a side stream (they compile
-    the kernels and create the optimizer state and the split-reduction counters), then capture.
-    step() sets the gradients to None first, so backward allocates them from the graph's private
-    pool, and every replay rewrites them in place before the captured Adam step reads them.
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 # --------------------------------------------------------------------------------------------------

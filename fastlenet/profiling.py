@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCount", "count_device_ops", "training_step", "model_flops", "NOT_COUNTED"]
+__all__ = ["OpCount", "count_device_ops", "training_step", "capture", "model_flops", "NOT_COUNTED"]
 
 # ATen ops that compute nothing: allocation, views and other metadata, autograd bookkeeping and
 # profiler markers. lift_fresh wraps a Python constant as a tensor; _local_scalar_dense is
@@ -104,14 +104,49 @@ def count_device_ops(fn: Callable[[], object], *, warmup: int = 1) -> OpCount:
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
+                  y: torch.Tensor, loss_sum: torch.Tensor | None = None,
+                  correct: torch.Tensor | None = None) -> torch.Tensor:
     """One full step: clear gradients (set to None: no zeroing kernels), forward, loss, backward,
-    optimizer step. Returns the loss tensor (not .item(): that would synchronise the device)."""
+    optimizer step, and, given the running sums, loss_sum += loss * len(y) and correct += the right
+    predictions, in place on the device. Returns the loss tensor (not .item(): that would
+    synchronise the device).
+
+    The one step of the project: the training CLI runs it (eagerly, or captured in a CUDA graph by
+    capture()), and so do the benchmark's providers and the tests. Nothing in it reads a value back to
+    the host or depends on one, which is what lets a CUDA graph capture it.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    logits = model(x)
+    loss = loss_fn(logits, y)
     loss.backward()
     optimizer.step()
+    if loss_sum is not None:
+        with torch.no_grad():
+            loss_sum.add_(loss.detach(), alpha=len(y))
+            correct.add_((logits.argmax(1) == y).sum())
     return loss
+
+
+def capture(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """Capture step() in a CUDA graph and return the graph's replay. CUDA only.
+
+    As in PyTorch's whole-network capture recipe: `warmup` calls on a side stream first (they compile
+    the kernels and create the optimizer state and the split-reduction counters; they are real steps),
+    then the capture, which records the step without running it. step() sets the gradients to None
+    first, so backward allocates them from the graph's private pool, and every replay rewrites them
+    in place before the captured optimizer step reads them. Whatever the step reads (inputs, the
+    learning rate) must live in tensors that are updated in place between replays.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def model_flops(model: nn.Module, input_shape=(1, 28, 28)) -> dict[str, int]:

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--variant", choices=_cli.VARIANT_NAMES, default="lenet5", help="LeNet-5 variant")
     model.add_argument("--fused", action="store_true",
                        help="use the fused Triton layers and loss (CUDA; CPU only under TRITON_INTERPRET=1)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the reference model (not with --fused), to compare like with like")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=_cli.DATASET_NAMES, default="mnist", help="dataset to train and test on")
     d.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept (fetched there if missing)")
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA if there is a GPU, else the CPU")
+    r.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="run each training step as one CUDA graph replay; auto: on for --fused on CUDA")
+    r.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const="off",
+                   help="the same as --cuda-graph off")
     r.add_argument("--threads", type=_cli.positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice, one per core)")
     r.add_argument("--out", metavar="DIR",
@@ -99,6 +105,9 @@ def train(args: argparse.Namespace) -> int:
     from fastlenet import data
     from fastlenet.models import num_parameters
 
+    if args.compile and args.fused:
+        raise CLIError("--compile compiles the reference model; the fused model is already Triton kernels: "
+                       "drop --compile or --fused")
     device = _cli.choose_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +117,7 @@ def train(args: argparse.Namespace) -> int:
         _adopt_run_settings(args, checkpoint["config"])
     if args.fused:
         _cli.check_fused(device, args)
+    graph = use_cuda_graph(args.cuda_graph, args.fused, device)
     if args.out is None:  # a resumed run goes on writing beside its checkpoint
         args.out = str(Path(args.resume).parent) if args.resume else str(_fresh_run_dir())
     out = _cli.prepare_out_dir(Path(args.out))
@@ -125,7 +135,7 @@ def train(args: argparse.Namespace) -> int:
     model = build_model(args.variant, args.fused, device)
     if device.type == "cpu" and not args.fused:
         model, x_train, x_test = channels_last(model, x_train, x_test)
-    optimizer = _optimizer(model, args)
+    optimizer = _optimizer(model, args, capturable=graph)
     generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same batch order on any device
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     history, done = [], 0
@@ -133,8 +143,16 @@ def train(args: argparse.Namespace) -> int:
         done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator, args,
                                  args.epochs * steps_per_epoch)
     scheduler = _scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, done * steps_per_epoch,
-                           checkpoint.get("scheduler") if checkpoint else None)
+                           checkpoint.get("scheduler") if checkpoint else None, cycle_momentum=not graph)
+    if graph:
+        lr_as_tensors(optimizer, device)
     loss_fn = loss_function(args.fused)
+    net = torch.compile(model) if args.compile else model  # the module itself keeps the state_dict's names
+    steps = StepRunner(net, optimizer, loss_fn, x_train, y_train, args.batch_size, graph=graph)
+    if graph:
+        print("cuda graph: each full training step is one graph replay (--no-cuda-graph to turn it off)"
+              + ("; onecycle holds momentum fixed, which the captured optimizer reads as a number"
+                 if args.schedule == "onecycle" else ""))
     print(f"model: {args.variant}, {num_parameters(model):,} parameters | train {len(x_train):,} / "
           f"test {len(x_test):,} images | {steps_per_epoch} steps per epoch")
     if done >= args.epochs:
@@ -147,8 +165,8 @@ def train(args: argparse.Namespace) -> int:
                    "fused": args.fused, "dataset_source": dataset.source, "torch": torch.__version__,
                    "epochs": history, "test_accuracy": history[-1]["test_accuracy"] if history else None}
         _cli.save_torch(out / "checkpoint.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler else None, "epoch": epoch, "config": config,
+            "model": model.state_dict(), "optimizer": _plain_numbers(optimizer.state_dict()),
+            "scheduler": _plain_numbers(scheduler.state_dict()) if scheduler else None, "epoch": epoch, "config": config,
             "epochs": history, "generator": generator.get_state(), "fastlenet": fastlenet.__version__})
         _cli.write_json(out / "metrics.json", metrics)
         saved.append(epoch)
@@ -156,9 +174,9 @@ def train(args: argparse.Namespace) -> int:
     try:
         for epoch in range(done + 1, args.epochs + 1):
             train_loss, train_acc, seconds = train_epoch(
-                model, optimizer, scheduler, loss_fn, x_train, y_train, batch_size=args.batch_size,
-                generator=generator, augment=args.augment, desc=f"epoch {epoch}/{args.epochs}")
-            test_loss, test_acc = evaluate(model, loss_fn, x_test, y_test)
+                steps, scheduler, x_train, y_train, generator=generator, augment=args.augment,
+                desc=f"epoch {epoch}/{args.epochs}")
+            test_loss, test_acc = evaluate(net, loss_fn, x_test, y_test)
             history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                             "test_loss": test_loss, "test_accuracy": test_acc,
                             "images_per_second": len(x_train) / seconds, "seconds": seconds})
@@ -245,22 +263,37 @@ def loss_function(fused: bool):
     return cross_entropy
 
 
-def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def use_cuda_graph(choice: str, fused: bool, device: torch.device) -> bool:
+    """--cuda-graph: auto is on for the fused model on CUDA, where launching a dozen small kernels
+    one by one from Python costs more than the arithmetic; on asks for it on any model."""
+    if choice == "on" and device.type != "cuda":
+        raise CLIError(f"--cuda-graph on: CUDA graphs need a CUDA device, and this run is on {device.type}; "
+                       "use --cuda-graph auto or off")
+    return choice == "on" or (choice == "auto" and fused and device.type == "cuda")
+
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace, capturable: bool = False) -> torch.optim.Optimizer:
     # fused=True: one kernel for the whole update, on the GPU and (torch >= 2.4) on the CPU, where it
     # makes a batch-64 LeNet-5 step about 10% faster than the default per-parameter loop.
+    # capturable=True (for a CUDA graph) keeps Adam's step counters on the device; torch allows it with
+    # fused=True. Fused SGD keeps no counter and has no such setting.
     import torch
 
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True,
+                                capturable=capturable)
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay, fused=True)
 
 
-def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, saved_state: dict | None):
+def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, saved_state: dict | None,
+               cycle_momentum: bool = True):
     """The per-batch learning-rate schedule, positioned after `done_steps` steps.
 
     Both schedules are closed-form functions of the step, so a resumed run with more --epochs than
     before stretches the schedule over the new total instead of failing past its end.
+    cycle_momentum=False keeps onecycle off the momentum (Adam's beta1): torch's fused optimizers
+    take it as a Python number, which a CUDA graph fixes at capture.
     """
     import torch
 
@@ -269,12 +302,13 @@ def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, save
     last = done_steps - 1  # constructors step once: -1 starts at step 0
     if schedule == "onecycle":
         momentum_group = optimizer.param_groups[0]
-        cycle = "betas" in momentum_group or momentum_group.get("momentum", 0) > 0
+        cycle = cycle_momentum and ("betas" in momentum_group or momentum_group.get("momentum", 0) > 0)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g.get("max_lr", g["lr"]) for g in optimizer.param_groups],
             total_steps=max(total_steps, done_steps + 1), pct_start=0.25, cycle_momentum=cycle,
             last_epoch=last)
-        same_length = saved_state is not None and saved_state.get("total_steps") == total_steps
+        same_length = saved_state is not None and saved_state.get("total_steps") == total_steps \
+            and saved_state.get("cycle_momentum") == cycle
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
@@ -295,6 +329,8 @@ def _restore(checkpoint: dict, path: Path, model, optimizer, generator, args: ar
     # before loading also puts Adam's step counters where that kernel wants them.
     for group in state["param_groups"]:
         group.update(fused=optimizer.defaults.get("fused"), foreach=optimizer.defaults.get("foreach"))
+        if "capturable" in optimizer.defaults:
+            group["capturable"] = optimizer.defaults["capturable"]
     optimizer.load_state_dict(state)
     generator.set_state(checkpoint["generator"])
     return checkpoint["epoch"], list(checkpoint.get("epochs", []))
@@ -341,7 +377,7 @@ def _optimizer_state_problem(saved, fresh: dict, plain_keys: set) -> str | None:
         if not isinstance(saved_group, dict) or _kind(saved_group.get("params")) != _kind(group["params"]):
             return "its optimizer entry does not hold the model's parameters"
         for key, value in group.items():
-            if key in ("params", "fused", "foreach"):  # the parameters are checked above; the kernel is this run's
+            if key in ("params", "fused", "foreach", "capturable"):  # the parameters are checked above; the kernel is this run's
                 continue
             if (isinstance(value, bool) or value is None) and key in plain_keys:
                 same = saved_group.get(key, value) == value  # a flag: torch fills in a missing one
@@ -373,40 +409,119 @@ def _kind(value) -> object:
     return "number" if type(value) in (int, float) else type(value).__name__
 
 
-def train_epoch(model, optimizer, scheduler, loss_fn, x, y, *, batch_size: int, generator,
-                augment: bool = False, desc: str = "") -> tuple[float, float, float]:
-    """One pass over (x, y): mean loss, accuracy and seconds. Waits for the device only for the bar."""
+def lr_as_tensors(optimizer, device: torch.device) -> None:
+    """Each group's learning rate as a 1-element tensor on `device`: what a captured optimizer step
+    reads at every replay, and what the schedulers update in place (fill_) between replays."""
     import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def _plain_numbers(state: dict) -> dict:
+    """A state_dict with its 1-element tensor learning rates (see lr_as_tensors) as plain numbers, so
+    that a checkpoint is the same with and without a CUDA graph (the optimizer's per-parameter
+    state is left as it is)."""
+    import torch
+
+    def plain(value):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            return value.item()
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    out = {k: plain(v) for k, v in state.items() if k != "param_groups"}
+    if "param_groups" in state:
+        out["param_groups"] = [{k: plain(v) for k, v in group.items()} for group in state["param_groups"]]
+    if "state" in state:
+        out["state"] = state["state"]
+    return out
+
+
+class StepRunner:
+    """Runs profiling.training_step on batches copied into static buffers (one batch long), the
+    running loss and accuracy accumulating in static device tensors, so that with graph=True the
+    step can be captured in a CUDA graph at the first full batch and replayed for the others (the
+    batches are copied into the buffers only then; without a graph each step runs on its batch).
+
+    A batch shorter than the buffers (an epoch's last, when batch_size does not divide the data)
+    runs eagerly: the same step function, uncaptured, on the batch itself. If the capture fails,
+    one line says why and every step runs eagerly: the graph is an optimisation, never a reason to
+    fail.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, x, y, batch_size: int, *, graph: bool = False):
+        import torch
+
+        self.model, self.optimizer, self.loss_fn, self.graph = model, optimizer, loss_fn, graph
+        n = min(batch_size, len(x))
+        self.x = torch.empty_like(x[:n])  # keeps the data's layout (channels-last on the CPU)
+        self.y = torch.empty_like(y[:n])
+        self.loss_sum = torch.zeros((), device=x.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.replay = None
+
+    def reset(self) -> None:
+        """Zero the running sums, in place: a captured graph holds their addresses."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def _step(self, x=None, y=None) -> None:
+        from fastlenet.profiling import training_step
+
+        training_step(self.model, self.optimizer, self.loss_fn, self.x if x is None else x,
+                      self.y if y is None else y, self.loss_sum, self.correct)
+
+    def __call__(self, xb, yb) -> None:
+        if (self.replay is None and not self.graph) or len(xb) != len(self.x):
+            # No graph, or the last partial batch, which runs eagerly (see the class docstring).
+            self._step(xb, yb)
+            return
+        self.x.copy_(xb)
+        self.y.copy_(yb)
+        if self.replay is not None:
+            self.replay()
+            return
+        self.graph = False  # one try
+        from fastlenet import profiling
+
+        try:
+            # The warm-up call is this batch's real step; the capture records without running.
+            self.replay = profiling.capture(self._step, warmup=1)
+        except Exception as e:  # noqa: BLE001 -- any failure: train on without the graph
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            print(f"cuda graph: capture failed ({reason}); training without it", file=sys.stderr)
+
+
+def train_epoch(steps: StepRunner, scheduler, x, y, *, generator, augment: bool = False,
+                desc: str = "") -> tuple[float, float, float]:
+    """One pass over (x, y) through `steps`: mean loss, accuracy and seconds. Waits for the device
+    only for the bar."""
     from tqdm import tqdm
 
     from fastlenet import data
 
-    model.train()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    steps.model.train()
+    steps.reset()
     seen = 0
+    batch_size = len(steps.x)
     start = time.perf_counter()
     # disable=None: no bar when stderr is not a terminal (logs and CI stay clean)
     with tqdm(total=math.ceil(len(x) / batch_size), desc=desc, unit="batch", leave=False, disable=None,
               dynamic_ncols=True) as bar:
         for step, (xb, yb) in enumerate(data.batches(x, y, batch_size, generator=generator, augment=augment), 1):
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            steps(xb, yb)
             if scheduler is not None:
-                scheduler.step()
-            with torch.no_grad():
-                loss_sum.add_(loss.detach(), alpha=len(yb))
-                correct.add_((logits.argmax(1) == yb).sum())
+                scheduler.step()  # outside the graph: it updates the learning-rate tensors in place
             seen += len(yb)
             if not bar.disable:
                 bar.update()
                 if step % POSTFIX_EVERY == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
-                                    refresh=False)
-    train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # .item() waits for the device
+                    bar.set_postfix(loss=f"{steps.loss_sum.item() / seen:.4f}",
+                                    acc=f"{steps.correct.item() / seen:.2%}", refresh=False)
+    # .item() waits for the device
+    train_loss, train_acc = steps.loss_sum.item() / seen, steps.correct.item() / seen
     return train_loss, train_acc, time.perf_counter() - start
 
 

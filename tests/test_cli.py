@@ -139,7 +139,8 @@ def test_help_lists_every_flag(capsys):
     assert status == 0
     for flag in ("--fused", "--variant", "--dataset", "--data-dir", "--epochs", "--batch-size", "--optimizer",
                  "--lr", "--momentum", "--weight-decay", "--schedule", "--seed", "--device", "--limit-train",
-                 "--out", "--resume", "--target-accuracy", "--augment", "--limit-test"):
+                 "--out", "--resume", "--target-accuracy", "--augment", "--limit-test", "--compile",
+                 "--cuda-graph", "--no-cuda-graph"):
         assert flag in out
     assert "(default: 128)" in out  # defaults are shown
 

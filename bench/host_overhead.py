@@ -20,9 +20,16 @@ eager's host work; on a GPU it would add ~5 us of CUDA launch per op), and at th
 where CPU compute dominates (for scale only; it is no host-overhead figure). The "meta" device would
 compute nothing, but its conv meta-functions are Python and cost more than the CPU's compute.
 
+Also measured: PyTorch's floor, the same step through a shell of LeNet5(fused=True)'s autograd
+graph (five layers and a loss as autograd Functions that only allocate their outputs and
+gradients): module calls, Function.apply and backward, saved tensors, gradient accumulation. The
+fused step minus the floor is fastlenet's own host work (validation, planning, workspaces and
+counters, launch arguments), the part this library can cut.
+
 Each step is timed alone with time.perf_counter after warm-up steps, garbage collection off;
 reported: the median, the 10th..90th percentile range, and for the fused step the median per launch
-(launches counted through fastlenet.kernels.launch's listeners).
+(launches counted through fastlenet.kernels.launch's listeners). The machine's other load shows in
+the spread; compare runs made back to back on the same machine.
 """
 from __future__ import annotations
 
@@ -75,17 +82,102 @@ def _step_fn(fused: bool, batch: int, adam: bool):
     return step
 
 
-def _time(step, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
+class _Shell(torch.autograd.Function):
+    """An op with fastlenet's autograd shape and none of its work: forward allocates the output
+    and saves what fastlenet saves (input, weight, output); backward allocates the gradients."""
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_shape):
+        y = torch.empty(out_shape(x.shape), dtype=x.dtype, device=x.device)
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, _ = ctx.saved_tensors
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        return dx, torch.empty_like(weight), torch.empty(weight.shape[0], dtype=x.dtype), None
+
+
+class _ShellLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target):
+        ctx.save_for_backward(logits, target)
+        return torch.empty((), dtype=logits.dtype, device=logits.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, _ = ctx.saved_tensors
+        return torch.empty_like(logits), None
+
+
+class _ShellLayer(torch.nn.Module):
+    def __init__(self, weight_shape, out_shape):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(weight_shape) * 0.1)
+        self.bias = torch.nn.Parameter(torch.zeros(weight_shape[0]))
+        self.out_shape = out_shape
+
+    def forward(self, x):
+        return _Shell.apply(x, self.weight, self.bias, self.out_shape)
+
+
+class _ShellLeNet5(torch.nn.Module):
+    """LeNet5(fused=True)'s structure (five layers, flatten, a loss: six autograd nodes of fastlenet's
+    kind), each op a _Shell. Its step is PyTorch's floor for any custom-kernel LeNet-5: module calls,
+    autograd Function apply/backward, saved tensors, gradient accumulation, output allocation."""
+    def __init__(self):
+        super().__init__()
+        self.conv1 = _ShellLayer((6, 1, 5, 5), lambda s: (s[0], 6, 14, 14))
+        self.conv2 = _ShellLayer((16, 6, 5, 5), lambda s: (s[0], 16, 5, 5))
+        self.fc1 = _ShellLayer((120, 400), lambda s: (s[0], 120))
+        self.fc2 = _ShellLayer((84, 120), lambda s: (s[0], 84))
+        self.fc3 = _ShellLayer((10, 84), lambda s: (s[0], 10))
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):  # as LeNet5.forward
+            raise ValueError("bad input")
+        x = self.conv2(self.conv1(x)).flatten(1)
+        return self.fc3(self.fc2(self.fc1(x)))
+
+
+def _floor_step_fn(batch: int, adam: bool):
+    torch.manual_seed(0)
+    model = _ShellLeNet5()
+    x = torch.randn(batch, 1, 28, 28)
+    target = torch.randint(0, 10, (batch,))
+    # The same optimizer as the fused step: Adam is PyTorch's work, not fastlenet's.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if adam else None
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        _ShellLoss.apply(model(x), target).backward()
+        if opt is not None:
+            opt.step()
+    return step
+
+
+BLOCK = 20
+
+
+def _time(steps: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Per-step times (us) of each step function, run round-robin in blocks of BLOCK steps, so a
+    change in the machine's load falls on all of them alike, while within a block each runs with
+    its own code and data in the caches (as in a training loop)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     gc.collect()
     gc.disable()
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e6)
+        for start in range(0, repeats, BLOCK):
+            for name, step in steps.items():
+                step()  # re-warm after the other steps
+                for _ in range(min(BLOCK, repeats - start)):
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - t0) * 1e6)
     finally:
         gc.enable()
     return times
@@ -105,24 +197,40 @@ def _summary(times: list[float], launches: int | None) -> dict:
 def run(batch: int = 256, repeats: int = 300, warmup: int = 30, adam: bool = False) -> dict:
     if not _launch.interpreting():
         raise SystemExit("bench/host_overhead.py runs under TRITON_INTERPRET=1 (set it before Python starts)")
+    # One thread: host work is single-threaded anyway, and an idle intra-op pool woken by the eager
+    # step's small ops made its timings swing by orders of magnitude on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(batch, repeats, warmup, adam)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(batch: int, repeats: int, warmup: int, adam: bool) -> dict:
     fused_step = _step_fn(True, batch, adam)
     eager_1 = _step_fn(False, 1, adam)
     eager_b = _step_fn(False, batch, adam)
     with _launch.skip_launches():
         with _launch.record_launches(execute=False) as launches:
             fused_step()  # also the first warm-up step
-        fused_times = _time(fused_step, repeats, warmup)
-    eager_1_times = _time(eager_1, repeats, warmup)
-    eager_b_times = _time(eager_b, max(repeats // 5, 1), max(warmup // 5, 1))
+        times = _time({"fused": fused_step, "floor": _floor_step_fn(batch, adam), "eager_1": eager_1},
+                      repeats, warmup)
+    fused_times, floor_times, eager_1_times = times["fused"], times["floor"], times["eager_1"]
+    eager_b_times = _time({"eager": eager_b}, max(repeats // 5, 1), max(warmup // 5, 1))["eager"]
     return {
         "bench": "host_overhead",
         "batch": batch, "adam": adam,
         "fused": _summary(fused_times, len(launches)),
+        # PyTorch's floor under any custom-kernel LeNet-5 step (see _ShellLeNet5), and the rest:
+        # what fastlenet itself adds (validation, planning, allocation of workspaces, arguments).
+        "pytorch_floor": _summary(floor_times, None),
+        "fastlenet_own_us_per_step": round(statistics.median(fused_times) - statistics.median(floor_times), 2),
         "eager_cpu_batch1": _summary(eager_1_times, None),
         "eager_cpu": _summary(eager_b_times, None),
         "left_out": LEFT_OUT,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "cpus": os.cpu_count()},
+                    "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": 1},
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -130,12 +238,13 @@ def run(batch: int = 256, repeats: int = 300, warmup: int = 30, adam: bool = Fal
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " Runs on a CPU under TRITON_INTERPRET=1. " + LEFT_OUT + ".",
+        description=__doc__.split("\n\n")[0] + " Runs on a CPU under TRITON_INTERPRET=1. NOT included: "
+        + LEFT_OUT + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=300, help="timed steps per path (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
-    parser.add_argument("--adam", action="store_true", help="include an Adam step (fused=True for fastlenet)")
+    parser.add_argument("--adam", action="store_true", help="include an Adam(fused=True) step (in the floor and eager steps too)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     res = run(args.batch, args.repeats, args.warmup, args.adam)
@@ -145,6 +254,10 @@ def main(argv=None) -> dict:
     print(f"  fused (fastlenet, launches skipped): {f['us_per_step_median']:9.1f} us  "
           f"({f['us_per_step_p10']:.1f}..{f['us_per_step_p90']:.1f})  {f['launches_per_step']} launches, "
           f"{f['us_per_launch_median']:.1f} us per launch")
+    fl = res["pytorch_floor"]
+    print(f"  PyTorch floor (same autograd graph, ops that only allocate): {fl['us_per_step_median']:.1f} us  "
+          f"({fl['us_per_step_p10']:.1f}..{fl['us_per_step_p90']:.1f}) -> fastlenet's own work "
+          f"{res['fastlenet_own_us_per_step']:.1f} us per step")
     print(f"  eager reference, CPU, 1 image      : {e['us_per_step_median']:9.1f} us  "
           f"({e['us_per_step_p10']:.1f}..{e['us_per_step_p90']:.1f})  (host-dominated yardstick)")
     print(f"  eager reference, CPU, batch {args.batch:<6}: {c['us_per_step_median']:9.1f} us  "

@@ -26,7 +26,35 @@ MAX_PADDING = 3
 # --------------------------------------------------------------------------------------------------
 
 def _check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
-    """Same device, a device the kernels can run on, and a dtype they support."""
+    """Same device, a device the kernels can run on, and a dtype they support.
+
+    The common case (one device, one supported dtype) costs a few attribute reads; only a tensor
+    that fails a check takes the slow path, which builds the message naming it."""
+    items = iter(tensors.items())
+    _, first = next(items)  # the input (or logits): present, floating point
+    device, dtype = first.device, first.dtype
+    for name, t in items:
+        if t is not None and (t.device != device or (name != "target" and t.dtype != dtype)):
+            break
+    else:
+        if (device.type, dtype) in _allowed_device_dtypes():
+            return
+    _check_tensors_slow(op, tensors)
+
+
+def _allowed_device_dtypes() -> frozenset:
+    """(device type, dtype) pairs the kernels take: float32 on CUDA; under the interpreter float32
+    and float64 (for gradcheck) on the CPU or CUDA. Anything else gets _check_tensors_slow's error."""
+    if interpreting():
+        return _ALLOWED_INTERPRETED
+    return _ALLOWED_COMPILED
+
+
+_ALLOWED_INTERPRETED = frozenset((d, t) for d in ("cpu", "cuda") for t in (torch.float32, torch.float64))
+_ALLOWED_COMPILED = frozenset({("cuda", torch.float32)})
+
+
+def _check_tensors_slow(op: str, tensors: dict) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
@@ -59,6 +87,14 @@ def _check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
 def _check_choice(op: str, what: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{op}: unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _remember(checked: set, key) -> None:
+    """Record a combination of shapes and settings whose shape checks passed (they depend on
+    nothing else, so it passes again); bounded, so cycling through many shapes cannot grow it."""
+    if len(checked) >= 1024:
+        checked.clear()
+    checked.add(key)
 
 
 def _grad_wanted(*tensors: torch.Tensor | None) -> bool:
@@ -99,20 +135,12 @@ class _Conv2dActPool(torch.autograd.Function):
         return dx, dw if need_dw else None, db if need_db else None, None, None, None, None
 
 
-def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    padding: int = 0, activation: str = "relu", pool: str = "max") -> torch.Tensor:
-    """pool2x2(act(conv2d(x, weight, bias, stride=1, padding))) in one Triton kernel each way.
+_CONV_SHAPES_OK: set = set()
 
-    x: (N, C_in, H, W); weight: (C_out, C_in, k, k) with 1 <= k <= 7; bias: (C_out,) or None;
-    padding: 0..3; activation: relu | sigmoid | tanh | identity; pool: max | avg (window 2,
-    stride 2, odd trailing rows/columns dropped as in PyTorch). Returns (N, C_out, PH, PW).
-    """
-    op = "conv2d_act_pool"
+
+def _check_conv_shapes(op, x, weight, bias, padding, activation, pool) -> None:
     _check_choice(op, "activation", activation, ACTIVATIONS)
     _check_choice(op, "pool", pool, POOLS)
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"{op}: input must be 4-D (N, C_in, H, W), got shape "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"{op}: weight must be (C_out, C_in, k, k) with a square kernel, "
                          f"got {tuple(weight.shape)}")
@@ -141,6 +169,31 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"{op}: input {tuple(x.shape)} has {positions:,} positions in one call; the "
                          f"kernels index at most {_conv.ROW_INDEX_LIMIT:,}, i.e. "
                          f"{_conv.ROW_INDEX_LIMIT // per_image:,} images of this size: split the batch")
+
+
+def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    padding: int = 0, activation: str = "relu", pool: str = "max") -> torch.Tensor:
+    """pool2x2(act(conv2d(x, weight, bias, stride=1, padding))) in one Triton kernel each way.
+
+    x: (N, C_in, H, W); weight: (C_out, C_in, k, k) with 1 <= k <= 7; bias: (C_out,) or None;
+    padding: 0..3; activation: relu | sigmoid | tanh | identity; pool: max | avg (window 2,
+    stride 2, odd trailing rows/columns dropped as in PyTorch). Returns (N, C_out, PH, PW).
+    """
+    op = "conv2d_act_pool"
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"{op}: input must be 4-D (N, C_in, H, W), got shape "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    # Every check below depends only on shapes and settings: a combination that passed once passes
+    # again. type(padding) is in the key because True == 1 (and hashes alike) but is refused.
+    key = (x.shape, weight.shape, None if bias is None else bias.shape, padding, type(padding),
+           activation, pool)
+    try:
+        known = key in _CONV_SHAPES_OK
+    except TypeError:  # an unhashable padding or activation: the checks name it
+        known = False
+    if not known:
+        _check_conv_shapes(op, x, weight, bias, padding, activation, pool)
+        _remember(_CONV_SHAPES_OK, key)
     _check_tensors(op, input=x, weight=weight, bias=bias)
     return _Conv2dActPool.apply(x, weight, bias, padding, activation, pool,
                                 _grad_wanted(x, weight, bias))
@@ -176,10 +229,31 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                activation: str = "relu") -> torch.Tensor:
     """act(x @ weight.T + bias) for x of shape (..., in_features), like nn.Linear + activation."""
     op = "linear_act"
-    _check_choice(op, "activation", activation, ACTIVATIONS)
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise ValueError(f"{op}: input must have shape (..., in_features), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    key = (x.shape, weight.shape, None if bias is None else bias.shape, activation)
+    try:
+        known = key in _LINEAR_SHAPES_OK
+    except TypeError:  # an unhashable activation: the checks name it
+        known = False
+    if not known:
+        _check_linear_shapes(op, x, weight, bias, activation)
+        _remember(_LINEAR_SHAPES_OK, key)
+    _check_tensors(op, input=x, weight=weight, bias=bias)
+    if x.ndim == 2:  # LeNet's case: no reshape either way
+        return _LinearAct.apply(x, weight, bias, activation, _grad_wanted(x, weight, bias))
+    # Leading dimensions fold into the GEMM's rows: a view for contiguous input, a copy otherwise.
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _LinearAct.apply(x2, weight, bias, activation, _grad_wanted(x, weight, bias))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_LINEAR_SHAPES_OK: set = set()
+
+
+def _check_linear_shapes(op, x, weight, bias, activation) -> None:
+    _check_choice(op, "activation", activation, ACTIVATIONS)
     if weight.ndim != 2:
         raise ValueError(f"{op}: weight must be (out_features, in_features), got {tuple(weight.shape)}")
     if x.shape[-1] != weight.shape[1]:
@@ -188,11 +262,6 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) to match weight "
                          f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
-    _check_tensors(op, input=x, weight=weight, bias=bias)
-    # Leading dimensions fold into the GEMM's rows: a view for contiguous input, a copy otherwise.
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _LinearAct.apply(x2, weight, bias, activation, _grad_wanted(x, weight, bias))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_backward
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, weight_grad_plan, weight_grad_program,
+from .split_reduce import (arrival_counters, finish_weight_grad, weight_grad_buffers, weight_grad_program,
                            weight_grad_sizes, weight_grad_tiles, zero_counters)
 
 POOLS = ("max", "avg")
@@ -420,20 +420,21 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     dx = empty(x.shape, dtype=dtype, device=device) if need_dx else None
     dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype) if need_dw else None
     db = empty((C_out,), device=device, dtype=dtype) if need_dw and has_bias else None
-    plan = weight_grad_plan(plan_sizes, x, counters)
+    workspace, counters = weight_grad_buffers(plan_sizes, x, counters)
+    _, split, rows_per_split, _ = plan_sizes
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
     sx, sw = x.stride(), weight.stride()
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + plan.programs,)
+    grid = (num_dx + plan_sizes[0] * split,)
     launch(conv2d_act_pool_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
+                db_ptr=db if db is not None else y, ws_ptr=workspace, counter_ptr=counters,
                 N=N, C_in=C_in, C_out=C_out, NUM_DX=num_dx,
-                SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
+                SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
                 stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
                 stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
            meta)

@@ -30,6 +30,8 @@ makes the loss NaN. How that becomes an error depends on what reading `rows` cos
 The interpreter never runs a device assert (its options say debug=False); the tests switch that
 on to run the CUDA path on the CPU.
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -135,6 +137,7 @@ def cross_entropy_bwd_kernel(
                  mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
 def tiles(C: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_C) for C classes: a tile of at most TILE elements, classes in blocks of at
     most MAX_BLOCK_C."""

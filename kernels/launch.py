@@ -121,9 +121,9 @@ def record_launches(execute: bool = True):
 
 @contextlib.contextmanager
 def skip_launches():
-    """Inside the block no kernel runs (and no record is made of its own): every launch helper still validates,
-    allocates, plans and assembles its arguments, and listeners still see each launch, but
-    `kernel[grid](...)` is skipped. bench/host_overhead.py times the host's share of a step this way."""
+    """Inside the block no kernel runs: every launch helper still validates, allocates, plans and
+    assembles its arguments, and listeners (if any) still see each launch, but `kernel[grid](...)`
+    is skipped. bench/host_overhead.py times the host's share of a step this way."""
     global _execute
     previous, _execute = _execute, False
     try:
@@ -169,4 +169,26 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of 2 >= n (1 for n <= 1). Plain integer math: triton.next_power_of_2 on the
+    host goes through JITFunction.__call__, microseconds a call."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers; triton.cdiv on the host costs a JITFunction.__call__ (see next_pow2)."""
+    return -(-a // b)
+
+
+class PlanCache(dict):
+    """Launch configurations (grids, block sizes, constexpr dicts, plan sizes: plain ints and
+    strings, never tensors) keyed by the shapes and settings they are computed from. Strides,
+    pointers and PyTorch's precision switches are not in them: the launch helpers read those on
+    every call (dot_precision fills DOT_PRECISION into a copy of the cached constexprs). Bounded: a
+    program that cycles through many shapes clears it rather than let it grow."""
+    MAX_ENTRIES = 256
+
+    def put(self, key, value):
+        if len(self) >= self.MAX_ENTRIES:
+            self.clear()
+        self[key] = value
+        return value

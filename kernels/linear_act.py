@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 
 from .activations import act, act_backward
-from .launch import dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
-                           weight_grad_tiles, zero_counters)
+from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
+from .split_reduce import (arrival_counters, finish_weight_grad, weight_grad_buffers, weight_grad_program,
+                           weight_grad_sizes, weight_grad_tiles, zero_counters)
 
 
 @triton.jit
@@ -149,58 +149,87 @@ def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
     return min(max(next_pow2(N), 16), 32), 64, 32
 
 
+def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_backward: bool):
+    """What linear_act_forward derives from shapes and settings alone (cached in _FWD)."""
+    M, K = x_shape
+    N = w_shape[0]
+    block_n, block_k, _ = _weight_grad_blocks(N)
+    num_counters = weight_grad_tiles(N, K, block_n, block_k) if save_for_backward else 0
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
+    # grid: (row tiles of the batch, tiles of output features)
+    grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
+    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8, num_stages=2)
+    return M, N, K, num_counters, grid, meta
+
+
+_FWD = PlanCache()
+
+
 def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool = False):
     """y = act(x @ weight.T + bias) for a 2-D x [M, K]. Returns (y, counters): y a contiguous
     [M, N]; counters the weight-gradient arrival counters this launch zeroes for the backward (when
     saving for backward) or None."""
-    M, K = x.shape
-    N = weight.shape[0]
+    key = (x.shape, weight.shape, activation, bias is not None, save_for_backward)
+    cfg = _FWD.get(key) or _FWD.put(key, _forward_config(*key))
+    M, N, K, num_counters, grid, cached_meta = cfg
     y = empty((M, N), device=x.device, dtype=x.dtype)
-    block_n, block_k, _ = _weight_grad_blocks(N)
-    num_counters = weight_grad_tiles(N, K, block_n, block_k) if save_for_backward else 0
     counters = arrival_counters(num_counters, x, M * N) if save_for_backward else None
-    BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
-    # grid: (row tiles of the batch, tiles of output features)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    meta = dict(cached_meta)
+    meta["DOT_PRECISION"] = dot_precision(x, "matmul")
+    sx, sw = x.stride(), weight.stride()
     launch(linear_act_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
                 counter_ptr=counters if save_for_backward else y,
-                M=M, N=N, K=K, NUM_COUNTERS=num_counters, stride_xm=x.stride(0), stride_xk=x.stride(1),
-                stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
-           dict(ACTIVATION=activation, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x, "matmul"),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8, num_stages=2))
+                M=M, N=N, K=K, NUM_COUNTERS=num_counters, stride_xm=sx[0], stride_xk=sx[1],
+                stride_wn=sw[0], stride_wk=sw[1]),
+           meta)
     return y, counters
+
+
+def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx: bool, need_dw: bool):
+    """What linear_act_backward derives from shapes and settings alone (cached in _BWD)."""
+    M, K = x_shape
+    N = w_shape[0]
+    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
+    num_dx = cdiv(M, BLOCK_DX_M) * cdiv(K, BLOCK_DX_K) if need_dx else 0
+    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(N)
+    plan_sizes = weight_grad_sizes(N, K, has_bias, M, block_out=BLOCK_DW_N, block_k=BLOCK_DW_K,
+                                   block_rows=BLOCK_DW_R, max_split=64, enabled=need_dw)
+    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
+                BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
+                num_warps=8, num_stages=2)
+    return M, N, K, num_dx, plan_sizes, meta
+
+
+_BWD = PlanCache()
 
 
 def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
                         need_dx: bool, need_dw: bool, counters=None):
     """Returns (dx or None, dw or None, db or None) in one launch; grad_y and y contiguous [M, N].
     `counters` are those the forward returned (zeroed by it); None allocates zeroed ones."""
-    M, K = x.shape
-    N = weight.shape[0]
-    dx = empty((M, K), device=x.device, dtype=x.dtype) if need_dx else None
-    dw = empty((N, K), device=x.device, dtype=x.dtype) if need_dw else None
-    db = empty((N,), device=x.device, dtype=x.dtype) if need_dw and has_bias else None
-
-    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
-    num_dx = triton.cdiv(M, BLOCK_DX_M) * triton.cdiv(K, BLOCK_DX_K) if need_dx else 0
-    BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(N)
-    plan = plan_weight_grad(N, K, has_bias, M, block_out=BLOCK_DW_N, block_k=BLOCK_DW_K,
-                            block_rows=BLOCK_DW_R, max_split=64, like=x, enabled=need_dw,
-                            counters=counters)
+    key = (x.shape, weight.shape, activation, has_bias, need_dx, need_dw)
+    cfg = _BWD.get(key) or _BWD.put(key, _backward_config(*key))
+    M, N, K, num_dx, plan_sizes, cached_meta = cfg
+    device, dtype = x.device, x.dtype
+    dx = empty((M, K), device=device, dtype=dtype) if need_dx else None
+    dw = empty((N, K), device=device, dtype=dtype) if need_dw else None
+    db = empty((N,), device=device, dtype=dtype) if need_dw and has_bias else None
+    workspace, counters = weight_grad_buffers(plan_sizes, x, counters)
+    _, split, rows_per_split, _ = plan_sizes
+    meta = dict(cached_meta)
+    meta["DOT_PRECISION"] = dot_precision(x, "matmul")
+    sx, sw = x.stride(), weight.stride()
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + plan.programs,)
+    grid = (num_dx + plan_sizes[0] * split,)
     launch(linear_act_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
-                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
-                stride_xm=x.stride(0), stride_xk=x.stride(1),
-                stride_wn=weight.stride(0), stride_wk=weight.stride(1)),
-           dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(x, "matmul"),
-                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
-                BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=8, num_stages=2))
+                db_ptr=db if db is not None else y, ws_ptr=workspace, counter_ptr=counters,
+                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                stride_xm=sx[0], stride_xk=sx[1], stride_wn=sw[0], stride_wk=sw[1]),
+           meta)
     return dx, dw, db
-

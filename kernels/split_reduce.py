@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import accumulator_dtype, cdiv, empty
+from .launch import cdiv, empty
 
 
 @triton.jit
@@ -169,20 +169,23 @@ def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, bl
     splits to fill a GPU at large batch, while each program still sums at least 8 row blocks.
     `counters` are the ones the forward zeroed; without them (a backward called on its own) fresh
     zeroed counters are allocated, at the cost of a memset."""
-    return weight_grad_plan(weight_grad_sizes(out_features, k, has_bias, rows, block_out, block_k,
-                                              block_rows, max_split, enabled), like, counters)
+    sizes = weight_grad_sizes(out_features, k, has_bias, rows, block_out, block_k, block_rows, max_split,
+                              enabled)
+    workspace, counters = weight_grad_buffers(sizes, like, counters)
+    return WeightGradPlan(sizes[0], sizes[1], sizes[2], workspace, counters)
 
 
-def weight_grad_plan(sizes: tuple[int, int, int, int], like, counters=None) -> WeightGradPlan:
-    """plan_weight_grad from sizes already computed by weight_grad_sizes (which the launch helpers
-    cache per shape): only the workspace is allocated, and the counters checked, per call."""
-    num_tiles, split, rows_per_split, size = sizes
+def weight_grad_buffers(sizes: tuple[int, int, int, int], like, counters=None):
+    """(workspace, counters) for a plan of weight_grad_sizes (which the launch helpers cache per
+    shape): the per-call part of plan_weight_grad, an allocation and a check."""
+    num_tiles, _, _, size = sizes
     if counters is None:
         counters = torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
     elif counters.numel() < num_tiles:  # num_tiles is 0 when no weight gradient is wanted
         raise ValueError(f"{num_tiles} arrival counters needed, the forward zeroed {counters.numel()}")
-    workspace = empty((size,), dtype=accumulator_dtype(like.dtype), device=like.device)
-    return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)
+    dtype = like.dtype
+    return empty((size,), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                 device=like.device), counters
 
 
 @functools.lru_cache(maxsize=256)

@@ -25,10 +25,11 @@ def test_bench_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["batch"] == 4 and res["adam"] is True
     assert res["fused"]["launches_per_step"] == 12
-    for key in ("fused", "eager_cpu_batch1", "eager_cpu"):
+    for key in ("fused", "pytorch_floor", "eager_cpu_batch1", "eager_cpu"):
         for stat in ("us_per_step_median", "us_per_step_p10", "us_per_step_p90", "repeats"):
             assert stat in res[key]
     assert res["fused"]["us_per_launch_median"] > 0
+    assert isinstance(res["fastlenet_own_us_per_step"], float)
     assert {"machine", "versions", "date", "left_out"} <= set(res)
     assert {"torch", "triton"} <= set(res["versions"])
 

@@ -335,16 +335,17 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     block_co, block_k, _ = _weight_grad_blocks(C_out)
     num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k)
                     if save_for_backward else 0)
-    # Four gathered patch tiles are live per K step; 32 rows x 8 warps keeps that under the register
-    # file on sm_80/sm_90 (64 rows spills: see tests/test_gpu_build.py).
-    # BLOCK_N at most 32: with 64 output channels in one tile the four IEEE (FMA) accumulators sat
-    # at 128 registers and spilled on sm_80.
-    BLOCK_M, BLOCK_N, BLOCK_K = 32, min(max(next_pow2(C_out), 16), 32), 32
+    # Four gathered patch tiles and four accumulators are live per K step. 32 rows x at most 32
+    # channels x 8 warps keeps that well inside the register file; BLOCK_K is 32 for tensor-core
+    # (TF32) dots and 16 for IEEE fp32 dots, which Triton lowers to FMAs with every operand in
+    # registers: at 32 ptxas (12.9 and the 3.9 wheel's) sat at 80-128 registers and kept a value or
+    # two on the stack, at 16 it needs at most ~110 and spills nothing (tests/test_gpu_build.py).
+    BLOCK_M, BLOCK_N = 32, min(max(next_pow2(C_out), 16), 32)
     # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
                 HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
-                DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
                 num_warps=8, num_stages=2)
     return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
@@ -369,6 +370,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
+    meta["BLOCK_K"] = 32 if meta["DOT_PRECISION"] == "tf32" else 16
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,

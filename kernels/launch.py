@@ -132,13 +132,33 @@ def skip_launches():
         _execute = previous
 
 
+_recorded_precision: str | None = None
+
+
 def dot_precision(x: torch.Tensor, kind: str) -> str:
     """tl.dot's input_precision for x's dtype: "tf32" or "ieee". float32 follows the switches
     PyTorch itself uses for the same work: convolutions as cuDNN's (TF32 by default), matmuls as
-    cuBLAS's (no TF32 by default). The interpreter always computes exactly."""
-    if x.dtype != torch.float32 or interpreting():
+    cuBLAS's (no TF32 by default). The interpreter always computes exactly, except inside
+    record_precision(), which records what a GPU run with that precision would launch."""
+    if x.dtype != torch.float32:
+        return "ieee"
+    if _recorded_precision is not None and not _execute:
+        return _recorded_precision
+    if interpreting():
         return "ieee"
     return "tf32" if tf32_enabled(kind) else "ieee"
+
+
+@contextlib.contextmanager
+def record_precision(precision: str):
+    """Inside record_launches(execute=False): float32 dots are launched as `precision` ("ieee" or
+    "tf32") would launch them on a GPU, tile sizes included, so the GPU build compiles both."""
+    global _recorded_precision
+    previous, _recorded_precision = _recorded_precision, precision
+    try:
+        yield
+    finally:
+        _recorded_precision = previous
 
 
 def tf32_enabled(kind: str) -> bool:

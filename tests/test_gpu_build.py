@@ -25,7 +25,7 @@ from fastlenet import functional as FF
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
 from fastlenet.kernels.gpu_build import describe, describe_result, failures, merge_descriptions
-from fastlenet.kernels.launch import record_launches
+from fastlenet.kernels.launch import record_launches, record_precision
 from fastlenet.models import VARIANTS, LeNet5
 
 TARGETS = (80, 90)
@@ -39,16 +39,22 @@ REPORT = pathlib.Path(os.environ.get("FASTLENET_GPU_BUILD_REPORT",
 
 
 def _recorded(origin, fn):
-    """Descriptions of the launches fn() makes, recorded without running them."""
-    with record_launches(execute=False) as launches:
-        try:
-            fn()
-        except Exception as e:
-            raise AssertionError(
-                f"recording {origin} without running its kernels failed: host code read a kernel "
-                f"output that was never written? Guard such reads with "
-                f"fastlenet.kernels.launch.executing()") from e
-    return [describe(launch, origin) for launch in launches]
+    """Descriptions of the launches fn() makes, recorded without running them, once as a GPU run
+    with IEEE float32 dots would launch them and once as one with TF32 dots (convolutions default
+    to TF32 on a GPU, matmuls follow torch's matmul precision): tile sizes may differ by precision,
+    and both code paths must build spill-free."""
+    descs = []
+    for precision in ("ieee", "tf32"):
+        with record_launches(execute=False) as launches, record_precision(precision):
+            try:
+                fn()
+            except Exception as e:
+                raise AssertionError(
+                    f"recording {origin} without running its kernels failed: host code read a kernel "
+                    f"output that was never written? Guard such reads with "
+                    f"fastlenet.kernels.launch.executing()") from e
+        descs += [describe(launch, origin) for launch in launches]
+    return descs
 
 
 def _lenet_step(variant, batch, device):
@@ -107,17 +113,7 @@ def user_launch_configs(device):
             for batch in LINEAR_BATCHES if bias else (128,):
                 descs += _recorded(f"linear_act 3072->1000 {activation} bias={bias} B={batch}",
                                    _linear_step(batch, activation, bias, device))
-    # Recorded here, dot_precision says "ieee" (the interpreter computes exactly); on a GPU float32
-    # convolutions default to TF32 (torch.backends.cudnn.allow_tf32), matmuls follow
-    # torch.set_float32_matmul_precision. Both code paths must build spill-free.
-    both = []
-    for desc in descs:
-        for precision in ("ieee", "tf32") if "DOT_PRECISION" in desc["meta"] else (None,):
-            variant = json.loads(json.dumps(desc))
-            if precision:
-                variant["meta"]["DOT_PRECISION"] = precision
-            both.append(variant)
-    return merge_descriptions(both)
+    return merge_descriptions(descs)
 
 
 class _Summary:

@@ -23,6 +23,40 @@ def _seed():
     torch.manual_seed(0)
 
 
+# What the kernel tests share: the PyTorch compositions the kernels are checked against, the error
+# measure, and NaN-poisoned kernel outputs (a test module opts in with
+# `pytestmark = pytest.mark.usefixtures("poisoned")`).
+def _act(name):
+    import torch.nn.functional as F
+
+    return {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}[name]
+
+
+def _pool(name):
+    import torch.nn.functional as F
+
+    return {"max": F.max_pool2d, "avg": F.avg_pool2d}[name]
+
+
+ACT = {name: _act(name) for name in ("relu", "sigmoid", "tanh", "identity")}
+POOL = {name: _pool(name) for name in ("max", "avg")}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned():
+    """Kernel outputs allocated full of NaN (127 for integers), so an unwritten element fails."""
+    from fastlenet.kernels.launch import poison_outputs
+
+    with poison_outputs():
+        yield
+
+
 def set_tf32(enabled: bool):
     """Switch TF32 for float32 convolutions and matmuls, the way a user would (the fp32_precision
     API where this torch has it, else the legacy flags); returns a function that restores the

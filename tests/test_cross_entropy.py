@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.kernels import cross_entropy as xent
 from fastlenet.kernels import launch as launch_module
-from fastlenet.kernels.launch import poison_outputs, record_launches
+from fastlenet.kernels.launch import record_launches
 from fastlenet.profiling import count_device_ops
+from conftest import rel_err
 
 # Relative-error tolerances, by kernel dtype.
 #  float64 (interpreter only): the reference's arithmetic in another order, ~1e-16 a term.
@@ -38,15 +39,7 @@ DTYPES = [torch.float32, pytest.param(torch.float64, marks=needs_interpreter)]
 SHAPES = [(1, 10), (300, 10), (300, 3), (1, 100), (37, 100), (1, 1000), (9, 1000)]
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poison_outputs():
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def loss_and_grad(fn, logits, target, **kwargs):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import functional as FF
-from fastlenet.kernels.launch import poison_outputs, record_launches
+from fastlenet.kernels.launch import record_launches
+from conftest import ACT, POOL, rel_err
 
 # Relative-error tolerances, by kernel dtype (TF32 is off here on CUDA: conftest.py; TF32 has its own
 # tolerances, derived in test_tf32.py).
@@ -18,19 +19,8 @@ from fastlenet.kernels.launch import poison_outputs, record_launches
 #  float32 (IEEE dot): fp32 accumulation over K <= a few hundred terms, ~1e-7 * sqrt(K) typical.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
-ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
-POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
 
-
-@pytest.fixture(autouse=True)
-def _poison():
-    with poison_outputs():
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def conv_reference(x, w, b, padding, activation, pool):

@@ -11,16 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import functional as FF
-from fastlenet.kernels.launch import poison_outputs
-
-ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
-POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+from conftest import ACT, POOL
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poison_outputs():
-        yield
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def assert_same_special_values(out, ref, what):

@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.kernels.launch import poison_outputs, tf32_enabled
 
-from conftest import set_tf32
+from conftest import ACT, POOL, rel_err, set_tf32
 
-ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
-POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
 
 # Relative error ||out - ref|| / ||ref|| allowed with TF32 dots, against the exact float64 result:
 # the output; gradients where a relu or max pool can flip, and where nothing can; and the bias
@@ -54,11 +52,6 @@ def check_tf32_errors(case, err, bias_tol):
     assert max(err["grad x"], err["grad weight"], err["bias"]) <= grad_tol, err
     if case[7] == "identity":
         assert err["bias"] <= bias_tol, err
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def to_tf32(t: torch.Tensor) -> torch.Tensor:

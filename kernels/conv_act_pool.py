@@ -320,9 +320,7 @@ def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
 def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
     """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs; the forward needs
     them too, to size the arrival counters it zeroes for the backward."""
-    # 16 rows per step: at 32, ptxas of Triton 3.9 kept 16 bytes on the stack for the 3x3, 64-channel
-    # layer with TF32 (at 128 registers); at 16 it needs at most ~115 on 3.8 and 3.9.
-    return min(max(next_pow2(C_out), 16), 32), 32, 16
+    return min(max(next_pow2(C_out), 16), 32), 32, 32
 
 
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
@@ -338,16 +336,16 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k)
                     if save_for_backward else 0)
     # Four gathered patch tiles and four accumulators are live per K step. 32 rows x at most 32
-    # channels x 16 reduction steps x 8 warps keeps that well inside the register file: with 32
-    # reduction steps (or 64 channels) ptxas of Triton 3.8/3.9 sat at 80-128 registers and kept a
-    # value or two on the stack, with 16 it needs at most ~128 and spills nothing on either
-    # (tests/test_gpu_build.py compiles every configuration users reach).
-    BLOCK_M, BLOCK_N, BLOCK_K = 32, min(max(next_pow2(C_out), 16), 32), 16
+    # channels x 8 warps keeps that well inside the register file; BLOCK_K is 32 for tensor-core
+    # (TF32) dots and 16 for IEEE fp32 dots, which Triton lowers to FMAs with every operand in
+    # registers: at 32 ptxas (12.9 and the 3.9 wheel's) sat at 80-128 registers and kept a value or
+    # two on the stack, at 16 it needs at most ~110 and spills nothing (tests/test_gpu_build.py).
+    BLOCK_M, BLOCK_N = 32, min(max(next_pow2(C_out), 16), 32)
     # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
                 HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
-                DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
                 num_warps=8, num_stages=2)
     return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
@@ -372,6 +370,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
+    meta["BLOCK_K"] = 32 if meta["DOT_PRECISION"] == "tf32" else 16
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,

@@ -155,9 +155,7 @@ def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_
     N = w_shape[0]
     block_n, block_k, _ = _weight_grad_blocks(N)
     num_counters = weight_grad_tiles(N, K, block_n, block_k) if save_for_backward else 0
-    # BLOCK_K 16: at 32, Triton 3.9's ptxas kept 16 bytes on the stack for a single-row IEEE
-    # forward (at 80 registers); at 16 it needs at most ~128 on 3.8 and 3.9.
-    BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 16
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
     # grid: (row tiles of the batch, tiles of output features)
     grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
     meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,

@@ -54,7 +54,7 @@ def store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_a, offs_
         offs_r = tl.arange(0, BLOCK_R)
         bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * SIZE_A * SIZE_B + split_id.to(tl.int64) * SIZE_A * BLOCK_R
         tl.store(bias_ws + offs_a[:, None] * BLOCK_R + offs_r[None, :], bias_parts,
-                 mask=offs_a[:, None] < tl.where(owns_bias, SIZE_A, 0))
+                 mask=(offs_a[:, None] < SIZE_A) & owns_bias)
     # The barrier orders every thread's partial stores before the (single-thread) counter update;
     # acq_rel at GPU scope then publishes them to the other programs before the count, and orders
     # the last arriver's reads of their partials after it has seen every count (the split-K
@@ -123,10 +123,9 @@ def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
     """Program 0 of a forward launch zeroes the arrival counters of its backward (see the top of
     this file); NUM_COUNTERS is 0 when no backward will follow. The other programs' stores are
     masked off rather than branched around: a LeNet layer has at most a few dozen counters."""
-    limit = tl.where(pid == 0, NUM_COUNTERS, 0)
     for i in range(0, NUM_COUNTERS, BLOCK):
         offs = i + tl.arange(0, BLOCK)
-        tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < limit)
+        tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=(offs < NUM_COUNTERS) & (pid == 0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_backward
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, weight_grad_buffers, weight_grad_program,
+from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
                            weight_grad_sizes, weight_grad_tiles, zero_counters)
 
 POOLS = ("max", "avg")
@@ -360,7 +360,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     non-identity activation, when saving) or None; counters the weight-gradient arrival counters
     this launch zeroes for the backward (when saving) or None. Inputs must already be validated."""
     key = (x.shape, weight.shape, padding, activation, pool, bias is not None, save_for_backward)
-    cfg = _FWD.get(key) or _FWD.put(key, _forward_config(*key))
+    cfg = _FWD.get_or_build(key, _forward_config)
     N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, cached_meta = cfg
     device, dtype = x.device, x.dtype
     y = empty((N, C_out, PH, PW), device=device, dtype=dtype)
@@ -416,27 +416,26 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     forward returned (zeroed by it); None allocates zeroed ones."""
     key = (x.shape, weight.shape, y.shape, padding, activation, pool, prepool is not None, has_bias,
            need_dx, need_dw)
-    cfg = _BWD.get(key) or _BWD.put(key, _backward_config(*key))
+    cfg = _BWD.get_or_build(key, _backward_config)
     N, C_in, C_out, ksize, num_dx, plan_sizes, cached_meta = cfg
     device, dtype = x.device, x.dtype
     dx = empty(x.shape, dtype=dtype, device=device) if need_dx else None
     dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype) if need_dw else None
     db = empty((C_out,), device=device, dtype=dtype) if need_dw and has_bias else None
-    workspace, counters = weight_grad_buffers(plan_sizes, x, counters)
-    _, split, rows_per_split, _ = plan_sizes
+    plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
     sx, sw = x.stride(), weight.stride()
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + plan_sizes[0] * split,)
+    grid = (num_dx + plan.programs,)
     launch(conv2d_act_pool_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=workspace, counter_ptr=counters,
+                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
                 N=N, C_in=C_in, C_out=C_out, NUM_DX=num_dx,
-                SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
                 stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
                 stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
            meta)

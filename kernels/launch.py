@@ -108,14 +108,12 @@ def record_launches(execute: bool = True):
     grid, argument and constexpr is what a run would launch, since the launch helpers compute them
     from shapes alone. That lets the GPU build test record a batch-65536 training step through the
     interpreter in seconds (torch.empty outputs that nothing writes cost address space, not memory)."""
-    global _execute
     launches: list[Launch] = []
     _listeners.append(launches.append)
-    previous, _execute = _execute, _execute and execute
     try:
-        yield launches
+        with contextlib.nullcontext() if execute else skip_launches():
+            yield launches
     finally:
-        _execute = previous
         _listeners.remove(launches.append)
 
 
@@ -207,8 +205,11 @@ class PlanCache(dict):
     program that cycles through many shapes clears it rather than let it grow."""
     MAX_ENTRIES = 256
 
-    def put(self, key, value):
-        if len(self) >= self.MAX_ENTRIES:
-            self.clear()
-        self[key] = value
+    def get_or_build(self, key: tuple, build):
+        """The entry for key, built as build(*key) on a miss."""
+        value = self.get(key)
+        if value is None:
+            if len(self) >= self.MAX_ENTRIES:
+                self.clear()
+            value = self[key] = build(*key)
         return value

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .activations import act, act_backward
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, weight_grad_buffers, weight_grad_program,
+from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
                            weight_grad_sizes, weight_grad_tiles, zero_counters)
 
 
@@ -171,7 +171,7 @@ def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool
     [M, N]; counters the weight-gradient arrival counters this launch zeroes for the backward (when
     saving for backward) or None."""
     key = (x.shape, weight.shape, activation, bias is not None, save_for_backward)
-    cfg = _FWD.get(key) or _FWD.put(key, _forward_config(*key))
+    cfg = _FWD.get_or_build(key, _forward_config)
     M, N, K, num_counters, grid, cached_meta = cfg
     y = empty((M, N), device=x.device, dtype=x.dtype)
     counters = arrival_counters(num_counters, x, M * N) if save_for_backward else None
@@ -211,25 +211,24 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     """Returns (dx or None, dw or None, db or None) in one launch; grad_y and y contiguous [M, N].
     `counters` are those the forward returned (zeroed by it); None allocates zeroed ones."""
     key = (x.shape, weight.shape, activation, has_bias, need_dx, need_dw)
-    cfg = _BWD.get(key) or _BWD.put(key, _backward_config(*key))
+    cfg = _BWD.get_or_build(key, _backward_config)
     M, N, K, num_dx, plan_sizes, cached_meta = cfg
     device, dtype = x.device, x.dtype
     dx = empty((M, K), device=device, dtype=dtype) if need_dx else None
     dw = empty((N, K), device=device, dtype=dtype) if need_dw else None
     db = empty((N,), device=device, dtype=dtype) if need_dw and has_bias else None
-    workspace, counters = weight_grad_buffers(plan_sizes, x, counters)
-    _, split, rows_per_split, _ = plan_sizes
+    plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "matmul")
     sx, sw = x.stride(), weight.stride()
 
     # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + plan_sizes[0] * split,)
+    grid = (num_dx + plan.programs,)
     launch(linear_act_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=workspace, counter_ptr=counters,
-                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=split, ROWS_PER_SPLIT=rows_per_split,
+                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
+                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
                 stride_xm=sx[0], stride_xk=sx[1], stride_wn=sw[0], stride_wk=sw[1]),
            meta)
     return dx, dw, db

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, empty
+from .launch import accumulator_dtype, cdiv, empty
 
 
 @triton.jit
@@ -137,13 +137,17 @@ def weight_grad_tiles(out_features: int, k: int, block_out: int, block_k: int) -
     return cdiv(out_features, block_out) * cdiv(k, block_k)
 
 
+def _zeroed_counters(num_tiles: int, device):
+    return torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=device)
+
+
 def arrival_counters(num_tiles: int, like, forward_rows: int):
     """The counters a forward call hands to its backward. Allocated without a memset: the forward
     kernel zeroes them (zero_counters). Inside launch.poison_outputs() they start as garbage, so a
     kernel that forgot to zero them fails the tests. A forward with no output rows launches nothing
     (see launch.launch), so then they are zeroed here."""
     if forward_rows == 0:
-        return torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
+        return _zeroed_counters(num_tiles, like.device)
     return empty((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
 
 
@@ -162,37 +166,27 @@ class WeightGradPlan:
         return self.num_tiles * self.split
 
 
-def plan_weight_grad(out_features: int, k: int, has_bias: bool, rows: int, *, block_out: int,
-                     block_k: int, block_rows: int, max_split: int, like, enabled: bool,
-                     counters=None) -> WeightGradPlan:
-    """Plan the [out_features, k] weight-gradient (and bias-gradient) reduction over `rows` rows: enough
-    splits to fill a GPU at large batch, while each program still sums at least 8 row blocks.
+def plan_weight_grad(sizes: tuple[int, int, int, int], like, counters=None) -> WeightGradPlan:
+    """The plan of one weight-gradient launch from its weight_grad_sizes (which the launch helpers
+    cache per shape): the per-call part, a workspace allocation and a check of the counters.
     `counters` are the ones the forward zeroed; without them (a backward called on its own) fresh
     zeroed counters are allocated, at the cost of a memset."""
-    sizes = weight_grad_sizes(out_features, k, has_bias, rows, block_out, block_k, block_rows, max_split,
-                              enabled)
-    workspace, counters = weight_grad_buffers(sizes, like, counters)
-    return WeightGradPlan(sizes[0], sizes[1], sizes[2], workspace, counters)
-
-
-def weight_grad_buffers(sizes: tuple[int, int, int, int], like, counters=None):
-    """(workspace, counters) for a plan of weight_grad_sizes (which the launch helpers cache per
-    shape): the per-call part of plan_weight_grad, an allocation and a check."""
-    num_tiles, _, _, size = sizes
+    num_tiles, split, rows_per_split, size = sizes
     if counters is None:
-        counters = torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
+        counters = _zeroed_counters(num_tiles, like.device)
     elif counters.numel() < num_tiles:  # num_tiles is 0 when no weight gradient is wanted
         raise ValueError(f"{num_tiles} arrival counters needed, the forward zeroed {counters.numel()}")
-    dtype = like.dtype
-    return empty((size,), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                 device=like.device), counters
+    workspace = empty((size,), dtype=accumulator_dtype(like.dtype), device=like.device)
+    return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)
 
 
 @functools.lru_cache(maxsize=256)
 def weight_grad_sizes(out_features: int, k: int, has_bias: bool, rows: int, block_out: int, block_k: int,
                       block_rows: int, max_split: int, enabled: bool) -> tuple[int, int, int, int]:
-    """(num_tiles, split, rows_per_split, workspace elements) of plan_weight_grad: integers of
-    integers, so cached (a training loop plans the same few shapes every step)."""
+    """(num_tiles, split, rows_per_split, workspace elements) of the [out_features, k] weight-gradient
+    (and bias-gradient) reduction over `rows` rows: enough splits to fill a GPU at large batch, while
+    each program still sums at least 8 row blocks. Integers of integers, so cached (a training loop
+    plans the same few shapes every step)."""
     num_tiles = weight_grad_tiles(out_features, k, block_out, block_k) if enabled else 0
     split = max(1, min(max_split, cdiv(rows, 8 * block_rows)))
     rows_per_split = cdiv(cdiv(max(rows, 1), split), block_rows) * block_rows

@@ -89,9 +89,17 @@ def _check_choice(op: str, what: str, value: str, choices) -> None:
         raise ValueError(f"{op}: unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def _remember(checked: set, key) -> None:
-    """Record a combination of shapes and settings whose shape checks passed (they depend on
-    nothing else, so it passes again); bounded, so cycling through many shapes cannot grow it."""
+def _check_once(checked: set, key, check, *args) -> None:
+    """check(*args) unless this combination of shapes and settings (key) already passed it: the
+    shape checks depend on nothing else, so a combination that passed once passes again. Bounded,
+    so cycling through many shapes cannot grow the set. An unhashable setting in key is always
+    checked (the check names it)."""
+    try:
+        if key in checked:
+            return
+    except TypeError:
+        pass
+    check(*args)
     if len(checked) >= 1024:
         checked.clear()
     checked.add(key)
@@ -187,13 +195,7 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # again. type(padding) is in the key because True == 1 (and hashes alike) but is refused.
     key = (x.shape, weight.shape, None if bias is None else bias.shape, padding, type(padding),
            activation, pool)
-    try:
-        known = key in _CONV_SHAPES_OK
-    except TypeError:  # an unhashable padding or activation: the checks name it
-        known = False
-    if not known:
-        _check_conv_shapes(op, x, weight, bias, padding, activation, pool)
-        _remember(_CONV_SHAPES_OK, key)
+    _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool)
     _check_tensors(op, input=x, weight=weight, bias=bias)
     return _Conv2dActPool.apply(x, weight, bias, padding, activation, pool,
                                 _grad_wanted(x, weight, bias))
@@ -233,13 +235,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"{op}: input must have shape (..., in_features), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     key = (x.shape, weight.shape, None if bias is None else bias.shape, activation)
-    try:
-        known = key in _LINEAR_SHAPES_OK
-    except TypeError:  # an unhashable activation: the checks name it
-        known = False
-    if not known:
-        _check_linear_shapes(op, x, weight, bias, activation)
-        _remember(_LINEAR_SHAPES_OK, key)
+    _check_once(_LINEAR_SHAPES_OK, key, _check_linear_shapes, op, x, weight, bias, activation)
     _check_tensors(op, input=x, weight=weight, bias=bias)
     if x.ndim == 2:  # LeNet's case: no reshape either way
         return _LinearAct.apply(x, weight, bias, activation, _grad_wanted(x, weight, bias))

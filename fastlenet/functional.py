@@ -86,7 +86,7 @@ def _check_tensors_slow(op: str, tensors: dict) -> None:
 
 def _check_choice(op: str, what: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{op}: unknown {what} {value!r}; choose one of {', '.join(choices)}")
+        raise ValueError(f"{op}: unknown {what} {value!r}; choose one of {', '.join(map(repr, choices))}")
 
 
 def _check_once(checked: set, key, check, *args) -> None:
@@ -167,13 +167,13 @@ def _check_conv_shapes(op, x, weight, bias, padding, activation, pool) -> None:
     if H + 2 * padding < k or W + 2 * padding < k:
         raise ValueError(f"{op}: kernel {k}x{k} is larger than the padded input {H + 2 * padding}x"
                          f"{W + 2 * padding} (input {tuple(x.shape)}, padding {padding})")
-    PH, PW = _conv.pooled_size(H, W, k, padding)
+    PH, PW = _conv.pooled_size(H, W, k, padding, pool)
     if PH == 0 or PW == 0:
         raise ValueError(f"{op}: the {H + 2 * padding - k + 1}x{W + 2 * padding - k + 1} convolution "
                          f"output of input {tuple(x.shape)} is too small for 2x2 pooling")
-    positions = x.shape[0] * max(H * W, 4 * PH * PW)
+    per_image = max(H * W, (H + 2 * padding - k + 1) * (W + 2 * padding - k + 1))
+    positions = x.shape[0] * per_image
     if positions > _conv.ROW_INDEX_LIMIT:
-        per_image = max(H * W, 4 * PH * PW)
         raise ValueError(f"{op}: input {tuple(x.shape)} has {positions:,} positions in one call; the "
                          f"kernels index at most {_conv.ROW_INDEX_LIMIT:,}, i.e. "
                          f"{_conv.ROW_INDEX_LIMIT // per_image:,} images of this size: split the batch")
@@ -184,8 +184,9 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """pool2x2(act(conv2d(x, weight, bias, stride=1, padding))) in one Triton kernel each way.
 
     x: (N, C_in, H, W); weight: (C_out, C_in, k, k) with 1 <= k <= 7; bias: (C_out,) or None;
-    padding: 0..3; activation: relu | sigmoid | tanh | identity; pool: max | avg (window 2,
-    stride 2, odd trailing rows/columns dropped as in PyTorch). Returns (N, C_out, PH, PW).
+    padding: 0..3; activation: relu | sigmoid | tanh | identity; pool: "max" | "avg" (window 2,
+    stride 2, odd trailing rows/columns dropped as in PyTorch) or None for act(conv2d(x)) without
+    pooling. Returns (N, C_out, PH, PW), the pooled (or, without pooling, the conv) output size.
     """
     op = "conv2d_act_pool"
     if not isinstance(x, torch.Tensor) or x.ndim != 4:

@@ -25,7 +25,8 @@ def _square(name: str, value) -> int:
 
 
 class ConvActPool2d(nn.Conv2d):
-    """pool2x2(act(conv2d(x))) as one module: nn.Conv2d's parameters, stride 1, 2x2/2 pooling.
+    """pool2x2(act(conv2d(x))) as one module: nn.Conv2d's parameters, stride 1, 2x2/2 pooling
+    ("max" or "avg"), or act(conv2d(x)) with pool=None.
 
     Unsupported nn.Conv2d arguments (stride != 1, dilation != 1, groups != 1, padding_mode other
     than "zeros") raise at construction rather than computing something else.

@@ -1,4 +1,4 @@
-"""conv2d (stride 1) + bias + activation + 2x2/2 pooling: forward and backward as implicit GEMMs.
+"""conv2d (stride 1) + bias + activation [+ 2x2/2 pooling]: forward and backward as implicit GEMMs.
 
 Forward: GEMM rows are *pooled* output positions (n, ph, pw), columns are output channels, the
 reduction runs over C_in*k*k. Each program keeps four accumulators, one per position of the pooling
@@ -8,7 +8,8 @@ PyTorch) and nothing else, because the activation derivative is recovered from t
 itself (act_backward, see activations.py). Average pooling needs act' at all four positions, so with a
 non-identity activation it saves the pre-pool activations (what eager PyTorch keeps); identity saves
 nothing. Recomputing the convolution in backward would save that memory at the cost of a second
-forward GEMM, a poor trade for LeNet where that map is small.
+forward GEMM, a poor trade for LeNet where that map is small. Without pooling (POOL "none") a row is
+a conv position, one accumulator replaces the four, and nothing but the output is saved.
 
 Backward is ONE launch: programs [0, NUM_DX) compute grad input tiles (a GEMM over output channels x
 kernel taps, i.e. a transposed convolution), the rest compute the weight gradient, split over batch x
@@ -26,7 +27,18 @@ from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
 from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
                            weight_grad_sizes, weight_grad_tiles, zero_counters)
 
-POOLS = ("max", "avg")
+# The pools the Python API takes; None is no pooling, spelled "none" as the kernels' POOL constexpr.
+POOLS = ("max", "avg", None)
+
+
+def _pool_constexpr(pool) -> str:
+    return "none" if pool is None else pool
+
+
+@triton.jit
+def _pool_stride(POOL: tl.constexpr):
+    """Conv positions per output position along each axis: 2 for a 2x2/2 pooling window, 1 without."""
+    return 1 if POOL == "none" else 2
 
 
 @triton.jit
@@ -75,8 +87,11 @@ def _running_max(best, win, z, j: tl.constexpr):
 @triton.jit
 def _pool_window(z00, z01, z10, z11, POOL: tl.constexpr):
     """Pool the four window positions (row-major in the window). Max pooling also returns the
-    window index of the first maximum; a NaN anywhere wins, so NaN propagates as in PyTorch."""
-    if POOL == "max":
+    window index of the first maximum; a NaN anywhere wins, so NaN propagates as in PyTorch.
+    Without pooling only z00 was computed, and it is the output."""
+    if POOL == "none":
+        return z00, tl.zeros(z00.shape, dtype=tl.int8)
+    elif POOL == "max":
         best, win = _running_max(z00, tl.zeros(z00.shape, dtype=tl.int8), z01, 1)
         best, win = _running_max(best, win, z10, 2)
         best, win = _running_max(best, win, z11, 3)
@@ -93,11 +108,15 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
     """dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the pooled
     grad_output g, the pooled output y and the window index (max) or pre-pool activation (avg).
     Zero where no pooling window covers (oh, ow): the floor-dropped last row/column, or outside.
+    Without pooling the output is the conv map itself (PH, PW its size): dz = act'(g) from y.
     n is int64; co, oh, ow int32; all broadcast against each other."""
-    inside = mask & (oh >= 0) & (ow >= 0) & (oh < 2 * PH) & (ow < 2 * PW)
-    pooled = n * (C_out * PH * PW) + (co * (PH * PW) + (oh // 2) * PW + ow // 2)
+    S: tl.constexpr = _pool_stride(POOL)
+    inside = mask & (oh >= 0) & (ow >= 0) & (oh < S * PH) & (ow < S * PW)
+    pooled = n * (C_out * PH * PW) + (co * (PH * PW) + (oh // S) * PW + ow // S)
     g = tl.load(g_ptr + pooled, mask=inside, other=0.0)
-    if POOL == "max":
+    if POOL == "none":
+        dz = act_backward(g, tl.load(y_ptr + pooled, mask=inside, other=0.0), ACTIVATION)
+    elif POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
         win = tl.load(win_ptr + pooled, mask=inside, other=-1)
         dz = tl.where(win == (oh % 2) * 2 + ow % 2, act_backward(g, y, ACTIVATION), 0.0)
@@ -140,7 +159,8 @@ def conv2d_act_pool_fwd_kernel(
     mask_n = offs_n < C_out
 
     # Top-left conv position of each pooling window, as columns for the patch gather.
-    n_c, oh_c, ow_c, m_c = n[:, None], 2 * ph[:, None], 2 * pw[:, None], mask_m[:, None]
+    S: tl.constexpr = _pool_stride(POOL)
+    n_c, oh_c, ow_c, m_c = n[:, None], S * ph[:, None], S * pw[:, None], mask_m[:, None]
     z00 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     z01 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     z10 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
@@ -153,15 +173,16 @@ def conv2d_act_pool_fwd_kernel(
         x00 = _im2col(x_ptr, n_c, oh_c, ow_c, m_c, k_r, C_in, H, W,
                       stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         z00 = tl.dot(x00, w, z00, input_precision=DOT_PRECISION)
-        x01 = _im2col(x_ptr, n_c, oh_c, ow_c + 1, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
-        z01 = tl.dot(x01, w, z01, input_precision=DOT_PRECISION)
-        x10 = _im2col(x_ptr, n_c, oh_c + 1, ow_c, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
-        z10 = tl.dot(x10, w, z10, input_precision=DOT_PRECISION)
-        x11 = _im2col(x_ptr, n_c, oh_c + 1, ow_c + 1, m_c, k_r, C_in, H, W,
-                      stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
-        z11 = tl.dot(x11, w, z11, input_precision=DOT_PRECISION)
+        if POOL != "none":
+            x01 = _im2col(x_ptr, n_c, oh_c, ow_c + 1, m_c, k_r, C_in, H, W,
+                          stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
+            z01 = tl.dot(x01, w, z01, input_precision=DOT_PRECISION)
+            x10 = _im2col(x_ptr, n_c, oh_c + 1, ow_c, m_c, k_r, C_in, H, W,
+                          stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
+            z10 = tl.dot(x10, w, z10, input_precision=DOT_PRECISION)
+            x11 = _im2col(x_ptr, n_c, oh_c + 1, ow_c + 1, m_c, k_r, C_in, H, W,
+                          stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
+            z11 = tl.dot(x11, w, z11, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
@@ -241,8 +262,10 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     K = C_in * KSIZE * KSIZE
     split, tile, offs_co, offs_k, owns_bias = weight_grad_program(pid, C_out, K, SPLIT, BLOCK_CO, BLOCK_K)
-    OH2 = 2 * PH
-    OW2 = 2 * PW
+    # R runs over the conv positions the output covers (all of them without pooling).
+    S: tl.constexpr = _pool_stride(POOL)
+    OH2 = S * PH
+    OW2 = S * PW
     acc = tl.zeros([BLOCK_CO, BLOCK_K], dtype=acc_dtype)
     # dL/dz summed elementwise over this program's rows, for the bias gradient (split_reduce.py).
     bias_parts = tl.zeros([BLOCK_CO, BLOCK_R], dtype=acc_dtype)
@@ -312,9 +335,11 @@ def conv2d_act_pool_bwd_kernel(
 ROW_INDEX_LIMIT = 2**31 - 1024
 
 
-def pooled_size(h: int, w: int, ksize: int, padding: int) -> tuple[int, int]:
-    """(PH, PW) of pool2x2(conv_kxk(padding)) on an h x w input, with PyTorch's floor semantics."""
-    return (h + 2 * padding - ksize + 1) // 2, (w + 2 * padding - ksize + 1) // 2
+def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[int, int]:
+    """(PH, PW) of pool2x2(conv_kxk(padding)) on an h x w input, with PyTorch's floor semantics;
+    with pool None, the conv output's size."""
+    s = 1 if pool is None else 2
+    return (h + 2 * padding - ksize + 1) // s, (w + 2 * padding - ksize + 1) // s
 
 
 def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
@@ -329,7 +354,8 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     counter count, grid and constexprs (DOT_PRECISION is filled per call). Cached in _FWD."""
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
-    PH, PW = pooled_size(H, W, ksize, padding)
+    PH, PW = pooled_size(H, W, ksize, padding, pool)
+    s = 1 if pool is None else 2
     save_win = save_for_backward and pool == "max"
     save_prepool = save_for_backward and pool == "avg" and activation != "identity"
     block_co, block_k, _ = _weight_grad_blocks(C_out)
@@ -340,11 +366,12 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     # (TF32) dots and 16 for IEEE fp32 dots, which Triton lowers to FMAs with every operand in
     # registers: at 32 ptxas (12.9 and the 3.9 wheel's) sat at 80-128 registers and kept a value or
     # two on the stack, at 16 it needs at most ~110 and spills nothing (tests/test_gpu_build.py).
-    BLOCK_M, BLOCK_N = 32, min(max(next_pow2(C_out), 16), 32)
+    # Without pooling one accumulator replaces the four: 4x the rows is the same work and registers.
+    BLOCK_M, BLOCK_N = (32 * 4 // (s * s)), min(max(next_pow2(C_out), 16), 32)
     # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
-    meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
-                HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
+    meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
+                POOL=_pool_constexpr(pool), HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
                 num_warps=8, num_stages=2)
     return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
@@ -389,15 +416,16 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = y_shape[2], y_shape[3]
+    s = 1 if pool is None else 2
     K = C_in * ksize * ksize
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 32
     num_dx = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
     BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
     # The weight-gradient rows are the conv positions a pooling window covers.
-    plan_sizes = weight_grad_sizes(C_out, K, has_bias, N * 2 * PH * 2 * PW, block_out=BLOCK_DW_CO,
+    plan_sizes = weight_grad_sizes(C_out, K, has_bias, N * s * PH * s * PW, block_out=BLOCK_DW_CO,
                                    block_k=BLOCK_DW_K, block_rows=BLOCK_DW_R, max_split=256, enabled=need_dw)
-    meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation, POOL=pool,
-                SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias, DOT_PRECISION=None,
+    meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
+                POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias, DOT_PRECISION=None,
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 # 3 stages: with 2, ptxas (12.9) kept a value or two of some configurations on the

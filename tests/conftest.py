@@ -35,11 +35,12 @@ def _act(name):
 def _pool(name):
     import torch.nn.functional as F
 
-    return {"max": F.max_pool2d, "avg": F.avg_pool2d}[name]
+    # None: no pooling (the kernel size argument is ignored).
+    return {"max": F.max_pool2d, "avg": F.avg_pool2d, None: lambda t, size: t}[name]
 
 
 ACT = {name: _act(name) for name in ("relu", "sigmoid", "tanh", "identity")}
-POOL = {name: _pool(name) for name in ("max", "avg")}
+POOL = {name: _pool(name) for name in ("max", "avg", None)}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

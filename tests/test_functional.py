@@ -70,6 +70,13 @@ def test_conv_act_pool_shapes(shape, device):
     check_conv(shape, "relu", "max", torch.float32, device)
 
 
+# Without pooling the output keeps the odd last row/column that 2x2 pooling drops; 1x1 and 7x7
+# kernels, every padding.
+@pytest.mark.parametrize("shape", [CONV_SHAPES[i] for i in (0, 2, 3, 6)], ids=lambda s: "x".join(map(str, s)))
+def test_conv_act_without_pool_shapes(shape, device):
+    check_conv(shape, "tanh", None, torch.float32, device)
+
+
 @pytest.mark.parametrize("activation", FF.ACTIVATIONS)
 @pytest.mark.parametrize("pool", FF.POOLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,12 +1,13 @@
 """fastlenet: LeNet-5 with fused Triton kernels, forward and backward.
 
 The Triton kernels live in fastlenet.kernels; autograd Functions and the functional API in
-fastlenet.functional; drop-in torch.nn modules in fastlenet.nn; the models in fastlenet.models.
+fastlenet.functional; drop-in torch.nn modules in fastlenet.nn; the models in fastlenet.models;
+fastlenet.fuse(model) puts the fused modules into anyone's model (fastlenet.fusion).
 `import fastlenet` imports neither PyTorch nor Triton: the names below load their modules on first
 use, so the command-line tools answer --help at once and the reference path runs wherever torch does.
 """
 __version__ = "0.1.0"
-__all__ = ["LeNet5", "VARIANTS", "ConvActPool2d", "LinearAct", "__version__"]
+__all__ = ["LeNet5", "VARIANTS", "ConvActPool2d", "LinearAct", "fuse", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,4 +19,8 @@ def __getattr__(name: str):
         from fastlenet import nn
 
         return getattr(nn, name)
+    if name == "fuse":
+        from fastlenet.fusion import fuse
+
+        return fuse
     raise AttributeError(f"module 'fastlenet' has no attribute {name!r}")

@@ -70,7 +70,7 @@ def _check_tensors_slow(op: str, tensors: dict) -> None:
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"{op}: unsupported device {device}; the fused kernels need CUDA (or the "
                            "CPU under TRITON_INTERPRET=1)")
-    allowed = (torch.float32, torch.float64) if interpreting() else (torch.float32,)
+    allowed = supported_dtypes()
     for name, t in present.items():
         if name == "target":
             continue
@@ -82,6 +82,12 @@ def _check_tensors_slow(op: str, tensors: dict) -> None:
     if len(dtypes) > 1:
         what = ", ".join(f"{name} {t.dtype}" for name, t in present.items() if name != "target")
         raise TypeError(f"{op}: input, weight and bias must share one dtype, got {what}")
+
+
+def supported_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the fused kernels take: float32; also float64 under Triton's interpreter (for
+    gradcheck and tight tests)."""
+    return (torch.float32, torch.float64) if interpreting() else (torch.float32,)
 
 
 def _check_choice(op: str, what: str, value: str, choices) -> None:

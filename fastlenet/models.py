@@ -1,8 +1,11 @@
-"""LeNet-5 variants, reference (stock torch.nn) and fused (fastlenet.nn), with identical parameter names.
+"""The networks fastlenet trains: LeNet-5 variants, and the other small CNNs of the PyTorch MNIST
+tutorials, each reference (stock torch.nn) and fused, with identical parameter names.
 
-Submodules are named conv1, conv2, fc1, fc2, fc3 as in the usual PyTorch LeNet-5 scripts, so their
-state_dicts load unchanged into either path. The reference path applies activation and pooling as
-separate torch.nn.functional calls; the fused path folds them into the layer (one kernel each).
+LeNet-5's submodules are named conv1, conv2, fc1, fc2, fc3 as in the usual PyTorch LeNet-5 scripts,
+so their state_dicts load unchanged into either path. The reference path applies activation and
+pooling as separate torch.nn.functional calls; the fused path folds them into the layer (one kernel
+each). The tutorial networks are defined once, in stock torch.nn, and their fused form is what
+fastlenet.fuse makes of them (build_model(name, fused=True)).
 """
 from __future__ import annotations
 
@@ -85,3 +88,115 @@ class LeNet5(nn.Module):
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# The other networks of the PyTorch MNIST tutorials, as they write them (stock torch.nn).
+# --------------------------------------------------------------------------------------------------
+
+class TutorialCNN(nn.Module):
+    """Three conv blocks and a linear classifier: 28 -> 14 -> 7, 256 x 7 x 7 features."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 5, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 256, 5, padding=2), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(256 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class ConvNetBN(nn.Module):
+    """Two conv blocks (conv, max pool, ReLU, BatchNorm) and three linear layers with dropout."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 10, 5, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.BatchNorm2d(10),
+            nn.Conv2d(10, 20, 5, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.BatchNorm2d(20),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(500, 60), nn.Dropout(0.5), nn.ReLU(),
+            nn.Linear(60, 20), nn.Dropout(0.5), nn.ReLU(),
+            nn.Linear(20, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class AlexNetMNIST(nn.Module):
+    """AlexNet's five conv layers and three linear layers, sized for 28 x 28 input.
+
+    width scales every hidden layer (1.0 is the tutorial's network, 57 million parameters); the
+    tests use a narrow one so that Triton's interpreter can run it."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0):
+        super().__init__()
+        c1, c2, c3, c4, c5, f = (max(1, round(c * width)) for c in (64, 192, 384, 256, 256, 4096))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 1),
+            nn.Conv2d(c1, c2, 3, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(), nn.Linear(c5 * 6 * 6, f), nn.ReLU(),
+            nn.Dropout(), nn.Linear(f, f), nn.ReLU(),
+            nn.Linear(f, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class TutorialLeNet5(nn.Module):
+    """LeNet-5 written as PyTorch's "Neural Networks" tutorial writes it: layers as modules,
+    activation and pooling as function calls in forward (fastlenet.fuse rewrites the traced graph)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+# The tutorial networks by their command-line names (LeNet-5's variants are in VARIANTS).
+NETWORKS: dict[str, type[nn.Module]] = {
+    "cnn": TutorialCNN,
+    "convnet-bn": ConvNetBN,
+    "alexnet": AlexNetMNIST,
+}
+MODEL_NAMES = (*VARIANTS, *NETWORKS)
+
+
+def build_model(name: str, fused: bool = False) -> nn.Module:
+    """The network `name` (a LeNet-5 variant or a tutorial network), stock or fused. A tutorial
+    network's fused form is fastlenet.fuse of its stock form: the same parameter names."""
+    if name in VARIANTS:
+        return LeNet5(name, fused=fused)
+    if name not in NETWORKS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    model = NETWORKS[name]()
+    if fused:
+        from fastlenet.fusion import fuse
+
+        model, _ = fuse(model, inplace=True)
+    return model

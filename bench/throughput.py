@@ -1,13 +1,15 @@
-"""LeNet-5 training and inference throughput: eager vs torch.compile vs fused Triton vs CUDA graph.
+"""Training and inference throughput of LeNet-5 (or a tutorial network, --model): eager vs
+torch.compile vs fused Triton vs CUDA graph.
 
     python bench/throughput.py                                  # every provider, default batch sizes
     python bench/throughput.py --json bench/results/h100.json --plot bench/results/h100.png
     python bench/throughput.py --time-to-accuracy 0.99          # wall-clock to 99% test accuracy
 
-Providers (same LeNet-5 variant, same initial weights, float32, Adam(fused=True) throughout):
+Providers (same network, same initial weights, float32, Adam(fused=True) throughout):
   eager        the reference model: torch.nn layers, F.cross_entropy (cuDNN/cuBLAS on a GPU)
   compile      the reference model under torch.compile (Inductor); loss and Adam stay eager
-  fused        fastlenet's fused Triton layers and Triton cross-entropy
+  fused        fastlenet's fused Triton layers (for a tutorial network: fastlenet.fuse of the
+               reference) and Triton cross-entropy
   fused-graph  the whole fused training step (forward, loss, backward, Adam(capturable=True) step)
                captured once in a CUDA graph and replayed; GPU only
 
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet._cli import HelpFormatter, quiet_interpreter_warnings
-from fastlenet.models import VARIANTS, LeNet5
+from fastlenet.models import MODEL_NAMES, build_model
 from fastlenet.profiling import capture, count_device_ops, model_flops, training_step
 
 PROVIDERS = ("eager", "compile", "fused", "fused-graph")
@@ -79,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "call, which compiles, is timed separately)")
     p.add_argument("--cpu-threads", type=int, help="torch.set_num_threads on the CPU "
                    "(default: PyTorch's choice)")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="lenet5")
+    p.add_argument("--model", "--variant", dest="variant", choices=MODEL_NAMES, default="lenet5",
+                   help="the network: a LeNet-5 variant or a tutorial network (see fastlenet.models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="PATH", help="write machine-readable results here")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of throughput vs batch size")
@@ -200,7 +203,7 @@ def build(provider: str, variant: str, init: dict, device: torch.device, lr: flo
         raise Unavailable(why)
     if provider == "fused-graph" and device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA GPU")
-    model = LeNet5(variant, fused=fused).to(device)
+    model = build_model(variant, fused=fused).to(device)
     model.load_state_dict(init)
     # capturable keeps Adam's step counters on the device, which a CUDA graph requires.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True,
@@ -495,7 +498,7 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
     x_train, y_train = data.to_device(ds.train, device, mean, std)
     x_test, y_test = data.to_device(ds.test, device, mean, std)
     torch.manual_seed(args.seed)
-    init = copy.deepcopy(LeNet5(args.variant).state_dict())
+    init = copy.deepcopy(build_model(args.variant).state_dict())
     bs = args.tta_batch_size
     runs = []
     for provider in ("eager", "fused"):
@@ -575,7 +578,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # eager/compile get cuDNN's best algorithms
     torch.manual_seed(args.seed)
-    reference = LeNet5(args.variant)
+    reference = build_model(args.variant)
     init = copy.deepcopy(reference.state_dict())
     flops = model_flops(reference)
     flops_per_mode = {"train": flops["train"], "inference": flops["forward"]}

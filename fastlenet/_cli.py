@@ -25,10 +25,10 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-# The choices of --variant and --dataset: the names of fastlenet.models.VARIANTS and
-# fastlenet.data.DATASETS, spelled out because both modules import PyTorch. tests/test_cli.py holds
-# them equal.
-VARIANT_NAMES = ("lenet5", "lenet5-classic", "lenet5-nopad")
+# The choices of --model and --dataset: the names of fastlenet.models.MODEL_NAMES (LeNet-5's variants,
+# then the tutorial networks) and fastlenet.data.DATASETS, spelled out because both modules import
+# PyTorch. tests/test_cli.py holds them equal.
+MODEL_NAMES = ("lenet5", "lenet5-classic", "lenet5-nopad", "cnn", "convnet-bn", "alexnet")
 DATASET_NAMES = ("mnist", "fashion-mnist")
 
 # Test images evaluated under Triton's interpreter unless --limit-test says otherwise: the
@@ -296,14 +296,15 @@ def _contents_problem(checkpoint) -> str | None:
     if missing := [key for key in ("model", "config", "epoch") if key not in checkpoint]:
         return f"it has no {', '.join(missing)} entry"
     model, config, epoch = checkpoint["model"], checkpoint["config"], checkpoint["epoch"]
+    # Tensors, not only floating-point ones: BatchNorm counts its batches in an int64 buffer.
     if not isinstance(model, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in model.items()):
-        return "its model entry is not a state_dict of floating-point tensors"
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        return "its model entry is not a state_dict of tensors"
     if not isinstance(config, dict):
         return f"its config entry is a {type(config).__name__}, not a dict"
     if type(epoch) is not int or epoch < 0:
         return f"its epoch entry is {short_repr(epoch)}, not a number of epochs"
-    for key, names in (("variant", VARIANT_NAMES), ("dataset", DATASET_NAMES)):
+    for key, names in (("variant", MODEL_NAMES), ("dataset", DATASET_NAMES)):
         if key in config and config[key] not in names:
             return f"its {key} {short_repr(config[key])} is none of {', '.join(names)}"
     history = checkpoint.get("epochs", [])
@@ -325,6 +326,11 @@ def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
               for name in expected if name in state and state[name].shape != expected[name].shape]
     if shapes:
         problems.append(_some(shapes, quote=False))
+    # load_state_dict would cast integers into a float parameter without a word.
+    kinds = [f"{name} holds {state[name].dtype} values, the model's {expected[name].dtype}" for name in expected
+             if name in state and state[name].is_floating_point() != expected[name].is_floating_point()]
+    if kinds:
+        problems.append(_some(kinds, quote=False))
     if problems:
         raise CLIError(f"checkpoint {path} does not fit a {model.variant!r} model: {'; '.join(problems)}")
     model.load_state_dict(state)

@@ -199,4 +199,5 @@ def build_model(name: str, fused: bool = False) -> nn.Module:
         from fastlenet.fusion import fuse
 
         model, _ = fuse(model, inplace=True)
+    model.variant = name  # what the command-line tools call it (LeNet5 has the attribute too)
     return model

@@ -26,8 +26,6 @@ from fastlenet._cli import CLIError
 if TYPE_CHECKING:
     import torch
 
-    from fastlenet.models import LeNet5
-
 POSTFIX_EVERY = 50  # steps between progress-bar updates, each of which waits for the device
 EVAL_BATCH_SIZE = 2000  # inference batch: large, there is no backward to keep memory for
 
@@ -42,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastlenet.train", description="Train LeNet-5 on MNIST or Fashion-MNIST.",
         formatter_class=_cli.HelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--variant", choices=_cli.VARIANT_NAMES, default="lenet5", help="LeNet-5 variant")
+    model.add_argument("--model", "--variant", dest="variant", choices=_cli.MODEL_NAMES, default="lenet5",
+                       help="the network: a LeNet-5 variant, or one of the PyTorch MNIST tutorials' CNNs "
+                            "(cnn, convnet-bn, alexnet; with --fused, their layers are fused by fastlenet.fuse)")
     model.add_argument("--fused", action="store_true",
                        help="use the fused Triton layers and loss (CUDA; CPU only under TRITON_INTERPRET=1)")
     model.add_argument("--compile", action="store_true",
@@ -238,10 +238,10 @@ def _valid_setting(action: argparse.Action, value) -> bool:
     return type(parsed) is type(value) and parsed == value and (action.choices is None or value in action.choices)
 
 
-def build_model(variant: str, fused: bool, device: torch.device) -> LeNet5:
-    from fastlenet.models import LeNet5
+def build_model(name: str, fused: bool, device: torch.device) -> torch.nn.Module:
+    from fastlenet import models
 
-    return LeNet5(variant, fused=fused).to(device)
+    return models.build_model(name, fused=fused).to(device)
 
 
 def channels_last(model: torch.nn.Module, *images: torch.Tensor):
@@ -305,7 +305,9 @@ def _scheduler(optimizer, schedule: str, total_steps: int, done_steps: int, save
         cycle = cycle_momentum and ("betas" in momentum_group or momentum_group.get("momentum", 0) > 0)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g.get("max_lr", g["lr"]) for g in optimizer.param_groups],
-            total_steps=max(total_steps, done_steps + 1), pct_start=0.25, cycle_momentum=cycle,
+            # OneCycleLR divides by its warm-up length, 0.25 * total - 1 steps: under 5 steps in all
+            # it would divide by zero, so a run that short gets the first steps of a 5-step cycle.
+            total_steps=max(total_steps, done_steps + 1, 5), pct_start=0.25, cycle_momentum=cycle,
             last_epoch=last)
         same_length = saved_state is not None and saved_state.get("total_steps") == total_steps \
             and saved_state.get("cycle_momentum") == cycle

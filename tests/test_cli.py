@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastlenet import _cli, data, evaluate, train
-from fastlenet.models import VARIANTS, LeNet5
+from fastlenet.models import MODEL_NAMES, VARIANTS, LeNet5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -276,7 +276,7 @@ BAD_CHECKPOINTS = {
     "no config": (_edited(lambda c: c.pop("config")), "no config", True),
     "model is a list": (_edited(lambda c: c.update(model=[1, 2])), "not a state_dict", True),
     "integer weights": (_edited(lambda c: c["model"].update({"fc3.bias": torch.zeros(10, dtype=torch.long)})),
-                        "not a state_dict", True),
+                        "fc3.bias holds torch.int64 values, the model's torch.float32", True),
     "epoch is text": (_edited(lambda c: c.update(epoch="2")), "epoch entry is '2'", True),
     "history of tensors": (_edited(lambda c: c.update(epochs=[torch.ones(1)])), "epochs entry", True),
     "colour codes": (_edited(lambda c: c["config"].update(variant="\x1b[31mlenet5")), "variant", True),
@@ -406,7 +406,7 @@ def test_evaluate_needs_only_the_test_files(smoke, mnist_dir, tmp_path, monkeypa
 # --------------------------------------------------------------------------------------------------
 
 def test_parser_choices_are_the_library_names():
-    assert _cli.VARIANT_NAMES == tuple(sorted(VARIANTS))
+    assert _cli.MODEL_NAMES == MODEL_NAMES and MODEL_NAMES[:3] == tuple(sorted(VARIANTS))
     assert _cli.DATASET_NAMES == data.DATASETS
 
 

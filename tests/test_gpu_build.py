@@ -3,8 +3,9 @@ Triton's real pipeline and ptxas, and must use no spill memory (LOCAL and STACK 
 cuobjdump) and fit the target's shared memory.
 
 The configurations are recorded, without running the kernels, from the calls users make: a
-training step of every LeNet-5 variant at batch 1, 3, 128, 4096 and 65536; cross-entropy over 10,
-100 and 1000 classes; the drop-in layers at shapes beyond LeNet, with every activation x pool. Each
+training step of every LeNet-5 variant at batch 1, 3, 128, 4096 and 65536, and of the tutorial
+networks fused by fastlenet.fuse; cross-entropy over 10, 100 and 1000 classes; the drop-in layers at
+shapes beyond LeNet, with every activation x pool (no pooling included). Each
 is specialised by Triton's own JIT rules (integers equal to 1 become constexprs, integers and
 pointers divisible by 16 get a divisibility hint), so what is built is what a GPU run compiles, and
 each dot is built in both precisions a GPU run can pick (IEEE fp32 and TF32). Failing
@@ -26,10 +27,13 @@ from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
 from fastlenet.kernels.gpu_build import describe, describe_result, failures, merge_descriptions
 from fastlenet.kernels.launch import record_launches, record_precision
-from fastlenet.models import VARIANTS, LeNet5
+from fastlenet.models import NETWORKS, VARIANTS, LeNet5, build_model
 
 TARGETS = (80, 90)
 LENET_BATCHES = (1, 3, 128, 4096, 65536)
+# The tutorial networks' stock layers (BatchNorm, dropout, AlexNet's 3x3 pools) run for real while
+# the fused ones are recorded, so AlexNet (large activations) stops at batch 128.
+NETWORK_BATCHES = {"cnn": (1, 3, 128, 4096), "convnet-bn": (1, 3, 128, 4096), "alexnet": (1, 3, 128)}
 LOSS_BATCHES = (1, 3, 128, 4096)
 LOSS_CLASSES = (10, 100, 1000)
 LAYER_BATCHES = (1, 3, 128)
@@ -60,6 +64,13 @@ def _recorded(origin, fn):
 def _lenet_step(variant, batch, device):
     model = LeNet5(variant, fused=True).to(device)
     x = torch.empty(batch, 1, 28, 28, device=device)
+    target = torch.zeros(batch, dtype=torch.int64, device=device)
+    return lambda: FF.cross_entropy(model(x), target).backward()
+
+
+def _network_step(name, batch, device):
+    model = build_model(name, fused=True).to(device)
+    x = torch.zeros(batch, 1, 28, 28, device=device)
     target = torch.zeros(batch, dtype=torch.int64, device=device)
     return lambda: FF.cross_entropy(model(x), target).backward()
 
@@ -99,6 +110,9 @@ def user_launch_configs(device):
     for variant in VARIANTS:
         for batch in LENET_BATCHES:
             descs += _recorded(f"{variant} step B={batch}", _lenet_step(variant, batch, device))
+    for name in NETWORKS:
+        for batch in NETWORK_BATCHES[name]:
+            descs += _recorded(f"{name} (fused) step B={batch}", _network_step(name, batch, device))
     for classes in LOSS_CLASSES:
         for batch in LOSS_BATCHES:
             descs += _recorded(f"cross_entropy B={batch} C={classes}", _loss_step(batch, classes, device))

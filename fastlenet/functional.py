@@ -1,21 +1,27 @@
-"""The functional API of the fused layers: validation, autograd Functions, dispatch to the kernels.
+"""The functional API of the fused layers: validation, then the fused op (fastlenet.ops).
 
-Everything here knows autograd and nothing of pointers; fastlenet.kernels knows pointers and nothing
-of autograd. There is no PyTorch fallback: a tensor the kernels cannot take raises an error that
+Validation happens here, in Python, before an op is called, so a bad input gets a message naming the
+offending shapes and dtypes; the checks read only shapes, dtypes, devices and settings, so
+torch.compile traces them into guards. fastlenet.ops holds the torch.library custom ops (schema,
+fake implementation, autograd, autocast); fastlenet.kernels knows pointers and nothing of autograd. There is no PyTorch fallback: a tensor the kernels cannot take raises an error that
 says what to do, because a silent fallback would hide exactly what this library exists to show.
 """
 from __future__ import annotations
 
 import torch
 
+from fastlenet import ops  # noqa: F401  registers the torch.ops.fastlenet ops
 from fastlenet.kernels import conv_act_pool as _conv
-from fastlenet.kernels import cross_entropy as _xent
-from fastlenet.kernels import linear_act as _linear
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
-from fastlenet.kernels.launch import executing, interpreting
+from fastlenet.kernels.launch import interpreting
 
 __all__ = ["conv2d_act_pool", "linear_act", "cross_entropy", "ACTIVATIONS", "POOLS"]
+
+# The forward ops' overloads, called directly: a CustomOpDef's __call__ adds a Python layer per call.
+_CONV_FWD = torch.ops.fastlenet.conv2d_act_pool_fwd.default
+_LINEAR_FWD = torch.ops.fastlenet.linear_act_fwd.default
+_XENT_FWD = torch.ops.fastlenet.cross_entropy_fwd.default
 
 MAX_KERNEL_SIZE = 7
 MAX_PADDING = 3
@@ -25,36 +31,52 @@ MAX_PADDING = 3
 # Validation shared by the three ops
 # --------------------------------------------------------------------------------------------------
 
-def _check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
-    """Same device, a device the kernels can run on, and a dtype they support.
+def _check_tensors(op: str, cast: torch.dtype | None = None, **tensors: torch.Tensor | None) -> None:
+    """Same device, a device the kernels can run on, and a dtype they support. `cast` is the dtype
+    an autocast region will cast the floating tensors to before the op (_autocast_dtype): then it
+    is their dtype that must be supported, and the tensors may differ in dtype.
 
-    The common case (one device, one supported dtype) costs a few attribute reads; only a tensor
-    that fails a check takes the slow path, which builds the message naming it."""
-    items = iter(tensors.items())
-    _, first = next(items)  # the input (or logits): present, floating point
-    device, dtype = first.device, first.dtype
-    for name, t in items:
-        if t is not None and (t.device != device or (name != "target" and t.dtype != dtype)):
-            break
-    else:
-        if (device.type, dtype) in _allowed_device_dtypes():
-            return
-    _check_tensors_slow(op, tensors)
+    The common case (one device, one supported dtype, no autocast) costs a few attribute reads; only
+    a tensor that fails a check, or autocast, takes the slow path, which builds the message naming
+    the offending tensor."""
+    if cast is None:
+        items = iter(tensors.items())
+        _, first = next(items)  # the input (or logits): present, floating point
+        device, dtype = first.device, first.dtype
+        for name, t in items:
+            if t is not None and (t.device != device or (name != "target" and t.dtype != dtype)):
+                break
+        else:
+            if (device.type, dtype) in _allowed_device_dtypes(op):
+                return
+    _check_tensors_slow(op, tensors, cast)
 
 
-def _allowed_device_dtypes() -> frozenset:
-    """(device type, dtype) pairs the kernels take: float32 on CUDA; under the interpreter float32
-    and float64 (for gradcheck) on the CPU or CUDA. Anything else gets _check_tensors_slow's error."""
+def _allowed_device_dtypes(op: str) -> frozenset:
+    """(device type, dtype) pairs the kernels of `op` take (supported_dtypes, on CUDA; under the
+    interpreter on the CPU or CUDA). Anything else gets _check_tensors_slow's error."""
     if interpreting():
-        return _ALLOWED_INTERPRETED
+        return _ALLOWED_INTERPRETED_XENT if op == "cross_entropy" else _ALLOWED_INTERPRETED
     return _ALLOWED_COMPILED
 
 
-_ALLOWED_INTERPRETED = frozenset((d, t) for d in ("cpu", "cuda") for t in (torch.float32, torch.float64))
-_ALLOWED_COMPILED = frozenset({("cuda", torch.float32)})
+_HALF = (torch.float16, torch.bfloat16)
+_ALLOWED_INTERPRETED = frozenset((d, t) for d in ("cpu", "cuda")
+                                 for t in (torch.float32, torch.float64, torch.float16))
+_ALLOWED_INTERPRETED_XENT = _ALLOWED_INTERPRETED | {(d, torch.bfloat16) for d in ("cpu", "cuda")}
+_ALLOWED_COMPILED = frozenset(("cuda", t) for t in (torch.float32, *_HALF))
 
 
-def _check_tensors_slow(op: str, tensors: dict) -> None:
+def _autocast_dtype(op: str, device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast makes the op run in on device_type, or None outside autocast: the
+    conv and linear ops take the region's dtype (as nn.Conv2d / nn.Linear), cross-entropy float32
+    (as F.cross_entropy). fastlenet.ops registers the casts; this lets validation see them."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if op == "cross_entropy" else torch.get_autocast_dtype(device_type)
+
+
+def _check_tensors_slow(op: str, tensors: dict, cast: torch.dtype | None = None) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
@@ -70,24 +92,36 @@ def _check_tensors_slow(op: str, tensors: dict) -> None:
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"{op}: unsupported device {device}; the fused kernels need CUDA (or the "
                            "CPU under TRITON_INTERPRET=1)")
-    allowed = supported_dtypes()
-    for name, t in present.items():
-        if name == "target":
-            continue
-        if t.dtype not in allowed:
+    # What each tensor's dtype is when the op runs: autocast casts floating tensors but float64.
+    dtypes = {name: cast if cast is not None and t.is_floating_point() and t.dtype != torch.float64
+              else t.dtype for name, t in present.items() if name != "target"}
+    allowed = supported_dtypes(op)
+    for name, dtype in dtypes.items():
+        if dtype == torch.bfloat16 and interpreting() and dtype not in allowed:
+            raise TypeError(f"{op}: {name} is bfloat16, which needs a CUDA GPU: Triton's interpreter "
+                            "computes bfloat16 dot products wrongly (it multiplies their bit patterns), "
+                            "so under TRITON_INTERPRET=1 the fused conv and linear layers take float16, "
+                            "float32 and float64")
+        if dtype not in allowed:
             extra = "" if interpreting() else " (float64 only under TRITON_INTERPRET=1, for gradcheck)"
-            raise TypeError(f"{op}: {name} has dtype {t.dtype}; the fused kernels support "
-                            f"{', '.join(map(str, allowed))}{extra}. Mixed precision is not built yet.")
-    dtypes = {t.dtype for name, t in present.items() if name != "target"}
-    if len(dtypes) > 1:
-        what = ", ".join(f"{name} {t.dtype}" for name, t in present.items() if name != "target")
+            how = f" (autocast to {cast})" if cast is not None and dtype == cast else ""
+            raise TypeError(f"{op}: {name} has dtype {dtype}{how}; the fused kernels support "
+                            f"{', '.join(map(str, allowed))}{extra}")
+    if len(set(dtypes.values())) > 1:
+        what = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
         raise TypeError(f"{op}: input, weight and bias must share one dtype, got {what}")
 
 
-def supported_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes the fused kernels take: float32; also float64 under Triton's interpreter (for
-    gradcheck and tight tests)."""
-    return (torch.float32, torch.float64) if interpreting() else (torch.float32,)
+def supported_dtypes(op: str | None = None) -> tuple[torch.dtype, ...]:
+    """The dtypes the fused kernels take: float32, float16 and bfloat16 (each kernel computes in
+    float32 and stores in its inputs' dtype). Under Triton's interpreter also float64 (for gradcheck
+    and tight tests), but bfloat16 only for cross_entropy (op="cross_entropy"): the interpreter
+    computes bfloat16 dot products wrongly, and the conv and linear kernels are dot products."""
+    if not interpreting():
+        return (torch.float32, torch.float16, torch.bfloat16)
+    if op == "cross_entropy":
+        return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    return (torch.float32, torch.float64, torch.float16)
 
 
 def _check_choice(op: str, what: str, value: str, choices) -> None:
@@ -122,32 +156,6 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # conv2d + bias + activation + 2x2 pooling
 # --------------------------------------------------------------------------------------------------
-
-class _Conv2dActPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding, activation, pool, save):
-        y, win, prepool, counters = _conv.conv2d_act_pool_forward(x, weight, bias, padding, activation,
-                                                                  pool, save_for_backward=save)
-        # Saved: x and W (the GEMM operands), the pooled output y (the activation derivative is
-        # recovered from it), and only for pooling's sake a 1-byte window index (max) or the
-        # pre-pool activations (avg with a non-identity activation). y and x are tensors the network
-        # keeps anyway, so max pooling costs one extra byte per output element. The arrival
-        # counters of the weight-gradient reduction, zeroed by this forward launch, go with them:
-        # the backward then depends on nothing but its own forward.
-        ctx.save_for_backward(x, weight, y, win, prepool, counters)
-        ctx.settings = (padding, activation, pool, bias is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, y, win, prepool, counters = ctx.saved_tensors
-        padding, activation, pool, has_bias = ctx.settings
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = _conv.conv2d_act_pool_backward(
-            _contiguous(grad_y), x, weight, y, win, prepool, padding, activation, pool,
-            has_bias=has_bias, need_dx=need_dx, need_dw=need_dw or need_db, counters=counters)
-        return dx, dw if need_dw else None, db if need_db else None, None, None, None, None
-
 
 _CONV_SHAPES_OK: set = set()
 
@@ -203,36 +211,14 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     key = (x.shape, weight.shape, None if bias is None else bias.shape, padding, type(padding),
            activation, pool)
     _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool)
-    _check_tensors(op, input=x, weight=weight, bias=bias)
-    return _Conv2dActPool.apply(x, weight, bias, padding, activation, pool,
-                                _grad_wanted(x, weight, bias))
+    _check_tensors(op, _autocast_dtype(op, x.device.type), input=x, weight=weight, bias=bias)
+    return _CONV_FWD(x, weight, bias, padding, activation, pool,
+                                    _grad_wanted(x, weight, bias))[0]
 
 
 # --------------------------------------------------------------------------------------------------
 # linear + bias + activation
 # --------------------------------------------------------------------------------------------------
-
-class _LinearAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation, save):
-        y, counters = _linear.linear_act_forward(x, weight, bias, activation, save_for_backward=save)
-        # Saved: x and W (the GEMM operands) and the output y, from which act' is recovered; y is
-        # the next layer's input, which it saves anyway. And the weight-gradient arrival counters
-        # this forward zeroed (see the conv op).
-        ctx.save_for_backward(x, weight, y, counters)
-        ctx.settings = (activation, bias is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, y, counters = ctx.saved_tensors
-        activation, has_bias = ctx.settings
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = _linear.linear_act_backward(_contiguous(grad_y), x, weight, y, activation,
-                                                 has_bias=has_bias, need_dx=need_dx,
-                                                 need_dw=need_dw or need_db, counters=counters)
-        return dx, dw if need_dw else None, db if need_db else None, None, None
-
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                activation: str = "relu") -> torch.Tensor:
@@ -243,12 +229,12 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     key = (x.shape, weight.shape, None if bias is None else bias.shape, activation)
     _check_once(_LINEAR_SHAPES_OK, key, _check_linear_shapes, op, x, weight, bias, activation)
-    _check_tensors(op, input=x, weight=weight, bias=bias)
+    _check_tensors(op, _autocast_dtype(op, x.device.type), input=x, weight=weight, bias=bias)
     if x.ndim == 2:  # LeNet's case: no reshape either way
-        return _LinearAct.apply(x, weight, bias, activation, _grad_wanted(x, weight, bias))
+        return _LINEAR_FWD(x, weight, bias, activation, _grad_wanted(x, weight, bias))[0]
     # Leading dimensions fold into the GEMM's rows: a view for contiguous input, a copy otherwise.
     x2 = x.reshape(-1, x.shape[-1])
-    y = _LinearAct.apply(x2, weight, bias, activation, _grad_wanted(x, weight, bias))
+    y = _LINEAR_FWD(x2, weight, bias, activation, _grad_wanted(x, weight, bias))[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -271,39 +257,6 @@ def _check_linear_shapes(op, x, weight, bias, activation) -> None:
 # cross-entropy (log-softmax + mean NLL)
 # --------------------------------------------------------------------------------------------------
 
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, ignore_index):
-        loss, lse, rows = _xent.cross_entropy_forward(logits, target, ignore_index)
-        # On the CPU reading rows costs no device synchronisation (see the kernel's docstring); a
-        # launch that was only recorded (record_launches(execute=False)) wrote nothing to read.
-        if rows.device.type == "cpu" and executing():
-            _check_targets_in_range(rows, target, logits.shape[1], ignore_index)
-        # Saved: the logits, the per-row log-sum-exp and the count of targets kept (in rows), so
-        # backward is one elementwise pass with no reduction.
-        ctx.save_for_backward(logits, target, lse, rows)
-        ctx.ignore_index = ignore_index
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        logits, target, lse, rows = ctx.saved_tensors
-        dlogits = _xent.cross_entropy_backward(_contiguous(grad_loss), logits, target, lse, rows,
-                                               ctx.ignore_index)
-        return dlogits, None, None
-
-
-def _check_targets_in_range(rows: torch.Tensor, target: torch.Tensor, classes: int, ignore_index: int) -> None:
-    """Raise for the first out-of-range target the forward kernel found (rows[1] < batch)."""
-    first_bad = int(rows[1])
-    if first_bad < target.shape[0]:
-        raise IndexError(f"cross_entropy: target {int(target[first_bad])} (row {first_bad}) is out of "
-                         f"bounds for {classes} classes: targets must be in [0, {classes}) or equal "
-                         f"ignore_index ({ignore_index})")
-
-
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of class logits (B, C) against integer targets (B,), as
     torch.nn.functional.cross_entropy with its defaults, one Triton kernel each way.
@@ -324,5 +277,5 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if logits.shape[0] == 0:
         raise ValueError(f"{op}: empty batch (the mean of no losses is undefined)")
-    _check_tensors(op, logits=logits, target=target)
-    return _CrossEntropy.apply(logits, target, ignore_index)
+    _check_tensors(op, _autocast_dtype(op, logits.device.type), logits=logits, target=target)
+    return _XENT_FWD(logits, target, ignore_index)[0]

@@ -348,6 +348,13 @@ def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
     return min(max(next_pow2(C_out), 16), 32), 32, 32
 
 
+def counters_needed(C_out: int, C_in: int, ksize: int) -> int:
+    """Arrival counters a forward that saves for backward hands to it: one per weight-gradient
+    tile, at least one (shapes only: fastlenet.ops's fake implementation uses it too)."""
+    block_co, block_k, _ = _weight_grad_blocks(C_out)
+    return max(weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k), 1)
+
+
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
                     save_for_backward: bool):
     """Everything conv2d_act_pool_forward derives from shapes and settings alone: output shapes,

@@ -149,6 +149,13 @@ def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
     return min(max(next_pow2(N), 16), 32), 64, 32
 
 
+def counters_needed(N: int, K: int) -> int:
+    """Arrival counters a forward that saves for backward hands to it: one per weight-gradient
+    tile, at least one (shapes only: fastlenet.ops's fake implementation uses it too)."""
+    block_n, block_k, _ = _weight_grad_blocks(N)
+    return max(weight_grad_tiles(N, K, block_n, block_k), 1)
+
+
 def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_backward: bool):
     """What linear_act_forward derives from shapes and settings alone (cached in _FWD)."""
     M, K = x_shape

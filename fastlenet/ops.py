@@ -1,0 +1,298 @@
+"""The fused layers as PyTorch operators: torch.library custom ops in the `fastlenet` namespace.
+
+Each layer is a forward op and a backward op (torch.ops.fastlenet.conv2d_act_pool_fwd / _bwd,
+linear_act_fwd / _bwd, cross_entropy_fwd / _bwd), registered per op with what PyTorch needs to
+treat it like one of its own: a schema, a fake implementation (output shapes, dtypes and strides
+from input shapes alone, no kernel), autograd (on the forward op: setup_context saves what the
+backward op reads, the backward calls it) and autocast (the conv and linear ops run in the autocast
+dtype like nn.Conv2d / nn.Linear, cross-entropy in float32 like F.cross_entropy). torch.compile then
+traces a model built from fastlenet's layers without a graph break, each op an opaque node.
+
+Schemas cannot return None, so an output that a setting leaves out (the window index without max
+pooling, the pre-pool activations without average pooling, the arrival counters and the gradients
+nobody asked for) is an empty tensor. Ops return fresh tensors and change none of their inputs. The
+weight-gradient arrival counters are an OUTPUT of a forward op (its kernel zeroes them) and an input
+of the backward op, so forward and backward stay one launch each, with no memset between them
+(split_reduce.py). The backward kernel counts in them while it runs, but its last-arriving programs
+re-arm every counter to zero, so the op leaves them as it found them: to PyTorch they are a
+read-only input, and the schema declares no mutation. (Declared as mutated, AOTAutograd would have
+to replay a mutation of a forward output inside the backward graph, which its partitioner refuses
+when that output is also returned, and eager autograd's version check would refuse a second
+backward through the same graph.)
+
+`save` says whether a backward will follow: functional passes it as "grad enabled and an input
+requires grad". A forward called with save=False keeps nothing, and a backward through it raises.
+
+Validation is not here: fastlenet.functional checks shapes and dtypes before calling an op, so a bad
+input gets the message that names it, and the ops assume valid input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastlenet.kernels import conv_act_pool as _conv
+from fastlenet.kernels import cross_entropy as _xent
+from fastlenet.kernels import linear_act as _linear
+from fastlenet.kernels.launch import accumulator_dtype, executing
+
+__all__ = ["conv2d_act_pool_fwd", "conv2d_act_pool_bwd", "linear_act_fwd", "linear_act_bwd",
+           "cross_entropy_fwd", "cross_entropy_bwd"]
+
+_LIB = torch.library.Library("fastlenet", "FRAGMENT")  # for the autocast kernels
+
+
+def _overload(op) -> torch._ops.OpOverload:
+    """The op's torch.ops overload: calling it skips the Python layer of the CustomOpDef's __call__."""
+    return getattr(torch.ops.fastlenet, op._name).default
+
+
+def _or_empty(t: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """t, or an empty tensor standing for None (a schema's outputs cannot be None)."""
+    return t if t is not None else torch.empty((0,), dtype=dtype, device=like.device)
+
+
+def _no_zero_gradients(ctx) -> None:
+    """The outputs only a backward reads (window index, counters, log-sum-exp...) get no gradient:
+    left as None rather than filled with zeros, which would cost a device op each per step."""
+    ctx.set_materialize_grads(False)
+
+
+def _check_saved(counters: Tensor, op: str) -> None:
+    if counters.numel() == 0:  # a shape-only test: the forward kept nothing (save=False)
+        raise RuntimeError(f"{op}: backward through a forward op called with save=False, which kept "
+                           "nothing for it; call it with save=True when a gradient is wanted")
+
+
+def _saves_window(pool) -> bool:
+    return pool == "max"
+
+
+def _saves_prepool(activation: str, pool) -> bool:
+    return pool == "avg" and activation != "identity"
+
+
+# --------------------------------------------------------------------------------------------------
+# conv2d + bias + activation [+ 2x2 pooling]
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlenet::conv2d_act_pool_fwd", mutates_args=())
+def conv2d_act_pool_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, activation: str,
+                        pool: Optional[str], save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, window index, pre-pool activations, arrival counters); the last three are what the
+    backward op reads, empty where the settings (or save=False) leave them out."""
+    y, win, prepool, counters = _conv.conv2d_act_pool_forward(x, weight, bias, padding, activation, pool,
+                                                              save_for_backward=save)
+    return (y, _or_empty(win, x, torch.int8), _or_empty(prepool, x, x.dtype),
+            _or_empty(counters, x, torch.int32))
+
+
+@conv2d_act_pool_fwd.register_fake
+def _(x, weight, bias, padding, activation, pool, save):
+    N, _, H, W = x.shape
+    C_out, C_in, k, _ = weight.shape
+    PH, PW = _conv.pooled_size(H, W, k, padding, pool)
+    y = x.new_empty((N, C_out, PH, PW))
+    win = x.new_empty((N, C_out, PH, PW) if save and _saves_window(pool) else (0,), dtype=torch.int8)
+    prepool = x.new_empty((N, C_out, 2 * PH, 2 * PW) if save and _saves_prepool(activation, pool) else (0,))
+    counters = x.new_empty((_conv.counters_needed(C_out, C_in, k),) if save else (0,), dtype=torch.int32)
+    return y, win, prepool, counters
+
+
+@torch.library.custom_op("fastlenet::conv2d_act_pool_bwd", mutates_args=())
+def conv2d_act_pool_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, win: Tensor, prepool: Tensor,
+                        counters: Tensor, padding: int, activation: str, pool: Optional[str], has_bias: bool,
+                        need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db), each empty when not asked for (need_dx; need_dw covers dw and db)."""
+    dx, dw, db = _conv.conv2d_act_pool_backward(
+        grad_y, x, weight, y, win if _saves_window(pool) else None,
+        prepool if _saves_prepool(activation, pool) else None, padding, activation, pool,
+        has_bias=has_bias, need_dx=need_dx, need_dw=need_dw, counters=counters)
+    return _or_empty(dx, x, x.dtype), _or_empty(dw, x, weight.dtype), _or_empty(db, x, weight.dtype)
+
+
+@conv2d_act_pool_bwd.register_fake
+def _(grad_y, x, weight, y, win, prepool, counters, padding, activation, pool, has_bias, need_dx, need_dw):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            weight.new_empty((weight.shape[0],) if need_dw and has_bias else (0,)))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, padding, activation, pool, _ = inputs
+    y, win, prepool, counters = output
+    # Saved: x and W (the GEMM operands), the output y (act' is recovered from it), what pooling
+    # needs (kernels/conv_act_pool.py says why) and the arrival counters this forward zeroed.
+    ctx.save_for_backward(x, weight, y, win, prepool, counters)
+    _no_zero_gradients(ctx)
+    ctx.settings = (padding, activation, pool, bias is not None)
+
+
+def _conv_backward(ctx, grad_y, _grad_win, _grad_prepool, _grad_counters):
+    if grad_y is None:
+        return None, None, None, None, None, None, None
+    x, weight, y, win, prepool, counters = ctx.saved_tensors
+    padding, activation, pool, has_bias = ctx.settings
+    _check_saved(counters, "conv2d_act_pool")
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = _overload(conv2d_act_pool_bwd)(grad_y.contiguous(), x, weight, y, win, prepool, counters,
+                                                padding, activation, pool, has_bias, need_dx, need_dw or need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            None, None, None, None)
+
+
+conv2d_act_pool_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear + bias + activation
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlenet::linear_act_fwd", mutates_args=())
+def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                   save: bool) -> tuple[Tensor, Tensor]:
+    """(y, arrival counters) for a 2-D x; the counters empty unless save."""
+    y, counters = _linear.linear_act_forward(x, weight, bias, activation, save_for_backward=save)
+    return y, _or_empty(counters, x, torch.int32)
+
+
+@linear_act_fwd.register_fake
+def _(x, weight, bias, activation, save):
+    N, K = weight.shape
+    return (x.new_empty((x.shape[0], N)),
+            x.new_empty((_linear.counters_needed(N, K),) if save else (0,), dtype=torch.int32))
+
+
+@torch.library.custom_op("fastlenet::linear_act_bwd", mutates_args=())
+def linear_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, counters: Tensor, activation: str,
+                   has_bias: bool, need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _linear.linear_act_backward(grad_y, x, weight, y, activation, has_bias=has_bias,
+                                             need_dx=need_dx, need_dw=need_dw, counters=counters)
+    return _or_empty(dx, x, x.dtype), _or_empty(dw, x, weight.dtype), _or_empty(db, x, weight.dtype)
+
+
+@linear_act_bwd.register_fake
+def _(grad_y, x, weight, y, counters, activation, has_bias, need_dx, need_dw):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            weight.new_empty((weight.shape[0],) if need_dw and has_bias else (0,)))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, _ = inputs
+    y, counters = output
+    # Saved: x and W (the GEMM operands) and y, from which act' is recovered; y is the next layer's
+    # input, which it saves anyway; and the arrival counters this forward zeroed.
+    ctx.save_for_backward(x, weight, y, counters)
+    _no_zero_gradients(ctx)
+    ctx.settings = (activation, bias is not None)
+
+
+def _linear_backward(ctx, grad_y, _grad_counters):
+    if grad_y is None:
+        return None, None, None, None, None
+    x, weight, y, counters = ctx.saved_tensors
+    activation, has_bias = ctx.settings
+    _check_saved(counters, "linear_act")
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = _overload(linear_act_bwd)(grad_y.contiguous(), x, weight, y, counters, activation, has_bias,
+                                           need_dx, need_dw or need_db)
+    return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None
+
+
+linear_act_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-entropy
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlenet::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, per-row log-sum-exp, rows = [targets kept, first out-of-range row])."""
+    loss, lse, rows = _xent.cross_entropy_forward(logits, target, ignore_index)
+    # On the CPU reading rows costs no device synchronisation (see the kernel's docstring); a
+    # launch that was only recorded (record_launches(execute=False)) wrote nothing to read.
+    if rows.device.type == "cpu" and executing():
+        _check_targets_in_range(rows, target, logits.shape[1], ignore_index)
+    return loss, lse, rows
+
+
+def _check_targets_in_range(rows: Tensor, target: Tensor, classes: int, ignore_index: int) -> None:
+    """Raise for the first out-of-range target the forward kernel found (rows[1] < batch)."""
+    first_bad = int(rows[1])
+    if first_bad < target.shape[0]:
+        raise IndexError(f"cross_entropy: target {int(target[first_bad])} (row {first_bad}) is out of "
+                         f"bounds for {classes} classes: targets must be in [0, {classes}) or equal "
+                         f"ignore_index ({ignore_index})")
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, target, ignore_index):
+    return (logits.new_empty(()), logits.new_empty((logits.shape[0],), dtype=accumulator_dtype(logits.dtype)),
+            target.new_empty((2,)))
+
+
+@torch.library.custom_op("fastlenet::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, rows: Tensor,
+                      ignore_index: int) -> Tensor:
+    return _xent.cross_entropy_backward(grad_loss, logits, target, lse, rows, ignore_index)
+
+
+@cross_entropy_bwd.register_fake
+def _(grad_loss, logits, target, lse, rows, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _xent_setup_context(ctx, inputs, output):
+    logits, target, ignore_index = inputs
+    _, lse, rows = output
+    # Saved: the logits, the per-row log-sum-exp and the count of targets kept (in rows), so
+    # backward is one elementwise pass with no reduction.
+    ctx.save_for_backward(logits, target, lse, rows)
+    ctx.ignore_index = ignore_index
+    _no_zero_gradients(ctx)
+
+
+def _xent_backward(ctx, grad_loss, _grad_lse, _grad_rows):
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None
+    logits, target, lse, rows = ctx.saved_tensors
+    dlogits = _overload(cross_entropy_bwd)(grad_loss.contiguous(), logits, target, lse, rows, ctx.ignore_index)
+    return dlogits, None, None
+
+
+cross_entropy_fwd.register_autograd(_xent_backward, setup_context=_xent_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autocast: conv and linear in the autocast dtype (as nn.Conv2d / nn.Linear), cross-entropy in float32
+# (as F.cross_entropy). torch.library.register_autocast casts to one fixed dtype; these follow the
+# dtype of the autocast region (float16 or bfloat16), so they are registered on the Autocast keys.
+# --------------------------------------------------------------------------------------------------
+
+def _cast(args, device_type: str, dtype: torch.dtype):
+    """Floating tensors of device_type cast to dtype, as autocast does (float64 left alone)."""
+    return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                 and a.device.type == device_type else a for a in args)
+
+
+def _register_autocast(op, device_type: str, fixed_dtype: torch.dtype | None = None) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    overload = op._opoverload
+
+    def kernel(_keyset, *args):
+        dtype = fixed_dtype or torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            return overload(*_cast(args, device_type, dtype))
+
+    _LIB.impl(op._name, kernel, key, with_keyset=True)
+
+
+for _device_type in ("cuda", "cpu"):
+    _register_autocast(conv2d_act_pool_fwd, _device_type)
+    _register_autocast(linear_act_fwd, _device_type)
+    _register_autocast(cross_entropy_fwd, _device_type, torch.float32)

@@ -4,6 +4,8 @@ Every derivative is written in terms of the activation's *output* y = act(z), no
 the whole trick that lets the fused layers save nothing extra for backward: relu'(z) = [y > 0],
 sigmoid'(z) = y (1 - y), tanh'(z) = 1 - y^2. The output is what the next layer keeps anyway.
 act_backward applies the derivative to the upstream gradient the way PyTorch's backward ops do.
+Both compute in float32 (float64 for float64 tensors), whatever the storage dtype: act runs on the
+GEMM accumulator, act_backward upcasts a half-precision g and y first (to_acc).
 """
 import triton
 import triton.language as tl
@@ -29,11 +31,23 @@ def act(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def to_acc(x):
+    """x in the kernels' arithmetic type: float64 stays float64, every other float becomes float32
+    (float16 and bfloat16 tensors are stored in half precision, computed on in float32)."""
+    if x.dtype == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def act_backward(g, y, ACTIVATION: tl.constexpr):
     """dL/dz from the upstream gradient g = dL/dy and the output y = act(z), computed as PyTorch's
     own backward formulas do, so NaN and Inf travel the same way: relu is a select, never a product
     (threshold_backward: a NaN output passes g through, and an infinite g at y <= 0 gives 0, not
-    inf * 0), sigmoid is g (1 - y) y and tanh g (1 - y^2)."""
+    inf * 0), sigmoid is g (1 - y) y and tanh g (1 - y^2). Returns float32 (float64 for float64)."""
+    g = to_acc(g)
+    y = to_acc(y)
     if ACTIVATION == "relu":
         return tl.where(y <= 0, 0.0, g).to(g.dtype)
     elif ACTIVATION == "sigmoid":

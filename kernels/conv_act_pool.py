@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import ACTIVATIONS, act, act_backward
+from .activations import ACTIVATIONS, act, act_backward, to_acc
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
 from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
                            weight_grad_sizes, weight_grad_tiles, zero_counters)
@@ -109,11 +109,12 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
     grad_output g, the pooled output y and the window index (max) or pre-pool activation (avg).
     Zero where no pooling window covers (oh, ow): the floor-dropped last row/column, or outside.
     Without pooling the output is the conv map itself (PH, PW its size): dz = act'(g) from y.
-    n is int64; co, oh, ow int32; all broadcast against each other."""
+    n is int64; co, oh, ow int32; all broadcast against each other. dz is float32 (float64 for
+    float64 tensors) whatever the storage dtype; the GEMMs round it to their operand dtype."""
     S: tl.constexpr = _pool_stride(POOL)
     inside = mask & (oh >= 0) & (ow >= 0) & (oh < S * PH) & (ow < S * PW)
     pooled = n * (C_out * PH * PW) + (co * (PH * PW) + (oh // S) * PW + ow // S)
-    g = tl.load(g_ptr + pooled, mask=inside, other=0.0)
+    g = to_acc(tl.load(g_ptr + pooled, mask=inside, other=0.0))
     if POOL == "none":
         dz = act_backward(g, tl.load(y_ptr + pooled, mask=inside, other=0.0), ACTIVATION)
     elif POOL == "max":
@@ -387,6 +388,13 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
 _FWD = PlanCache()
 
 
+def _forward_block_k(dtype, precision: str) -> int:
+    """BLOCK_K of the forward: 16 for dots Triton lowers to FMAs (IEEE float32, float64), whose
+    operands all sit in registers; 32 for tensor-core dots (TF32, float16, bfloat16), whose half
+    precision operands take half the registers of float32 ones (see _forward_config)."""
+    return 16 if precision == "ieee" and dtype in (torch.float32, torch.float64) else 32
+
+
 def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool: str,
                             save_for_backward: bool):
     """Returns (y, win, prepool, counters): y the pooled output; win the int8 window index (max
@@ -404,7 +412,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta["BLOCK_K"] = 32 if meta["DOT_PRECISION"] == "tf32" else 16
+    meta["BLOCK_K"] = _forward_block_k(dtype, meta["DOT_PRECISION"])
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,

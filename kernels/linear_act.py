@@ -1,7 +1,7 @@
 """linear + bias + activation, y = act(x W^T + b): forward and backward.
 
 Forward is a plain tiled GEMM with bias and activation applied to the fp32 accumulator before the
-single store. Backward saves nothing beyond x, W and the output y: the activation derivative comes
+single store (float16/bfloat16 operands go to the dot as they are, accumulating in fp32). Backward saves nothing beyond x, W and the output y: the activation derivative comes
 from y (activations.py), and the upstream gradient times it, dz, is never materialised: both
 backward GEMMs recompute their dz tile from grad_output and y as they load it.
 
@@ -59,7 +59,7 @@ def _grad_preact(g_ptr, y_ptr, m, n, mask, N, ACTIVATION: tl.constexpr):
     offs = m * N + n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-    return act_backward(g, y, ACTIVATION)
+    return act_backward(g, y, ACTIVATION)  # float32 (float64 for float64) whatever g's dtype
 
 
 @triton.jit

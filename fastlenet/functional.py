@@ -14,7 +14,7 @@ from fastlenet import ops  # noqa: F401  registers the torch.ops.fastlenet ops
 from fastlenet.kernels import conv_act_pool as _conv
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
-from fastlenet.kernels.launch import interpreting
+from fastlenet.kernels.launch import executing, interpreting
 
 __all__ = ["conv2d_act_pool", "linear_act", "cross_entropy", "ACTIVATIONS", "POOLS"]
 
@@ -56,7 +56,7 @@ def _allowed_device_dtypes(op: str) -> frozenset:
     """(device type, dtype) pairs the kernels of `op` take (supported_dtypes, on CUDA; under the
     interpreter on the CPU or CUDA). Anything else gets _check_tensors_slow's error."""
     if interpreting():
-        return _ALLOWED_INTERPRETED_XENT if op == "cross_entropy" else _ALLOWED_INTERPRETED
+        return _ALLOWED_INTERPRETED_XENT if _bf16_interpreted(op) else _ALLOWED_INTERPRETED
     return _ALLOWED_COMPILED
 
 
@@ -116,12 +116,20 @@ def supported_dtypes(op: str | None = None) -> tuple[torch.dtype, ...]:
     """The dtypes the fused kernels take: float32, float16 and bfloat16 (each kernel computes in
     float32 and stores in its inputs' dtype). Under Triton's interpreter also float64 (for gradcheck
     and tight tests), but bfloat16 only for cross_entropy (op="cross_entropy"): the interpreter
-    computes bfloat16 dot products wrongly, and the conv and linear kernels are dot products."""
+    computes bfloat16 dot products wrongly, and the conv and linear kernels are dot products.
+    (Launches recorded without running, record_launches(execute=False), take bfloat16 too: they
+    compute nothing, and the GPU build compiles them for real targets.)"""
     if not interpreting():
         return (torch.float32, torch.float16, torch.bfloat16)
-    if op == "cross_entropy":
+    if _bf16_interpreted(op):
         return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     return (torch.float32, torch.float64, torch.float16)
+
+
+def _bf16_interpreted(op: str | None) -> bool:
+    """Whether the interpreter may take bfloat16 for op: cross-entropy has no dot product, and a
+    launch that is only recorded computes nothing."""
+    return op == "cross_entropy" or not executing()
 
 
 def _check_choice(op: str, what: str, value: str, choices) -> None:

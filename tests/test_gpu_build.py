@@ -38,6 +38,13 @@ LOSS_BATCHES = (1, 3, 128, 4096)
 LOSS_CLASSES = (10, 100, 1000)
 LAYER_BATCHES = (1, 3, 128)
 LINEAR_BATCHES = (1, 3, 128, 4096)
+# Half precision (float16 and bfloat16 tensors, as under autocast): a LeNet-5 step, the wide
+# layers and the loss, at a few batch sizes; each configuration costs compile time.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+HALF_LENET_BATCHES = (3, 4096)
+HALF_LAYER_BATCHES = (128,)
+HALF_LINEAR_BATCHES = (3, 4096)
+HALF_LAYER_SETTINGS = (("relu", "max"), ("tanh", "avg"), ("relu", None))
 REPORT = pathlib.Path(os.environ.get("FASTLENET_GPU_BUILD_REPORT",
                                      os.path.join(tempfile.gettempdir(), "gpu_build_report.txt")))
 
@@ -61,9 +68,9 @@ def _recorded(origin, fn):
     return descs
 
 
-def _lenet_step(variant, batch, device):
-    model = LeNet5(variant, fused=True).to(device)
-    x = torch.empty(batch, 1, 28, 28, device=device)
+def _lenet_step(variant, batch, device, dtype=torch.float32):
+    model = LeNet5(variant, fused=True).to(device, dtype)
+    x = torch.empty(batch, 1, 28, 28, device=device, dtype=dtype)
     target = torch.zeros(batch, dtype=torch.int64, device=device)
     return lambda: FF.cross_entropy(model(x), target).backward()
 
@@ -75,8 +82,8 @@ def _network_step(name, batch, device):
     return lambda: FF.cross_entropy(model(x), target).backward()
 
 
-def _loss_step(batch, classes, device):
-    logits = torch.empty(batch, classes, device=device, requires_grad=True)
+def _loss_step(batch, classes, device, dtype=torch.float32):
+    logits = torch.empty(batch, classes, device=device, dtype=dtype, requires_grad=True)
     target = torch.zeros(batch, dtype=torch.int64, device=device)
     return lambda: FF.cross_entropy(logits, target).backward()
 
@@ -88,19 +95,19 @@ def _misaligned_loss_step(device):
     return lambda: FF.cross_entropy(logits[:, 1:], target).backward()
 
 
-def _conv_step(batch, activation, pool, bias, device):
+def _conv_step(batch, activation, pool, bias, device, dtype=torch.float32):
     # A CIFAR-sized first layer of a VGG-style net: 3 -> 64 channels, 3x3, padding 1, 32x32.
-    x = torch.empty(batch, 3, 32, 32, device=device, requires_grad=True)
-    w = torch.empty(64, 3, 3, 3, device=device, requires_grad=True)
-    b = torch.empty(64, device=device, requires_grad=True) if bias else None
+    x = torch.empty(batch, 3, 32, 32, device=device, dtype=dtype, requires_grad=True)
+    w = torch.empty(64, 3, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.empty(64, device=device, dtype=dtype, requires_grad=True) if bias else None
     return lambda: FF.conv2d_act_pool(x, w, b, padding=1, activation=activation, pool=pool).sum().backward()
 
 
-def _linear_step(batch, activation, bias, device):
+def _linear_step(batch, activation, bias, device, dtype=torch.float32):
     # A classifier head over flattened 3x32x32 images, 1000 classes.
-    x = torch.empty(batch, 3 * 32 * 32, device=device, requires_grad=True)
-    w = torch.empty(1000, 3 * 32 * 32, device=device, requires_grad=True)
-    b = torch.empty(1000, device=device, requires_grad=True) if bias else None
+    x = torch.empty(batch, 3 * 32 * 32, device=device, dtype=dtype, requires_grad=True)
+    w = torch.empty(1000, 3 * 32 * 32, device=device, dtype=dtype, requires_grad=True)
+    b = torch.empty(1000, device=device, dtype=dtype, requires_grad=True) if bias else None
     return lambda: FF.linear_act(x, w, b, activation=activation).sum().backward()
 
 
@@ -127,7 +134,27 @@ def user_launch_configs(device):
             for batch in LINEAR_BATCHES if bias else (128,):
                 descs += _recorded(f"linear_act 3072->1000 {activation} bias={bias} B={batch}",
                                    _linear_step(batch, activation, bias, device))
+    descs += half_precision_launches(device)
     return merge_descriptions(descs)
+
+
+def half_precision_launches(device):
+    """The half-precision configurations (HALF_*), recorded as for float32."""
+    descs = []
+    for dtype in HALF_DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        for batch in HALF_LENET_BATCHES:
+            descs += _recorded(f"lenet5 {name} step B={batch}", _lenet_step("lenet5", batch, device, dtype))
+        for batch in HALF_LAYER_BATCHES:
+            for activation, pool in HALF_LAYER_SETTINGS:
+                descs += _recorded(f"conv2d_act_pool 3->64 k3 p1 32x32 {activation}/{pool} {name} B={batch}",
+                                   _conv_step(batch, activation, pool, True, device, dtype))
+        for batch in HALF_LINEAR_BATCHES:
+            descs += _recorded(f"linear_act 3072->1000 relu {name} B={batch}",
+                               _linear_step(batch, "relu", True, device, dtype))
+        for classes in (10, 1000):
+            descs += _recorded(f"cross_entropy {name} B=128 C={classes}", _loss_step(128, classes, device, dtype))
+    return descs
 
 
 class _Summary:
@@ -188,6 +215,17 @@ def test_no_spills_and_shared_memory_within_limits(build_results):
     assert not bad, (f"{len(bad)} of {len(results)} compiled kernels do not build, spill or overflow "
                      f"shared memory (full list with register counts: {REPORT}):\n"
                      + "\n".join(describe_result(r) for r in sorted(bad, key=lambda r: (r["kernel"], r["cc"]))))
+
+
+def test_half_precision_configurations_are_recorded(device):
+    """float16 and bfloat16 launches reach the build with half-precision pointers (bfloat16 ones
+    too, which the interpreter cannot run: recording runs nothing)."""
+    descs = merge_descriptions(half_precision_launches(device))
+    for dtype in ("float16", "bfloat16"):
+        kernels = {d["kernel"] for d in descs if d["args"].get("x_ptr", d["args"].get("logits_ptr"))["dtype"] == dtype}
+        assert kernels == {"conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel", "linear_act_fwd_kernel",
+                           "linear_act_bwd_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"}, dtype
+    assert len(descs) <= 80  # each costs two compilations
 
 
 def test_recording_without_executing_records_what_a_run_launches(device):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCount", "count_device_ops", "training_step", "capture", "model_flops", "NOT_COUNTED"]
+__all__ = ["OpCount", "count_device_ops", "training_step", "Amp", "capture", "model_flops", "NOT_COUNTED"]
 
 # ATen ops that compute nothing: allocation, views and other metadata, autograd bookkeeping and
 # profiler markers. lift_fresh wraps a Python constant as a tensor; _local_scalar_dense is
@@ -108,7 +108,7 @@ def count_device_ops(fn: Callable[[], object], *, warmup: int = 1) -> OpCount:
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: torch.Tensor,
                   y: torch.Tensor, loss_sum: torch.Tensor | None = None,
-                  correct: torch.Tensor | None = None) -> torch.Tensor:
+                  correct: torch.Tensor | None = None, amp: "Amp | None" = None) -> torch.Tensor:
     """One full step: clear gradients (set to None: no zeroing kernels), forward, loss, backward,
     optimizer step, and, given the running sums, loss_sum += loss * len(y) and correct += the right
     predictions, in place on the device. Returns the loss tensor (not .item(): that would
@@ -119,15 +119,46 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x
     the host or depends on one, which is what lets a CUDA graph capture it.
     """
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    loss = loss_fn(logits, y)
-    loss.backward()
-    optimizer.step()
+    if amp is None:
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+    else:
+        with torch.autocast(amp.device_type, dtype=amp.dtype):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        if amp.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
     if loss_sum is not None:
         with torch.no_grad():
             loss_sum.add_(loss.detach(), alpha=len(y))
             correct.add_((logits.argmax(1) == y).sum())
     return loss
+
+
+@dataclass
+class Amp:
+    """Automatic mixed precision for training_step: forward and loss under
+    torch.autocast(device_type, dtype); for float16 a GradScaler scales the loss (float16's range
+    loses small gradients otherwise), bfloat16 needs none. The parameters stay float32."""
+    device_type: str
+    dtype: torch.dtype
+    scaler: "torch.amp.GradScaler | None" = None
+
+    @classmethod
+    def of(cls, name: str, device_type: str) -> "Amp | None":
+        """From the CLI's --amp: "off" (None), "fp16" or "bf16"."""
+        if name == "off":
+            return None
+        if name == "fp16":
+            return cls(device_type, torch.float16, torch.amp.GradScaler(device_type))
+        return cls(device_type, torch.bfloat16)
 
 
 def capture(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:

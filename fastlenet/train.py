@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(cnn, convnet-bn, alexnet; with --fused, their layers are fused by fastlenet.fuse)")
     model.add_argument("--fused", action="store_true",
                        help="use the fused Triton layers and loss (CUDA; CPU only under TRITON_INTERPRET=1)")
+    model.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off",
+                       help="automatic mixed precision: forward and loss under torch.autocast in float16 "
+                            "(with a GradScaler) or bfloat16, float32 weights; on the CPU the reference model "
+                            "takes both (bf16 is the CPU's fast one), the fused one under Triton's interpreter "
+                            "fp16 only")
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the reference model (not with --fused), to compare like with like")
     d = p.add_argument_group("data")
@@ -116,8 +121,16 @@ def train(args: argparse.Namespace) -> int:
         checkpoint = _cli.load_checkpoint(Path(args.resume))
         _adopt_run_settings(args, checkpoint["config"])
     if args.fused:
+        if args.amp == "bf16" and device.type != "cuda":
+            raise CLIError("--amp bf16 with --fused needs a CUDA GPU: Triton's interpreter computes bfloat16 "
+                           "dot products wrongly; use --amp fp16 here, or drop --fused")
         _cli.check_fused(device, args)
     graph = use_cuda_graph(args.cuda_graph, args.fused, device)
+    if graph and args.amp == "fp16":
+        # GradScaler.step reads its inf/NaN check back to the host (or, with a fused optimizer, skips
+        # the update on the device): not a step a CUDA graph is known to capture, so none is tried.
+        print("cuda graph: off with --amp fp16 (GradScaler's step is not captured); training without it")
+        graph = False
     if args.out is None:  # a resumed run goes on writing beside its checkpoint
         args.out = str(Path(args.resume).parent) if args.resume else str(_fresh_run_dir())
     out = _cli.prepare_out_dir(Path(args.out))
@@ -148,7 +161,10 @@ def train(args: argparse.Namespace) -> int:
         lr_as_tensors(optimizer, device)
     loss_fn = loss_function(args.fused)
     net = torch.compile(model) if args.compile else model  # the module itself keeps the state_dict's names
-    steps = StepRunner(net, optimizer, loss_fn, x_train, y_train, args.batch_size, graph=graph)
+    from fastlenet.profiling import Amp
+
+    steps = StepRunner(net, optimizer, loss_fn, x_train, y_train, args.batch_size, graph=graph,
+                       amp=Amp.of(args.amp, device.type))
     if graph:
         print("cuda graph: each full training step is one graph replay (--no-cuda-graph to turn it off)"
               + ("; onecycle holds momentum fixed, which the captured optimizer reads as a number"
@@ -453,10 +469,10 @@ class StepRunner:
     fail.
     """
 
-    def __init__(self, model, optimizer, loss_fn, x, y, batch_size: int, *, graph: bool = False):
+    def __init__(self, model, optimizer, loss_fn, x, y, batch_size: int, *, graph: bool = False, amp=None):
         import torch
 
-        self.model, self.optimizer, self.loss_fn, self.graph = model, optimizer, loss_fn, graph
+        self.model, self.optimizer, self.loss_fn, self.graph, self.amp = model, optimizer, loss_fn, graph, amp
         n = min(batch_size, len(x))
         self.x = torch.empty_like(x[:n])  # keeps the data's layout (channels-last on the CPU)
         self.y = torch.empty_like(y[:n])
@@ -473,7 +489,7 @@ class StepRunner:
         from fastlenet.profiling import training_step
 
         training_step(self.model, self.optimizer, self.loss_fn, self.x if x is None else x,
-                      self.y if y is None else y, self.loss_sum, self.correct)
+                      self.y if y is None else y, self.loss_sum, self.correct, amp=self.amp)
 
     def __call__(self, xb, yb) -> None:
         if (self.replay is None and not self.graph) or len(xb) != len(self.x):

@@ -345,6 +345,24 @@ def test_fused_without_cuda_or_interpreter(tmp_path, capsys, monkeypatch):
     assert_one_line_error(status, err, "need a CUDA GPU", "TRITON_INTERPRET=1", "interpreter")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fused_bf16_on_the_cpu_says_why(tmp_path, capsys):
+    status, _, err = run_train(capsys, "--fused", "--amp", "bf16", "--limit-train", "4", "--limit-test", "4",
+                               "--epochs", "1", "--out", tmp_path)
+    assert_one_line_error(status, err, "--amp bf16 with --fused needs a CUDA GPU", "bfloat16", "--amp fp16")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_the_reference_model(amp, mnist_dir, tmp_path, capsys):
+    status, out, _ = run_train(capsys, *SMALL, "--epochs", "1", "--amp", amp, "--data-dir", mnist_dir,
+                               "--out", tmp_path, "--no-plot")
+    assert status == 0 and "amp=" + amp in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["amp"] == amp and metrics["test_accuracy"] > 0.15  # it learns (chance 0.1)
+    weights = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(w.dtype == torch.float32 for w in weights.values())  # float32 master weights
+
+
 @pytest.mark.parametrize("flag", ["--batch-size", "--epochs"])
 def test_non_positive_sizes_are_rejected(flag, tmp_path, capsys):
     status, _, err = run_train(capsys, flag, "0", "--out", tmp_path)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from fastlenet._cli import HelpFormatter, quiet_interpreter_warnings
 from fastlenet.models import MODEL_NAMES, build_model
-from fastlenet.profiling import capture, count_device_ops, model_flops, training_step
+from fastlenet.profiling import Amp, capture, count_device_ops, model_flops, training_step
 
 PROVIDERS = ("eager", "compile", "fused", "fused-graph")
 MODES = ("train", "inference")
@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", "--variant", dest="variant", choices=MODEL_NAMES, default="lenet5",
                    help="the network: a LeNet-5 variant or a tutorial network (see fastlenet.models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", "--dtype", dest="amp", choices=("off", "fp16", "bf16"), default="off",
+                   help="automatic mixed precision for every provider: forward and loss under torch.autocast "
+                        "in float16 (training with a GradScaler) or bfloat16, float32 weights")
     p.add_argument("--json", type=Path, metavar="PATH", help="write machine-readable results here")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of throughput vs batch size")
     tta = p.add_argument_group("time to accuracy (instead of the throughput sweep)")
@@ -164,6 +167,7 @@ def metadata(args, device: torch.device, flops: dict) -> dict:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "triton_interpret": interpreting(),
         "variant": args.variant,
+        "amp": args.amp,
         "flops_per_image": flops,
         "flops_convention": "2 per multiply-add of conv/linear layers; train = forward + weight "
                             "gradients + input gradients (none for conv1); bias, activation, "
@@ -222,13 +226,23 @@ def build(provider: str, variant: str, init: dict, device: torch.device, lr: flo
     return model, optimizer, loss_fn
 
 
-def step_function(provider, model, optimizer, loss_fn, x, y, mode):
+def amp_unavailable(provider: str, amp: str, device: torch.device) -> str | None:
+    if amp == "bf16" and provider in ("fused", "fused-graph") and device.type != "cuda":
+        return "bfloat16 fused layers need a CUDA GPU: Triton's interpreter computes bfloat16 dot products wrongly"
+    if amp == "fp16" and provider == "fused-graph":
+        return "--amp fp16 trains with a GradScaler, whose step is not captured in a CUDA graph"
+    return None
+
+
+def step_function(provider, model, optimizer, loss_fn, x, y, mode, amp: str = "off"):
+    mixed = Amp.of(amp, x.device.type)
     if mode == "train":
         def step():
-            training_step(model, optimizer, loss_fn, x, y)
+            training_step(model, optimizer, loss_fn, x, y, amp=mixed)
     else:
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(x.device.type, dtype=mixed.dtype if mixed else None,
+                                                        enabled=mixed is not None):
                 model(x)
     if provider == "fused-graph":
         return capture(step)  # the same step and capture as `python -m fastlenet.train --fused` on CUDA
@@ -285,7 +299,7 @@ def count_ops(provider: str, mode: str, args, device, init) -> tuple[int | None,
     model, optimizer, loss_fn = build(counted, args.variant, init, device)
     x = torch.randn(2, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (2,), device=device)
-    count = count_device_ops(step_function(counted, model, optimizer, loss_fn, x, y, mode))
+    count = count_device_ops(step_function(counted, model, optimizer, loss_fn, x, y, mode, args.amp))
     suffix = ", all captured in one CUDA graph" if provider == "fused-graph" else ""
     return count.total, count.breakdown() + suffix
 
@@ -300,6 +314,8 @@ def measure(provider, batch_size, mode, args, device, init, flops, peak, counts:
     interp = provider == "fused" and device.type == "cpu" and interpreting()
     if interp:
         batch_size = row["batch_size"] = INTERPRETER_BATCH
+    if why := amp_unavailable(provider, args.amp, device):
+        return {**row, "available": False, "reason": why}
     try:
         model, optimizer, loss_fn = build(provider, args.variant, init, device)
     except Unavailable as e:
@@ -309,7 +325,7 @@ def measure(provider, batch_size, mode, args, device, init, flops, peak, counts:
     y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
 
     def first_step():  # compiles (and for fused-graph warms up and captures), then runs once
-        step = step_function(provider, model, optimizer, loss_fn, x, y, mode)
+        step = step_function(provider, model, optimizer, loss_fn, x, y, mode, args.amp)
         step()
         return step
     try:

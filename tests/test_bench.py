@@ -109,3 +109,12 @@ def test_help_shows_no_empty_defaults():
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: 50)" in text  # the informative ones stay
+
+
+def test_amp_runs_the_reference_and_says_why_fused_bf16_cannot_here(tmp_path):
+    payload, _, _ = run_bench(tmp_path, "--providers", "eager", "fused", "--modes", "train", "--amp", "bf16",
+                              interpret=True)
+    assert payload["meta"]["amp"] == "bf16"
+    rows = {r["provider"]: r for r in payload["results"]}
+    assert rows["eager"]["available"] and rows["eager"]["images_per_second"] > 0
+    assert not rows["fused"]["available"] and "bfloat16" in rows["fused"]["reason"]

@@ -40,6 +40,16 @@ def assert_close_rel(got, want, dtype, what):
     assert err < TOL[dtype], f"{what}: relative error {err:.2e} >= {TOL[dtype]:.1e}"
 
 
+def check_layer(y, inputs, ref, ref_inputs, dtype):
+    """The output and the gradient of every input (one upstream gradient for both) within TOL."""
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, g)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, g.double())
+    assert_close_rel(y, ref, dtype, "output")
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close_rel(got, want, dtype, f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
 @pytest.mark.parametrize("shape,activation,pool,padding", [
     ((2, 3, 9, 7, 5, 3), "relu", "max", 1),  # odd H and W
@@ -53,12 +63,7 @@ def test_conv_half(shape, activation, pool, padding, dtype, device):
                                           device=device, scale=0.5)
     y = FF.conv2d_act_pool(x, w, b, padding, activation, pool)
     ref = POOL[pool](ACT[activation](F.conv2d(xd, wd, bd, padding=padding)), 2)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, w, b), g)
-    ref_grads = torch.autograd.grad(ref, (xd, wd, bd), g.double())
-    assert_close_rel(y, ref, dtype, "output")
-    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
-        assert_close_rel(got, want, dtype, f"grad {name}")
+    check_layer(y, (x, w, b), ref, (xd, wd, bd), dtype)
 
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
@@ -67,12 +72,7 @@ def test_linear_half(m, k, n, activation, dtype, device):
     (x, w, b), (xd, wd, bd) = half_leaves((m, k), (n, k), (n,), dtype=dtype, device=device, scale=0.5)
     y = FF.linear_act(x, w, b, activation)
     ref = ACT[activation](F.linear(xd, wd, bd))
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, w, b), g)
-    ref_grads = torch.autograd.grad(ref, (xd, wd, bd), g.double())
-    assert_close_rel(y, ref, dtype, "output")
-    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
-        assert_close_rel(got, want, dtype, f"grad {name}")
+    check_layer(y, (x, w, b), ref, (xd, wd, bd), dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -61,7 +61,8 @@ def _no_zero_gradients(ctx) -> None:
 
 
 def _check_saved(counters: Tensor, op: str) -> None:
-    if counters.numel() == 0:  # a shape-only test: the forward kept nothing (save=False)
+    """A forward that saves for backward hands over at least one counter; none means save=False."""
+    if counters.numel() == 0:
         raise RuntimeError(f"{op}: backward through a forward op called with save=False, which kept "
                            "nothing for it; call it with save=True when a gradient is wanted")
 

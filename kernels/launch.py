@@ -131,6 +131,8 @@ def skip_launches():
 
 
 _recorded_precision: str | dict[str, str] | None = None
+# The kinds of work whose float32 precision PyTorch switches separately (dot_precision's `kind`).
+DOT_KINDS = ("conv", "matmul")
 
 
 def dot_precision(x: torch.Tensor, kind: str) -> str:
@@ -151,7 +153,7 @@ def pytorch_precisions() -> dict[str, str]:
     """What a GPU run would pick for float32 dots right now, by kind: {"conv": ..., "matmul": ...},
     read from PyTorch's switches (tf32_enabled). In a fresh process these are PyTorch's defaults:
     TF32 convolutions, IEEE matmuls."""
-    return {kind: "tf32" if tf32_enabled(kind) else "ieee" for kind in ("conv", "matmul")}
+    return {kind: "tf32" if tf32_enabled(kind) else "ieee" for kind in DOT_KINDS}
 
 
 @contextlib.contextmanager

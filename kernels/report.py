@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from .gpu_build import SM_LIMITS, SmLimits, build, default_cache_dir
+from .launch import DOT_KINDS
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -585,7 +586,9 @@ def record_step(variant: str, batch: int, precision: str | None = None) -> dict:
     """{"precision": ..., "launches": [describe dicts]} of one fused training step, recorded in a
     child process through Triton's interpreter on the CPU: this process compiles the kernels, and
     @triton.jit picks interpreter or compiler once, when a kernel is defined. precision None: as
-    PyTorch's switches choose in a fresh process (its defaults)."""
+    PyTorch's switches choose in a fresh process (its defaults); "tf32" or "ieee": every dot."""
+    if isinstance(precision, str):
+        precision = {kind: precision for kind in DOT_KINDS}
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _RECORD, variant, str(batch), json.dumps(precision)],
                           env=env, capture_output=True, text=True)

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from fastlenet.kernels.gpu_build import SM_LIMITS
-from fastlenet.kernels.report import GPUS, dot_sites, occupancy, work
+from fastlenet.kernels.report import GPUS, dot_sites, occupancy, record_step, work
 from fastlenet.models import LeNet5
 from fastlenet.profiling import model_flops, step_launches
 
@@ -247,6 +247,17 @@ def test_useful_flops_of_the_step_are_model_flops(step256):
     assert sum(useful.values()) == 256 * flops["train"]
     for label, d in step256.items():  # padding only ever adds work
         assert all(job.executed >= job.useful for job in work(d).jobs), label
+
+
+def test_a_step_recorded_in_one_precision():
+    # The report records in a child process under the interpreter; IEEE dots take the conv
+    # forward's IEEE tile (BLOCK_K 16, FMA with operands in registers).
+    recorded = record_step("lenet5", 3, "ieee")
+    assert recorded["precision"] == {"conv": "ieee", "matmul": "ieee"}
+    launches = {d["origins"][0]: d for d in recorded["launches"]}
+    assert list(launches) == LABELS
+    assert {d["meta"].get("DOT_PRECISION", "ieee") for d in launches.values()} == {"ieee"}
+    assert launches["conv1 forward"]["meta"]["BLOCK_K"] == 16
 
 
 # --------------------------------------------------------------------------------------------------

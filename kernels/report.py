@@ -242,6 +242,8 @@ class Job:
     programs: int
     executed: int  # FLOPs its tiles compute, 2 per multiply-add, padding included
     useful: int  # FLOPs of the layer's multiply-adds it computes
+    tile: tuple[int, int]  # M x N of the result tile each of its dots computes (checked against the TTGIR)
+    dots: int = 1  # tl.dot calls in its body (checked against the TTGIR)
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,8 @@ def _conv_forward(d: dict) -> Work:
     reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
     writes = (["y_ptr"] + ["win_ptr"] * m["SAVE_WIN"] + ["a_ptr"] * m["SAVE_PREPOOL"]
               + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0))
-    return Work((Job("", "conv2d_act_pool_fwd_kernel", programs, executed, useful),),
+    return Work((Job("", "conv2d_act_pool_fwd_kernel", programs, executed, useful,
+                     (m["BLOCK_M"], m["BLOCK_N"]), dots=4),),
                 _bytes(d, *reads), _bytes(d, *writes))
 
 
@@ -302,7 +305,7 @@ def _weight_grad_job(d: dict, programs: int, block_out: int, block_k: int, usefu
     (the last split's rows past the end included) into a block_out x block_k tile:
         executed = programs * 2 * block_out * block_k * ROWS_PER_SPLIT"""
     executed = programs * 2 * block_out * block_k * d["args"]["ROWS_PER_SPLIT"]
-    return Job("dw", "_grad_weight_tile", programs, executed, useful if programs else 0)
+    return Job("dw", "_grad_weight_tile", programs, executed, useful if programs else 0, (block_out, block_k))
 
 
 def _weight_grad_traffic(d: dict, dw_programs: int) -> tuple[list[str], list[str]]:
@@ -330,7 +333,7 @@ def _conv_backward(d: dict) -> Work:
     dw_programs = d["grid"][0] - num_dx
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * _pad(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
-             useful if num_dx else 0)
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
     dw = _weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = _weight_grad_traffic(d, dw_programs)
     reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["a_ptr"] * m["SAVED_PREPOOL"]
@@ -350,7 +353,8 @@ def _linear_forward(d: dict) -> Work:
     executed = programs * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _pad(a["K"], m["BLOCK_K"])
     reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
     writes = ["y_ptr"] + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0)
-    return Work((Job("", "linear_act_fwd_kernel", programs, executed, 2 * a["M"] * a["N"] * a["K"]),),
+    return Work((Job("", "linear_act_fwd_kernel", programs, executed, 2 * a["M"] * a["N"] * a["K"],
+                     (m["BLOCK_M"], m["BLOCK_N"])),),
                 _bytes(d, *reads), _bytes(d, *writes))
 
 
@@ -368,7 +372,7 @@ def _linear_backward(d: dict) -> Work:
     dw_programs = d["grid"][0] - num_dx
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_K"] * _pad(a["N"], m["BLOCK_DX_N"]),
-             useful if num_dx else 0)
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_K"]))
     dw = _weight_grad_job(d, dw_programs, m["BLOCK_DW_N"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = _weight_grad_traffic(d, dw_programs)
     reads = ["g_ptr", "y_ptr"] + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads
@@ -466,8 +470,11 @@ def analyse(desc: dict, result: dict, cc: int) -> LaunchReport:
     jobs, issued, compute_s = [], 0, 0.0
     for job in w.jobs:
         mine = [s for s in sites if s.function == job.function]
-        if not mine and job.executed:
-            raise ValueError(f"{desc['kernel']}: no dot of {job.function} in the TTGIR")
+        # The formulas' tiles must be the compiled ones, or their FLOP counts describe another kernel.
+        if len(mine) != job.dots or any(s.tile != job.tile for s in mine):
+            raise ValueError(f"{desc['kernel']}: fastlenet.kernels.report's formula expects {job.dots} dot(s) of "
+                             f"{job.tile[0]}x{job.tile[1]} in {job.function}; the TTGIR has "
+                             f"{[f'{s.tile[0]}x{s.tile[1]} at line {s.line}' for s in mine]}")
         replication = max((s.replication for s in mine), default=1)
         issued += job.executed * replication
         compute_s += job.useful / _peak(gpu, mine) if job.useful else 0.0

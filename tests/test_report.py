@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from fastlenet.kernels.gpu_build import SM_LIMITS
-from fastlenet.kernels.report import GPUS, dot_sites, occupancy, record_step, work
+from fastlenet.kernels.report import GPUS, analyse, dot_sites, occupancy, record_step, work
 from fastlenet.models import LeNet5
 from fastlenet.profiling import model_flops, step_launches
 
@@ -247,6 +247,33 @@ def test_useful_flops_of_the_step_are_model_flops(step256):
     assert sum(useful.values()) == 256 * flops["train"]
     for label, d in step256.items():  # padding only ever adds work
         assert all(job.executed >= job.useful for job in work(d).jobs), label
+
+
+def test_analysis_checks_the_formula_against_the_ttgir(step256):
+    """analyse() counts issued FLOPs with the replication of the job's dot, and refuses a TTGIR
+    whose dot tile is not the one the formula multiplies out."""
+    import inspect
+
+    from fastlenet.kernels import linear_act
+
+    fn = linear_act.linear_act_fwd_kernel.fn
+    source, first = inspect.getsourcelines(fn)
+    line = first + next(i for i, text in enumerate(source) if "tl.dot(" in text)
+
+    def compiled(tile):  # a one-dot TTGIR, the dot located at linear_act_fwd_kernel's tl.dot
+        ttgir = (f"#mma = #ttg.nvidia_mma<{{versionMajor = 2, versionMinor = 0, warpsPerCTA = [8, 1], "
+                 f"instrShape = [16, 8]}}>\n    %acc = tt.dot %x, %w, %c, inputPrecision = tf32 : "
+                 f"tensor<64x32xf32, #ttg.dot_op<{{opIdx = 0, parent = #mma, kWidth = 1}}>> * tensor<32x64xf32, "
+                 f"#ttg.dot_op<{{opIdx = 1, parent = #mma, kWidth = 1}}>> -> tensor<{tile}xf32, #mma> loc(#loc1)\n"
+                 f'#loc1 = loc("{inspect.getsourcefile(fn)}":{line}:15)\n')
+        return {"registers": 80, "num_warps": 8, "shared": 16384, "ttgir": ttgir}
+
+    fc1 = step256["fc1 forward"]
+    report = analyse(fc1, compiled("64x64"), 90)  # 8 warps x 16 rows over 64 rows: x2
+    assert report.jobs[0]["replication"] == 2 and report.issued == 2 * report.executed
+    assert report.compute_s == pytest.approx(2 * 256 * 120 * 400 / 494.7e12)  # TF32 tensor cores
+    with pytest.raises(ValueError, match="expects 1 dot"):
+        analyse(fc1, compiled("32x64"), 90)
 
 
 def test_a_step_recorded_in_one_precision():

@@ -198,7 +198,7 @@ def dot_sites(ttgir: str, source_dir: pathlib.Path | None = None) -> list[DotSit
     aliases = dict(_ALIAS.findall(ttgir))
     precisions = _input_precisions()
     sites: dict[tuple[str, int], DotSite] = {}
-    for op, attributes, m, n, encoding, location in _DOT.findall(ttgir):
+    for _, attributes, m, n, encoding, location in _DOT.findall(ttgir):
         tile = (int(m), int(n))
         layout = aliases.get(encoding, encoding)
         kind, params = _fields(layout)
@@ -274,10 +274,6 @@ def _bytes(desc: dict, *names: str) -> dict[str, int]:
     return out
 
 
-def _pad(k: int, block: int) -> int:
-    return _round_up(k, block)
-
-
 @_formula("conv2d_act_pool_fwd_kernel")
 def _conv_forward(d: dict) -> Work:
     """GEMM rows are the N*PH*PW pooled positions (BLOCK_M a program), columns the C_out channels
@@ -290,7 +286,7 @@ def _conv_forward(d: dict) -> Work:
     a, m = d["args"], d["meta"]
     K = a["C_in"] * m["KSIZE"] ** 2
     programs = math.prod(d["grid"])
-    executed = programs * 4 * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _pad(K, m["BLOCK_K"])
+    executed = programs * 4 * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _round_up(K, m["BLOCK_K"])
     useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
     reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
     writes = (["y_ptr"] + ["win_ptr"] * m["SAVE_WIN"] + ["a_ptr"] * m["SAVE_PREPOOL"]
@@ -332,7 +328,7 @@ def _conv_backward(d: dict) -> Work:
     num_dx = a["NUM_DX"]
     dw_programs = d["grid"][0] - num_dx
     dx = Job("dx", "_grad_input_tile", num_dx,
-             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * _pad(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
+             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * _round_up(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
              useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
     dw = _weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = _weight_grad_traffic(d, dw_programs)
@@ -350,7 +346,7 @@ def _linear_forward(d: dict) -> Work:
     Reads x, W (and b); writes y and the backward's arrival counters (zeroed)."""
     a, m = d["args"], d["meta"]
     programs = math.prod(d["grid"])
-    executed = programs * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _pad(a["K"], m["BLOCK_K"])
+    executed = programs * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _round_up(a["K"], m["BLOCK_K"])
     reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
     writes = ["y_ptr"] + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0)
     return Work((Job("", "linear_act_fwd_kernel", programs, executed, 2 * a["M"] * a["N"] * a["K"],
@@ -371,7 +367,7 @@ def _linear_backward(d: dict) -> Work:
     num_dx = a["NUM_DX"]
     dw_programs = d["grid"][0] - num_dx
     dx = Job("dx", "_grad_input_tile", num_dx,
-             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_K"] * _pad(a["N"], m["BLOCK_DX_N"]),
+             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_K"] * _round_up(a["N"], m["BLOCK_DX_N"]),
              useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_K"]))
     dw = _weight_grad_job(d, dw_programs, m["BLOCK_DW_N"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = _weight_grad_traffic(d, dw_programs)

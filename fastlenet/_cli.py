@@ -289,15 +289,12 @@ def _unpickle(content: bytes, path: Path):
 def _contents_problem(checkpoint) -> str | None:
     """What keeps `checkpoint` from being the dict fastlenet.train writes, or None. The optimizer,
     schedule and generator states are train's to check, when it resumes."""
-    import torch
-
     if not isinstance(checkpoint, dict):
         return f"it holds a {type(checkpoint).__name__}, not the dict that fastlenet.train writes"
     if missing := [key for key in ("model", "config", "epoch") if key not in checkpoint]:
         return f"it has no {', '.join(missing)} entry"
     model, config, epoch = checkpoint["model"], checkpoint["config"], checkpoint["epoch"]
-    if not isinstance(model, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in model.items()):
+    if not is_state_dict(model):
         return "its model entry is not a state_dict of floating-point tensors"
     if not isinstance(config, dict):
         return f"its config entry is a {type(config).__name__}, not a dict"
@@ -311,6 +308,14 @@ def _contents_problem(checkpoint) -> str | None:
             isinstance(h, dict) and all(type(h.get(k)) in (int, float) for k in EPOCH_KEYS) for h in history):
         return f"its epochs entry is not a list of per-epoch records ({', '.join(EPOCH_KEYS)})"
     return None
+
+
+def is_state_dict(state) -> bool:
+    """Whether `state` is a model's state_dict as fastlenet writes it: names to floating-point tensors."""
+    import torch
+
+    return isinstance(state, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in state.items())
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:

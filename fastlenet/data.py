@@ -72,6 +72,19 @@ class Split:
         """The first n images and labels (all of them for n=None): --limit-train / --limit-test."""
         return self if n is None else Split(self.images[:n], self.labels[:n])
 
+    def subset(self, indices: torch.Tensor) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, n images held out) of split: the first n of a random permutation drawn from a CPU
+    generator seeded with `seed`, so the same seed and split size give the same choice on any device
+    and in any run. Both parts keep the split's order."""
+    if not 0 <= n <= len(split):
+        raise ValueError(f"cannot hold out {n} of {len(split)} images")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return split.subset(order[n:].sort().values), split.subset(order[:n].sort().values)
+
 
 @dataclass(frozen=True)
 class Dataset:

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastlenet.evaluate",
                                 description="Evaluate a fastlenet checkpoint on the test set.",
                                 formatter_class=_cli.HelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by fastlenet.train")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
     p.add_argument("--dataset", choices=_cli.DATASET_NAMES, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -1,4 +1,4 @@
-"""What the two command-line tools (fastlenet.train, fastlenet.evaluate) share.
+"""What the command-line tools (fastlenet.train, fastlenet.evaluate, fastlenet.predict) share.
 
 Error discipline: a mistake the user can fix (a bad flag value, an unwritable directory, missing data,
 a checkpoint that does not fit) ends the program with one line `error: ...` on stderr and exit status
@@ -23,7 +23,12 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastlenet.models import LeNet5
 
 # The choices of --variant and --dataset: the names of fastlenet.models.VARIANTS and
 # fastlenet.data.DATASETS, spelled out because both modules import PyTorch. tests/test_cli.py holds
@@ -144,15 +149,8 @@ def check_fused(device: torch.device, args: argparse.Namespace) -> None:
     Under the interpreter the run goes on with a warning, on INTERPRETER_TEST_IMAGES test images
     unless args.limit_test asks for another number.
     """
-    if device.type == "cuda":
+    if not check_fused_backend(device):
         return
-    from fastlenet.kernels.launch import interpreting  # imports Triton: only for --fused
-
-    if not interpreting():
-        raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
-                       "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
-                       "(slow, for debugging), or drop --fused to use the reference model on the CPU")
-    quiet_interpreter_warnings()
     tested = ""
     if args.limit_test is None:
         args.limit_test = INTERPRETER_TEST_IMAGES
@@ -160,6 +158,21 @@ def check_fused(device: torch.device, args: argparse.Namespace) -> None:
     print("warning: --fused on the CPU runs the Triton kernels through Triton's interpreter "
           "(TRITON_INTERPRET=1): correct but very slow (about a second per training image), for "
           f"debugging: use a small --limit-train{tested}", file=sys.stderr)
+
+
+def check_fused_backend(device: torch.device) -> bool:
+    """Whether the fused model runs through Triton's interpreter on `device` (the CPU, with
+    TRITON_INTERPRET=1); an error where it cannot run at all (the CPU without the interpreter)."""
+    if device.type == "cuda":
+        return False
+    from fastlenet.kernels.launch import interpreting  # imports Triton: only for --fused
+
+    if not interpreting():
+        raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
+                       "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
+                       "(slow, for debugging), or drop --fused to use the reference model on the CPU")
+    quiet_interpreter_warnings()
+    return True
 
 
 def quiet_interpreter_warnings() -> None:
@@ -316,6 +329,16 @@ def is_state_dict(state) -> bool:
 
     return isinstance(state, dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in state.items())
+
+
+def checkpoint_model(checkpoint: dict, path: Path, fused: bool, device: torch.device) -> LeNet5:
+    """The model of `checkpoint` (from load_checkpoint), its weights loaded: the reference model, or
+    the fused one for fused=True, whichever path trained it (their state_dicts are the same)."""
+    from fastlenet.models import LeNet5
+
+    model = LeNet5(checkpoint["config"].get("variant", "lenet5"), fused=fused).to(device)
+    load_weights(model, checkpoint["model"], path)
+    return model
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:

@@ -34,6 +34,11 @@ import torch
 
 DATASETS = ("mnist", "fashion-mnist")
 NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"],
+}
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -327,8 +332,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def to_device(split: Split, device, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split on `device`, once: x float32 [N, 1, 28, 28] as (pixel/255 - mean)/std, y int64 [N]."""
     x = split.images.to(device)  # move uint8: a quarter of the bytes of float32
-    x = x.unsqueeze(1).float().div_(255).sub_(mean).div_(std)
-    return x, split.labels.to(device)
+    return normalize(x, mean, std), split.labels.to(device)
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 images [N, 28, 28] as the model's input: float32 [N, 1, 28, 28], (pixel/255 - mean)/std."""
+    return images.unsqueeze(1).float().div_(255).sub_(mean).div_(std)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,

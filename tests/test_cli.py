@@ -624,6 +624,7 @@ def test_bad_best_record_is_one_line_of_ours(case, val_run, mnist_dir, tmp_path,
 def test_parser_choices_are_the_library_names():
     assert _cli.VARIANT_NAMES == tuple(sorted(VARIANTS))
     assert _cli.DATASET_NAMES == data.DATASETS
+    assert tuple(data.CLASS_NAMES) == data.DATASETS and all(len(names) == 10 for names in data.CLASS_NAMES.values())
 
 
 @pytest.mark.parametrize("command", [["fastlenet.train", "--help"], ["fastlenet.evaluate", "--help"],

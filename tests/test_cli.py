@@ -19,8 +19,10 @@ import zipfile
 import pytest
 import torch
 
-from fastlenet import _cli, data, evaluate, train
+from fastlenet import _cli, data, evaluate, predict, train
 from fastlenet.models import VARIANTS, LeNet5
+
+from conftest import assert_one_line_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,15 +44,6 @@ def smoke(mnist_dir, tmp_path_factory):
     status = train.main(SMALL + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(out)])
     assert status == 0
     return out, json.loads((out / "metrics.json").read_text())
-
-
-def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
-    assert status == 2
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -651,7 +644,7 @@ def test_user_facing_text_has_no_process_words():
              *sorted(REPO.glob("bench/*.py"))]
     hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in files
             for n, line in enumerate(path.read_text().splitlines(), 1) if PROCESS_WORDS.search(line)]
-    helps = [train.build_parser().format_help(), evaluate.build_parser().format_help()]
+    helps = [module.build_parser().format_help() for module in (train, evaluate, predict)]
     hits += [line for text in helps for line in text.splitlines() if PROCESS_WORDS.search(line)]
     assert not hits, "\n".join(hits)
     assert not (REPO / "bench" / "seed_style_mnist.py").exists()
@@ -674,3 +667,11 @@ def test_readme_says_how_to_get_fashion_mnist():
 def test_readme_says_what_repeats_a_run():
     (seed_row,) = [line for line in readme_section("Training CLI").splitlines() if line.startswith("| `--seed")]
     assert "same device" in seed_row and "--threads" in seed_row
+
+
+@pytest.mark.parametrize("module", [train, evaluate, predict], ids=lambda m: m.__name__)
+def test_readme_documents_every_flag(module):
+    section = readme_section("Training CLI")
+    flags = [o for action in module.build_parser()._actions for o in action.option_strings if o.startswith("--")]
+    missing = [flag for flag in flags if flag != "--help" and f"`{flag}" not in section]
+    assert not missing, missing

@@ -1,4 +1,4 @@
-"""What the two command-line tools (fastlenet.train, fastlenet.evaluate) share.
+"""What the command-line tools (fastlenet.train, fastlenet.evaluate, fastlenet.predict) share.
 
 Error discipline: a mistake the user can fix (a bad flag value, an unwritable directory, missing data,
 a checkpoint that does not fit) ends the program with one line `error: ...` on stderr and exit status
@@ -23,7 +23,10 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 # The choices of --model and --dataset: the names of fastlenet.models.MODEL_NAMES (LeNet-5's variants,
 # then the tutorial networks) and fastlenet.data.DATASETS, spelled out because both modules import
@@ -144,15 +147,8 @@ def check_fused(device: torch.device, args: argparse.Namespace) -> None:
     Under the interpreter the run goes on with a warning, on INTERPRETER_TEST_IMAGES test images
     unless args.limit_test asks for another number.
     """
-    if device.type == "cuda":
+    if not check_fused_backend(device):
         return
-    from fastlenet.kernels.launch import interpreting  # imports Triton: only for --fused
-
-    if not interpreting():
-        raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
-                       "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
-                       "(slow, for debugging), or drop --fused to use the reference model on the CPU")
-    quiet_interpreter_warnings()
     tested = ""
     if args.limit_test is None:
         args.limit_test = INTERPRETER_TEST_IMAGES
@@ -160,6 +156,21 @@ def check_fused(device: torch.device, args: argparse.Namespace) -> None:
     print("warning: --fused on the CPU runs the Triton kernels through Triton's interpreter "
           "(TRITON_INTERPRET=1): correct but very slow (about a second per training image), for "
           f"debugging: use a small --limit-train{tested}", file=sys.stderr)
+
+
+def check_fused_backend(device: torch.device) -> bool:
+    """Whether the fused model runs through Triton's interpreter on `device` (the CPU, with
+    TRITON_INTERPRET=1); an error where it cannot run at all (the CPU without the interpreter)."""
+    if device.type == "cuda":
+        return False
+    from fastlenet.kernels.launch import interpreting  # imports Triton: only for --fused
+
+    if not interpreting():
+        raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
+                       "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
+                       "(slow, for debugging), or drop --fused to use the reference model on the CPU")
+    quiet_interpreter_warnings()
+    return True
 
 
 def quiet_interpreter_warnings() -> None:
@@ -289,16 +300,12 @@ def _unpickle(content: bytes, path: Path):
 def _contents_problem(checkpoint) -> str | None:
     """What keeps `checkpoint` from being the dict fastlenet.train writes, or None. The optimizer,
     schedule and generator states are train's to check, when it resumes."""
-    import torch
-
     if not isinstance(checkpoint, dict):
         return f"it holds a {type(checkpoint).__name__}, not the dict that fastlenet.train writes"
     if missing := [key for key in ("model", "config", "epoch") if key not in checkpoint]:
         return f"it has no {', '.join(missing)} entry"
     model, config, epoch = checkpoint["model"], checkpoint["config"], checkpoint["epoch"]
-    # Tensors, not only floating-point ones: BatchNorm counts its batches in an int64 buffer.
-    if not isinstance(model, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+    if not is_state_dict(model):
         return "its model entry is not a state_dict of tensors"
     if not isinstance(config, dict):
         return f"its config entry is a {type(config).__name__}, not a dict"
@@ -312,6 +319,25 @@ def _contents_problem(checkpoint) -> str | None:
             isinstance(h, dict) and all(type(h.get(k)) in (int, float) for k in EPOCH_KEYS) for h in history):
         return f"its epochs entry is not a list of per-epoch records ({', '.join(EPOCH_KEYS)})"
     return None
+
+
+def is_state_dict(state) -> bool:
+    """Whether `state` is a model's state_dict as fastlenet writes it: names to tensors (not only
+    floating-point ones: BatchNorm counts its batches in an int64 buffer; load_weights checks each
+    tensor's kind against the model's)."""
+    import torch
+
+    return isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+
+
+def checkpoint_model(checkpoint: dict, path: Path, fused: bool, device: torch.device) -> torch.nn.Module:
+    """The model of `checkpoint` (from load_checkpoint), its weights loaded: the reference model, or
+    the fused one for fused=True, whichever path trained it (their state_dicts are the same)."""
+    from fastlenet.models import build_model
+
+    model = build_model(checkpoint["config"].get("variant", "lenet5"), fused=fused).to(device)
+    load_weights(model, checkpoint["model"], path)
+    return model
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:

@@ -34,6 +34,11 @@ import torch
 
 DATASETS = ("mnist", "fashion-mnist")
 NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"],
+}
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -71,6 +76,19 @@ class Split:
     def first(self, n: int | None) -> "Split":
         """The first n images and labels (all of them for n=None): --limit-train / --limit-test."""
         return self if n is None else Split(self.images[:n], self.labels[:n])
+
+    def subset(self, indices: torch.Tensor) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, n images held out) of split: the first n of a random permutation drawn from a CPU
+    generator seeded with `seed`, so the same seed and split size give the same choice on any device
+    and in any run. Both parts keep the split's order."""
+    if not 0 <= n <= len(split):
+        raise ValueError(f"cannot hold out {n} of {len(split)} images")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return split.subset(order[n:].sort().values), split.subset(order[:n].sort().values)
 
 
 @dataclass(frozen=True)
@@ -314,8 +332,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def to_device(split: Split, device, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split on `device`, once: x float32 [N, 1, 28, 28] as (pixel/255 - mean)/std, y int64 [N]."""
     x = split.images.to(device)  # move uint8: a quarter of the bytes of float32
-    x = x.unsqueeze(1).float().div_(255).sub_(mean).div_(std)
-    return x, split.labels.to(device)
+    return normalize(x, mean, std), split.labels.to(device)
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 images [N, 28, 28] as the model's input: float32 [N, 1, 28, 28], (pixel/255 - mean)/std."""
+    return images.unsqueeze(1).float().div_(255).sub_(mean).div_(std)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,

@@ -15,23 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastlenet import _cli
-from fastlenet.train import EVAL_BATCH_SIZE, build_model, loss_function, predict
+from fastlenet.train import EVAL_BATCH_SIZE, loss_function, predict
 
 if TYPE_CHECKING:
     import torch
-
-CLASS_NAMES = {
-    "mnist": [str(d) for d in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                      "Bag", "Ankle boot"],
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastlenet.evaluate",
                                 description="Evaluate a fastlenet checkpoint on the test set.",
                                 formatter_class=_cli.HelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by fastlenet.train")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
     p.add_argument("--dataset", choices=_cli.DATASET_NAMES, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -60,15 +54,13 @@ def evaluate(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     device = _cli.choose_device(args.device)
     checkpoint = _cli.load_checkpoint(path)
-    config = checkpoint["config"]
-    variant = config.get("variant", "lenet5")
-    dataset_name = args.dataset or config.get("dataset", "mnist")
+    dataset_name = args.dataset or checkpoint["config"].get("dataset", "mnist")
     if args.fused:
         _cli.check_fused(device, args)
     out = _cli.prepare_out_dir(Path(args.out) if args.out else path.parent)
 
-    model = build_model(variant, args.fused, device)
-    _cli.load_weights(model, checkpoint["model"], path)
+    model = _cli.checkpoint_model(checkpoint, path, args.fused, device)
+    variant = model.variant
     print(f"checkpoint {path}: {variant}, epoch {checkpoint['epoch']} | device {device} "
           f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
     dataset = data.load(dataset_name, args.data_dir, splits=("test",))
@@ -81,7 +73,7 @@ def evaluate(args: argparse.Namespace) -> int:
         loss = loss_function(args.fused)(logits, y).item()
     predicted = logits.argmax(1).cpu()
     truth = test.labels
-    names = CLASS_NAMES[dataset_name]
+    names = data.CLASS_NAMES[dataset_name]
     k = len(names)
     confusion = torch.bincount(truth * k + predicted, minlength=k * k).view(k, k)  # rows: true class
     per_class = {names[c]: (confusion[c, c] / confusion[c].sum()).item() if confusion[c].sum() else None

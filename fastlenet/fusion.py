@@ -437,6 +437,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionRepo
             report.stock.append((chain.stopped_at.label, chain.why_stopped))
     if rewrite_graph:
         graph.lint()
+        training = model.training
         model = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        model.training = training  # a new Module starts in training mode; its submodules keep theirs
         report.returns = "returned a torch.fx.GraphModule (function calls were absorbed)"
     return model, report

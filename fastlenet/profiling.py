@@ -2,9 +2,12 @@
 
 count_device_ops(fn) runs fn once and counts the operations it would put on a device: every Triton
 launch (seen through fastlenet.kernels.launch.record_launches) plus every ATen *compute* op (seen by a
-TorchDispatchMode; fastlenet's custom ops are counted by their launches, not as ops). It works on any device, so the CPU tests can check the fused path's budget
-through Triton's interpreter. model_flops(model) is the arithmetic of one image through the model,
-computed from the layer shapes, which the benchmark sets against the device's peak.
+TorchDispatchMode; fastlenet's custom ops are counted by their launches, not as ops). It works on
+any device, so the CPU tests can check the fused path's budget through Triton's interpreter.
+model_flops(model) is the arithmetic of one image through the model, computed from the layer shapes,
+which the benchmark sets against the device's peak.
+step_launches(variant, batch) records the Triton launches of one fused training step without running
+them, labelled by layer, for the static report of the compiled kernels (fastlenet.kernels.report).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCount", "count_device_ops", "training_step", "Amp", "capture", "model_flops", "NOT_COUNTED"]
+__all__ = ["OpCount", "count_device_ops", "training_step", "Amp", "capture", "model_flops", "step_launches",
+           "NOT_COUNTED"]
 
 # ATen ops that compute nothing: allocation, views and other metadata, autograd bookkeeping and
 # profiler markers. lift_fresh wraps a Python constant as a tensor; _local_scalar_dense is
@@ -181,6 +185,39 @@ def capture(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         step()
     return graph.replay
+
+
+def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | dict[str, str] | None = None,
+                  device="cpu") -> list[dict]:
+    """The Triton launches of one fused LeNet-5 training_step (SGD), recorded without running a
+    kernel, as gpu_build.describe dicts whose one origin says which layer and direction launched it:
+    "conv1 forward", ..., "loss forward", "loss backward", "fc3 backward", ..., "conv1 backward".
+
+    precision: float32 dots as launch.record_precision takes it; None reads PyTorch's switches as a
+    GPU run would (launch.pytorch_precisions: TF32 convolutions, IEEE matmuls unless changed). On
+    the CPU this needs the interpreter (TRITON_INTERPRET=1): the fused layers refuse CPU tensors
+    otherwise. The optimizer's ATen op is part of the step but launches no Triton kernel."""
+    from fastlenet import functional as FF
+    from fastlenet.kernels.gpu_build import describe, record
+    from fastlenet.kernels.launch import pytorch_precisions
+    from fastlenet.models import LeNet5
+
+    model = LeNet5(variant, fused=True).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.empty(batch, 1, 28, 28, device=device)
+    y = torch.zeros(batch, dtype=torch.int64, device=device)
+    launches = record(lambda: training_step(model, optimizer, FF.cross_entropy, x, y),
+                      pytorch_precisions() if precision is None else precision)
+    # One launch per layer and direction, forward in layer order, backward in reverse.
+    layers = [name for name, _ in model.named_children()] + ["loss"]
+    expected = ([(f"{n} forward", "_fwd_kernel") for n in layers]
+                + [(f"{n} backward", "_bwd_kernel") for n in reversed(layers)])
+    if len(launches) != len(expected) or any(
+            not launch.name.endswith(suffix) for launch, (_, suffix) in zip(launches, expected)):
+        raise RuntimeError(f"a {variant} training step launched {[launch.name for launch in launches]}; "
+                           f"expected one forward launch per layer and the loss, then their backward "
+                           f"launches in reverse")
+    return [describe(launch, label) for launch, (label, _) in zip(launches, expected)]
 
 
 def model_flops(model: nn.Module, input_shape=(1, 28, 28)) -> dict[str, int]:

@@ -4,7 +4,9 @@ The whole dataset sits on the training device as one normalised tensor and batch
 random permutation there: no DataLoader, no per-sample Python. The loop never waits for the device
 inside an epoch; running loss and accuracy stay on the device and reach the progress bar every
 POSTFIX_EVERY steps. Each epoch writes metrics.json and checkpoint.pt atomically into --out, so
---resume picks up after the last finished epoch; curves.png is drawn at the end.
+--resume picks up after the last finished epoch; curves.png is drawn at the end. With --val-split, a
+seeded fraction of the training images is held out, evaluated after every epoch, and the weights of
+the epoch that does best on it are kept as best.pt (the test set never takes part in that choice).
 
 PyTorch is imported inside the functions that use it, not at the top, so that --help and a bad flag
 are answered at once instead of after the seconds that importing PyTorch takes.
@@ -26,13 +28,17 @@ from fastlenet._cli import CLIError
 if TYPE_CHECKING:
     import torch
 
+    from fastlenet import data
+
 POSTFIX_EVERY = 50  # steps between progress-bar updates, each of which waits for the device
 EVAL_BATCH_SIZE = 2000  # inference batch: large, there is no backward to keep memory for
 
 # Settings that define a training run: --resume takes them from the checkpoint, and giving one of
 # them with another value than the checkpoint's is an error rather than a silently different run.
 RUN_SETTINGS = ("variant", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "schedule", "seed", "limit_train", "limit_test", "augment")
+                "schedule", "seed", "limit_train", "limit_test", "augment", "val_split")
+# Run settings that checkpoints of earlier versions do not record, with the value their runs had.
+LATER_SETTINGS = {"val_split": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"test on the first N images only (default: all; {_cli.INTERPRETER_TEST_IMAGES} for --fused "
                         "under Triton's interpreter)")
     d.add_argument("--augment", action="store_true", help="shift each training image by up to 2 pixels")
+    d.add_argument("--val-split", type=float, metavar="F",
+                   help="hold out round(F x N) of the N training images (0 < F < 1), chosen by a permutation "
+                        "seeded with --seed (the same on --resume), to validate on after each epoch; the "
+                        "epoch with the best validation accuracy (ties: the lower validation loss, then the "
+                        "earlier epoch) is kept as best.pt")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_cli.positive_int, default=8, metavar="N", help="total epochs (with --resume: up to this many)")
     t.add_argument("--batch-size", type=_cli.positive_int, default=128, metavar="N", help="training batch size")
@@ -120,6 +131,9 @@ def train(args: argparse.Namespace) -> int:
     if args.resume:
         checkpoint = _cli.load_checkpoint(Path(args.resume))
         _adopt_run_settings(args, checkpoint["config"])
+    if args.val_split is not None and not 0 < args.val_split < 1:  # also rejects nan
+        raise CLIError(f"--val-split {args.val_split}: must be a fraction between 0 and 1, both excluded "
+                       "(0.1 holds out 10% of the training images)")
     if args.fused:
         if args.amp == "bf16" and device.type != "cuda":
             raise CLIError("--amp bf16 with --fused needs a CUDA GPU: Triton's interpreter computes bfloat16 "
@@ -141,20 +155,25 @@ def train(args: argparse.Namespace) -> int:
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     dataset = data.load(args.dataset, args.data_dir)
     mean, std = data.NORMALIZATION[args.dataset]
-    x_train, y_train = data.to_device(dataset.train.first(args.limit_train), device, mean, std)
+    train_split, val_split = _hold_out(dataset.train.first(args.limit_train), args)
+    x_train, y_train = data.to_device(train_split, device, mean, std)
+    x_val, y_val = data.to_device(val_split, device, mean, std) if val_split else (None, None)
     x_test, y_test = data.to_device(dataset.test.first(args.limit_test), device, mean, std)
 
     torch.manual_seed(args.seed)
     model = build_model(args.variant, args.fused, device)
     if device.type == "cpu" and not args.fused:
-        model, x_train, x_test = channels_last(model, x_train, x_test)
+        model, x_train, x_val, x_test = channels_last(model, x_train, x_val, x_test)
     optimizer = _optimizer(model, args, capturable=graph)
     generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same batch order on any device
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     history, done = [], 0
+    best, best_weights = None, None  # with --val-split: the history record of the best epoch, its weights
     if checkpoint is not None:
         done, history = _restore(checkpoint, Path(args.resume), model, optimizer, generator, args,
                                  args.epochs * steps_per_epoch)
+        if val_split and done:
+            best, best_weights = _restore_best(checkpoint, Path(args.resume), model, history)
     scheduler = _scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, done * steps_per_epoch,
                            checkpoint.get("scheduler") if checkpoint else None, cycle_momentum=not graph)
     if graph:
@@ -169,7 +188,8 @@ def train(args: argparse.Namespace) -> int:
         print("cuda graph: each full training step is one graph replay (--no-cuda-graph to turn it off)"
               + ("; onecycle holds momentum fixed, which the captured optimizer reads as a number"
                  if args.schedule == "onecycle" else ""))
-    print(f"model: {args.variant}, {num_parameters(model):,} parameters | train {len(x_train):,} / "
+    held_out = f"validation {len(x_val):,} / " if val_split else ""
+    print(f"model: {args.variant}, {num_parameters(model):,} parameters | train {len(x_train):,} / {held_out}"
           f"test {len(x_test):,} images | {steps_per_epoch} steps per epoch")
     if done >= args.epochs:
         print(f"checkpoint is at epoch {done}, which already reaches --epochs {args.epochs}: nothing to train")
@@ -179,11 +199,17 @@ def train(args: argparse.Namespace) -> int:
     def save(epoch: int) -> None:
         metrics = {"config": config, "device": str(device), "device_name": _cli.device_name(device),
                    "fused": args.fused, "dataset_source": dataset.source, "torch": torch.__version__,
-                   "epochs": history, "test_accuracy": history[-1]["test_accuracy"] if history else None}
+                   "epochs": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
+                   "best": best}
+        if best is not None:  # before checkpoint.pt, which must never name a best epoch best.pt lacks
+            _cli.save_torch(out / "best.pt", {
+                "model": best_weights, "config": config, "epoch": best["epoch"],
+                "epochs": [h for h in history if h["epoch"] <= best["epoch"]], "fastlenet": fastlenet.__version__})
         _cli.save_torch(out / "checkpoint.pt", {
             "model": model.state_dict(), "optimizer": _plain_numbers(optimizer.state_dict()),
             "scheduler": _plain_numbers(scheduler.state_dict()) if scheduler else None, "epoch": epoch, "config": config,
-            "epochs": history, "generator": generator.get_state(), "fastlenet": fastlenet.__version__})
+            "epochs": history, "generator": generator.get_state(), "fastlenet": fastlenet.__version__,
+            "best": {"epoch": best["epoch"], "model": best_weights} if best is not None else None})
         _cli.write_json(out / "metrics.json", metrics)
         saved.append(epoch)
 
@@ -192,11 +218,19 @@ def train(args: argparse.Namespace) -> int:
             train_loss, train_acc, seconds = train_epoch(
                 steps, scheduler, x_train, y_train, generator=generator, augment=args.augment,
                 desc=f"epoch {epoch}/{args.epochs}")
+            record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
+            validated = ""
+            if val_split:
+                val_loss, val_acc = evaluate(net, loss_fn, x_val, y_val)
+                record.update(val_loss=val_loss, val_accuracy=val_acc)
+                validated = f"val loss {val_loss:.4f} acc {val_acc:7.2%}  "
             test_loss, test_acc = evaluate(net, loss_fn, x_test, y_test)
-            history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                            "test_loss": test_loss, "test_accuracy": test_acc,
-                            "images_per_second": len(x_train) / seconds, "seconds": seconds})
-            print(f"epoch {epoch:>3}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:7.2%}  "
+            record.update(test_loss=test_loss, test_accuracy=test_acc,
+                          images_per_second=len(x_train) / seconds, seconds=seconds)
+            history.append(record)
+            if val_split and improves(record, best):
+                best, best_weights = record, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            print(f"epoch {epoch:>3}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:7.2%}  {validated}"
                   f"test loss {test_loss:.4f} acc {test_acc:7.2%}  {len(x_train) / seconds:9,.0f} img/s  "
                   f"{seconds:6.1f} s", flush=True)
             save(epoch)
@@ -208,10 +242,15 @@ def train(args: argparse.Namespace) -> int:
     if done >= args.epochs:
         save(done)
     if history and not args.no_plot:
-        plot_curves(history, out / "curves.png", title=f"{args.variant} on {args.dataset}")
+        plot_curves(history, out / "curves.png", title=f"{args.variant} on {args.dataset}",
+                    best_epoch=best["epoch"] if best is not None else None)
 
     final = history[-1]["test_accuracy"] if history else None
-    print(f"final test accuracy {final:.2%}" if final is not None else "no epochs trained", f"| outputs in {out}")
+    summary = [f"final test accuracy {final:.2%}" if final is not None else "no epochs trained"]
+    if best is not None:
+        summary.append(f"best.pt: epoch {best['epoch']}, validation accuracy {best['val_accuracy']:.2%} "
+                       f"(test accuracy {best['test_accuracy']:.2%})")
+    print(*summary, f"outputs in {out}", sep=" | ")
     if args.target_accuracy is not None and (final is None or final < args.target_accuracy):
         print(f"test accuracy below the target {args.target_accuracy:.2%}", file=sys.stderr)
         return 1
@@ -229,6 +268,7 @@ def _fresh_run_dir() -> Path:
 def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
     """--resume continues the saved run: its settings apply unless a flag given now disagrees."""
     actions = {action.dest: action for action in build_parser()._actions}
+    saved = {**LATER_SETTINGS, **saved}
     for key in RUN_SETTINGS:
         if key not in saved:
             continue
@@ -254,20 +294,62 @@ def _valid_setting(action: argparse.Action, value) -> bool:
     return type(parsed) is type(value) and parsed == value and (action.choices is None or value in action.choices)
 
 
+def _hold_out(split: data.Split, args: argparse.Namespace) -> tuple[data.Split, data.Split | None]:
+    """(the images to train on, the --val-split images to validate on, or None without --val-split)."""
+    from fastlenet import data
+
+    if args.val_split is None:
+        return split, None
+    n = len(split)
+    n_val = round(args.val_split * n)
+    if 0 < n_val < n:
+        return data.hold_out(split, n_val, args.seed)
+    images = f"the {n:,} training images" + (f" (--limit-train {args.limit_train})" if args.limit_train else "")
+    if n_val == 0:
+        raise CLIError(f"--val-split {args.val_split} holds out no image of {images} (round(F x N) = 0): "
+                       "use a larger fraction or more training images")
+    raise CLIError(f"--val-split {args.val_split} holds out all {images}, leaving none to train on: "
+                   "use a smaller fraction or more training images")
+
+
+def improves(record: dict, best: dict | None) -> bool:
+    """Whether the epoch `record` is better than the best so far (None: none yet), judged on the
+    validation split alone: a higher accuracy; at equal accuracy a lower loss; at equal both, the
+    earlier epoch stays. The test split never takes part."""
+    return best is None or (record["val_accuracy"], -record["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+
+
+def _restore_best(checkpoint: dict, path: Path, model, history: list) -> tuple[dict, dict]:
+    """The best epoch so far of a --val-split run (its history record) and its weights, from the
+    checkpoint, checked: they are saved to best.pt as they are."""
+    import copy
+
+    best = checkpoint.get("best")
+    if not isinstance(best, dict) or type(best.get("epoch")) is not int or not _cli.is_state_dict(best.get("model")):
+        raise _cli.unreadable(path, "its best entry is not the best epoch and its weights, which a --val-split run keeps")
+    record = next((h for h in history if h["epoch"] == best["epoch"]), None)
+    if record is None or not all(type(record.get(k)) in (int, float) for k in ("val_loss", "val_accuracy")):
+        raise _cli.unreadable(path, f"its best epoch {_cli.short_repr(best['epoch'])} has no validation "
+                                    "loss and accuracy in its epochs entry")
+    _cli.load_weights(copy.deepcopy(model), best["model"], path)  # names and shapes, on a throwaway copy
+    return record, best["model"]
+
+
 def build_model(name: str, fused: bool, device: torch.device) -> torch.nn.Module:
     from fastlenet import models
 
     return models.build_model(name, fused=fused).to(device)
 
 
-def channels_last(model: torch.nn.Module, *images: torch.Tensor):
+def channels_last(model: torch.nn.Module, *images: torch.Tensor | None):
     """The model and image tensors in NHWC layout, which PyTorch's CPU kernels handle faster for
     LeNet's few channels (oneDNN's conv1 weight gradient and max-pooling most of all): about 10-15%
-    per training step and 40% at inference on a 2-core EPYC. Values and state_dict are unchanged."""
+    per training step and 40% at inference on a 2-core EPYC. Values and state_dict are unchanged;
+    an image tensor that is None (no validation split) stays None."""
     import torch
 
     layout = torch.channels_last
-    return (model.to(memory_format=layout), *(x.contiguous(memory_format=layout) for x in images))
+    return (model.to(memory_format=layout), *(x if x is None else x.contiguous(memory_format=layout) for x in images))
 
 
 def loss_function(fused: bool):
@@ -369,7 +451,10 @@ def _check_resumable(checkpoint: dict, path: Path, model, args: argparse.Namespa
     for parameter in probe.parameters():
         parameter.grad = torch.zeros_like(parameter)
     fresh_optimizer.step()  # creates the per-parameter state (Adam's moments, SGD's momentum)
-    why = _optimizer_state_problem(checkpoint.get("optimizer"), fresh_optimizer.state_dict(), plain_keys)
+    if "optimizer" not in checkpoint:
+        why = "it has no optimizer entry, only weights (as a best.pt): resume from the run's checkpoint.pt"
+    else:
+        why = _optimizer_state_problem(checkpoint["optimizer"], fresh_optimizer.state_dict(), plain_keys)
     saved_schedule = checkpoint.get("scheduler")
     if why is None and fresh_scheduler is not None:
         fresh = fresh_scheduler.state_dict()
@@ -563,14 +648,20 @@ def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE) -> tuple[f
     return loss.item(), correct.item() / len(y)
 
 
-def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, train vs test, side by side."""
+def plot_curves(history: list[dict], path: Path, title: str = "", best_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch, train vs test (and validation, with --val-split, marking the epoch
+    kept as best.pt), side by side."""
     fig = _cli.new_figure(figsize=(10, 4), layout="constrained")
     epochs = [h["epoch"] for h in history]
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for split, style in (("train", "o-"), ("test", "s--")):
-        loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
-        acc_ax.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], style, label=split)
+    for split, label, style in (("train", "train", "o-"), ("val", "validation", "^-."), ("test", "test", "s--")):
+        if not all(f"{split}_loss" in h for h in history):
+            continue
+        loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=label)
+        acc_ax.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], style, label=label)
+    if best_epoch is not None:
+        for ax in (loss_ax, acc_ax):
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best.pt (epoch {best_epoch})")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss", yscale="log")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (loss_ax, acc_ax):

@@ -7,6 +7,8 @@
     split_reduce.py   deterministic single-launch reduction of weight-gradient partials
     launch.py         the one launch path (counting, recording, poisoned allocation)
     gpu_build.py      compile recorded launches for sm_80 / sm_90 and read their resource usage
+    report.py         what the compiled kernels of a training step say: fill, MMA replication, padded
+                      work, bytes and roofline floors (static analysis, nothing measured)
 
 Nothing here knows autograd: fastlenet.functional wraps these in autograd Functions.
 """

@@ -18,12 +18,14 @@ tt.divisibility, i32 vs i64 by value, do_not_specialize honoured); `compile_for`
 JITFunction.preload, the JIT's own path from serialised data to ASTSource and triton.compile. A
 reimplementation of those rules would drift from Triton; this cannot. Results are cached by
 specialisation, target, toolchain and the JIT's hash of each kernel's sources ($FASTLENET_CACHE_DIR,
-default ~/.cache/fastlenet), so only an edited kernel is rebuilt.
+default ~/.cache/fastlenet), so only an edited kernel is rebuilt; each result's TTGIR is kept beside it
+(gzip), for readers of the compiled layouts (report.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import importlib
 import json
@@ -36,12 +38,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
-from .launch import TensorSpec
+from .launch import TensorSpec, record_launches, record_precision
 
-# Largest shared memory one block may use (opt-in maximum), bytes.
-SHARED_LIMIT = {80: 166912, 90: 232448}
+
+@dataclass(frozen=True)
+class SmLimits:
+    """What one SM of a compute capability holds, and how CUDA allocates it, as cuda_occupancy.h
+    (in Triton's wheel: triton/backends/nvidia/include) states it for 8.0 and 9.0."""
+    shared: int  # sharedMemPerMultiprocessor, bytes, at the largest shared-memory carveout
+    registers: int = 65536  # regsPerMultiprocessor, also the most one block may hold
+    reserved_shared: int = 1024  # reservedSharedMemPerBlock: the driver's share of every block
+    shared_granularity: int = 128  # cudaOccSMemAllocationGranularity
+    register_granularity: int = 256  # cudaOccRegAllocationGranularity: registers per warp, rounded up
+    sub_partitions: int = 4  # cudaOccSubPartitionsPerMultiprocessor: registers are allocated per quarter
+    max_blocks: int = 32  # cudaOccMaxBlocksPerMultiprocessor
+    max_threads: int = 2048  # maxThreadsPerMultiprocessor
+
+
+# sm_80 (A100): 164 KiB of shared memory per SM; sm_90 (H100): 228 KiB.
+SM_LIMITS = {80: SmLimits(shared=164 * 1024), 90: SmLimits(shared=228 * 1024)}
+# Largest shared memory one block may use (the opt-in maximum, sharedMemPerBlockOptin), bytes.
+SHARED_LIMIT = {cc: sm.shared - sm.reserved_shared for cc, sm in SM_LIMITS.items()}
 # Bump when a cached result's meaning or fields change.
 _CACHE_FORMAT = 1
 
@@ -65,6 +85,21 @@ def describe(launch, origin: str = "") -> dict:
     return {"module": launch.kernel.fn.__module__, "kernel": launch.kernel.fn.__name__,
             "grid": list(launch.grid), "args": args, "meta": dict(launch.meta),
             "origins": [origin] if origin else []}
+
+
+def record(fn: Callable[[], object], precision: str | dict[str, str]) -> list:
+    """The Launches fn() makes, recorded without running a kernel, with float32 dots as a GPU run
+    with `precision` would launch them (see launch.record_precision): tile sizes may differ by
+    precision, so a build that must cover both records both."""
+    with record_launches(execute=False) as launches, record_precision(precision):
+        try:
+            fn()
+        except Exception as e:
+            raise RuntimeError(
+                "recording launches without running their kernels failed: host code read a kernel "
+                "output that was never written? Guard such reads with "
+                "fastlenet.kernels.launch.executing()") from e
+    return launches
 
 
 def merge_descriptions(descs: Iterable[dict]) -> list[dict]:
@@ -249,7 +284,7 @@ def _summary(spec: dict) -> dict:
 
 def _build_one(spec: dict) -> dict:
     compiled = compile_for(spec)
-    return {**resources(compiled, spec["cc"]), "hash": compiled.hash}
+    return {**resources(compiled, spec["cc"]), "hash": compiled.hash, "ttgir": compiled.asm["ttgir"]}
 
 
 def _worker(conn) -> None:
@@ -357,12 +392,32 @@ def _build_all(specs: dict[str, dict], jobs: int, timeout: float):
                     process.kill()
 
 
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _from_cache(cache_dir: pathlib.Path | None, key: str, ttgir: bool) -> dict | None:
+    """The cached result of `key` (with its TTGIR if asked), or None where it is missing. A result
+    cached before TTGIR was kept beside it counts as missing when its TTGIR is wanted."""
+    if not cache_dir or not (cache_dir / f"{key}.json").exists():
+        return None
+    result = json.loads((cache_dir / f"{key}.json").read_text())
+    if ttgir:
+        try:
+            result["ttgir"] = gzip.decompress((cache_dir / f"{key}.ttgir.gz").read_bytes()).decode()
+        except (OSError, EOFError):  # absent, or cut short
+            return None
+    return result
+
+
 def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pathlib.Path | None = None,
-          timeout: float = 300, log=None) -> tuple[list[dict], dict]:
+          timeout: float = 300, log=None, ttgir: bool = False) -> tuple[list[dict], dict]:
     """Specialise every description for every target, compile each distinct specialisation once
     (cache first, then `jobs` processes) and return (results, stats). A result is one compiled
-    kernel: its resources, its readable specialisation and the origins of every launch that
-    compiles to it."""
+    kernel: its resources, its readable specialisation, the origins of every launch that compiles
+    to it and, with ttgir=True, its TTGIR text ("ttgir")."""
     started = time.perf_counter()
     ccs = list(ccs)
     tools = toolchain()
@@ -376,25 +431,26 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
     specialised = time.perf_counter()
 
     built, todo = {}, []
-    for key, group in groups.items():
-        path = cache_dir / f"{key}.json" if cache_dir else None
-        if path and path.exists():
-            built[key] = json.loads(path.read_text())
-        else:
+    for key in groups:
+        result = _from_cache(cache_dir, key, ttgir)
+        if result is None:
             todo.append(key)
+        else:
+            built[key] = result
     cached = len(built)
     if todo:
         if cache_dir:
             cache_dir.mkdir(parents=True, exist_ok=True)
         jobs = max(1, min(jobs, len(todo)))
         for n, (key, result) in enumerate(_build_all({k: groups[k]["spec"] for k in todo}, jobs, timeout), 1):
-            built[key] = result
+            text = result.pop("ttgir", None)
             # A timeout or crash may not repeat (a busy machine); compile errors are not cached either,
-            # so fixing the cause needs no cache flush.
+            # so fixing the cause needs no cache flush. The TTGIR first: a result's JSON is what
+            # marks it cached.
             if cache_dir and "error" not in result:
-                tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-                tmp.write_text(json.dumps(result))
-                tmp.replace(cache_dir / f"{key}.json")
+                _write_atomically(cache_dir / f"{key}.ttgir.gz", gzip.compress(text.encode()))
+                _write_atomically(cache_dir / f"{key}.json", json.dumps(result).encode())
+            built[key] = {**result, "ttgir": text} if ttgir and text is not None else result
             if log:
                 spec = groups[key]["spec"]
                 log(f"[{n}/{len(todo)}] {spec['kernel']} sm_{spec['cc']}: " + (

@@ -130,7 +130,9 @@ def skip_launches():
         _execute = previous
 
 
-_recorded_precision: str | None = None
+_recorded_precision: str | dict[str, str] | None = None
+# The kinds of work whose float32 precision PyTorch switches separately (dot_precision's `kind`).
+DOT_KINDS = ("conv", "matmul")
 
 
 def dot_precision(x: torch.Tensor, kind: str) -> str:
@@ -141,16 +143,24 @@ def dot_precision(x: torch.Tensor, kind: str) -> str:
     if x.dtype != torch.float32:
         return "ieee"
     if _recorded_precision is not None and not _execute:
-        return _recorded_precision
+        return _recorded_precision if isinstance(_recorded_precision, str) else _recorded_precision[kind]
     if interpreting():
         return "ieee"
     return "tf32" if tf32_enabled(kind) else "ieee"
 
 
+def pytorch_precisions() -> dict[str, str]:
+    """What a GPU run would pick for float32 dots right now, by kind: {"conv": ..., "matmul": ...},
+    read from PyTorch's switches (tf32_enabled). In a fresh process these are PyTorch's defaults:
+    TF32 convolutions, IEEE matmuls."""
+    return {kind: "tf32" if tf32_enabled(kind) else "ieee" for kind in DOT_KINDS}
+
+
 @contextlib.contextmanager
-def record_precision(precision: str):
-    """Inside record_launches(execute=False): float32 dots are launched as `precision` ("ieee" or
-    "tf32") would launch them on a GPU, tile sizes included, so the GPU build compiles both."""
+def record_precision(precision: str | dict[str, str]):
+    """Inside record_launches(execute=False): float32 dots are launched as `precision` would launch
+    them on a GPU, tile sizes included: "ieee" or "tf32" for every dot (the GPU build compiles
+    both), or one per kind, {"conv": ..., "matmul": ...} (pytorch_precisions(): a default run)."""
     global _recorded_precision
     previous, _recorded_precision = _recorded_precision, precision
     try:

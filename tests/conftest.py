@@ -43,6 +43,17 @@ ACT = {name: _act(name) for name in ("relu", "sigmoid", "tanh", "identity")}
 POOL = {name: _pool(name) for name in ("max", "avg", None)}
 
 
+def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
+    """The command-line tools' contract for a user error: exit status 2 and one line `error: ...` on
+    stderr, holding each of `fragments`; never a traceback."""
+    assert status == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in float64."""
     out, ref = out.double(), ref.double()

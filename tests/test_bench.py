@@ -111,6 +111,20 @@ def test_help_shows_no_empty_defaults():
     assert "(default: 50)" in text  # the informative ones stay
 
 
+def test_a_tutorial_network_is_benched_fused_and_eager(tmp_path):
+    # --model takes any network; under the interpreter its fused form (fastlenet.fuse) is counted.
+    payload, _, proc = run_bench(tmp_path, "--model", "convnet-bn", "--providers", "eager", "fused",
+                                 "--modes", "train", interpret=True)
+    rows = {r["provider"]: r for r in payload["results"]}
+    assert payload["meta"]["flops_per_image"]["forward"] == 2 * (10 * 25 * 26 * 26 + 20 * 250 * 11 * 11
+                                                                 + 500 * 60 + 60 * 20 + 20 * 10)
+    assert rows["eager"]["available"] and rows["fused"]["interpreter"]
+    # The fused step: 12 Triton launches (5 layers forward and backward, the loss both ways), and the
+    # stock BatchNorm, dropout and optimizer ops beside them.
+    assert rows["fused"]["ops_breakdown"].startswith(f"{rows['fused']['launches_per_step']} = 12 Triton")
+    assert "native_batch_norm" in rows["fused"]["ops_breakdown"]
+
+
 def test_amp_runs_the_reference_and_says_why_fused_bf16_cannot_here(tmp_path):
     payload, _, _ = run_bench(tmp_path, "--providers", "eager", "fused", "--modes", "train", "--amp", "bf16",
                               interpret=True)

@@ -5,6 +5,7 @@ evaluation tests; the error-path tests check the contract for user mistakes: exi
 line `error: ...` on stderr, never a traceback. What a user sees before anything runs (--help, the
 README) is checked in subprocesses and on the files themselves.
 """
+import copy
 import json
 import os
 import pathlib
@@ -18,8 +19,10 @@ import zipfile
 import pytest
 import torch
 
-from fastlenet import _cli, data, evaluate, train
+from fastlenet import _cli, data, evaluate, predict, train
 from fastlenet.models import MODEL_NAMES, VARIANTS, LeNet5
+
+from conftest import assert_one_line_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,15 +44,6 @@ def smoke(mnist_dir, tmp_path_factory):
     status = train.main(SMALL + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(out)])
     assert status == 0
     return out, json.loads((out / "metrics.json").read_text())
-
-
-def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
-    assert status == 2
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +134,7 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--fused", "--variant", "--dataset", "--data-dir", "--epochs", "--batch-size", "--optimizer",
                  "--lr", "--momentum", "--weight-decay", "--schedule", "--seed", "--device", "--limit-train",
                  "--out", "--resume", "--target-accuracy", "--augment", "--limit-test", "--compile",
-                 "--cuda-graph", "--no-cuda-graph"):
+                 "--cuda-graph", "--no-cuda-graph", "--val-split"):
         assert flag in out
     assert "(default: 128)" in out  # defaults are shown
 
@@ -420,12 +414,228 @@ def test_evaluate_needs_only_the_test_files(smoke, mnist_dir, tmp_path, monkeypa
 
 
 # --------------------------------------------------------------------------------------------------
+# --val-split: validation on held-out training images, and best.pt
+# --------------------------------------------------------------------------------------------------
+
+VAL = ["--limit-train", "512", "--limit-test", "200", "--batch-size", "128", "--val-split", "0.25"]
+VAL_IMAGES, TRAIN_IMAGES, TEST_IMAGES = 128, 384, 200  # round(0.25 x 512), the rest, --limit-test
+REAL_EVALUATE = train.evaluate
+
+
+@pytest.fixture(scope="module")
+def val_run(mnist_dir, tmp_path_factory):
+    """A finished 2-epoch --val-split run: (its --out directory, its metrics)."""
+    out = tmp_path_factory.mktemp("val")
+    assert train.main(VAL + ["--epochs", "2", "--data-dir", str(mnist_dir), "--out", str(out)]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def scripted_validation(monkeypatch, scores, test_accuracies=None, first_epoch=1):
+    """Make train.evaluate report scores[i] as (loss, accuracy) on the validation images of epoch
+    first_epoch + i (and test_accuracies[i] on the test images, if given); returns {epoch: the
+    weights validated}, filled in as the run goes."""
+    weights, scores, tests = {}, iter(scores), iter(test_accuracies or [])
+
+    def evaluate(model, loss_fn, x, y, *args, **kwargs):
+        loss, accuracy = REAL_EVALUATE(model, loss_fn, x, y, *args, **kwargs)
+        if len(y) == VAL_IMAGES:
+            weights[first_epoch + len(weights)] = copy.deepcopy(model.state_dict())
+            return next(scores)
+        return loss, next(tests) if test_accuracies else accuracy
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    return weights
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_val_split_reports_validation_and_keeps_best_pt(val_run, mnist_dir, tmp_path, capsys):
+    out, metrics = val_run
+    assert metrics["config"]["val_split"] == 0.25
+    for epoch in metrics["epochs"]:
+        assert set(epoch) == EPOCH_KEYS | {"val_loss", "val_accuracy"}
+        assert 0 <= epoch["val_accuracy"] <= 1 and epoch["val_loss"] > 0
+    best = metrics["best"]
+    assert best in metrics["epochs"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    saved = torch.load(out / "best.pt", weights_only=True)
+    assert saved["epoch"] == best["epoch"] and saved["config"] == metrics["config"]
+    assert saved["epochs"] == metrics["epochs"][:best["epoch"]]
+    # The weights in best.pt give the reported validation numbers on the images data.hold_out picks.
+    model = LeNet5()
+    model.load_state_dict(saved["model"])
+    held = data.hold_out(data.load("mnist", mnist_dir).train.first(512), VAL_IMAGES, seed=0)[1]
+    loss, accuracy = train.evaluate(model, torch.nn.functional.cross_entropy,
+                                    *data.to_device(held, "cpu", *data.NORMALIZATION["mnist"]))
+    assert accuracy == pytest.approx(best["val_accuracy"], abs=1.01 / VAL_IMAGES)  # at most one image flips
+    assert loss == pytest.approx(best["val_loss"], rel=1e-4)
+    # fastlenet.evaluate takes best.pt as it takes checkpoint.pt
+    capsys.readouterr()
+    assert evaluate.main([str(out / "best.pt"), "--data-dir", str(mnist_dir), "--limit-test", str(TEST_IMAGES),
+                          "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["epoch"] == best["epoch"]
+    assert report["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1.01 / TEST_IMAGES)
+
+
+def test_val_split_trains_on_the_rest_and_validates_on_the_held_out_images(mnist_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    seen = {"train": [], "evaluate": []}
+
+    def train_epoch(steps, scheduler, x, y, **kwargs):
+        seen["train"].append(x)
+        return 1.0, 0.5, 1.0
+
+    def evaluate_(model, loss_fn, x, y, *args, **kwargs):
+        seen["evaluate"].append(x)
+        return 1.0, 0.5
+
+    monkeypatch.setattr(train, "train_epoch", train_epoch)
+    monkeypatch.setattr(train, "evaluate", evaluate_)
+    status, stdout, _ = run_train(capsys, *VAL, "--seed", 3, "--epochs", 1, "--no-plot", "--data-dir", mnist_dir,
+                                  "--out", tmp_path)
+    assert status == 0
+    assert f"train {TRAIN_IMAGES} / validation {VAL_IMAGES} / test {TEST_IMAGES} images" in stdout
+    assert "val loss 1.0000 acc  50.00%" in stdout
+    ds = data.load("mnist", mnist_dir)
+    rest, held = data.hold_out(ds.train.first(512), VAL_IMAGES, seed=3)  # the split follows --seed
+    (trained,), (validated, tested) = seen["train"], seen["evaluate"]  # validation first, then test
+    normalized = lambda split: data.to_device(split, "cpu", *data.NORMALIZATION["mnist"])[0]  # noqa: E731
+    assert torch.equal(trained, normalized(rest))
+    assert torch.equal(validated, normalized(held))
+    assert torch.equal(tested, normalized(ds.test.first(TEST_IMAGES)))
+
+
+@pytest.mark.parametrize("scores, best_epoch", [
+    ([(0.5, 0.6), (0.9, 0.9), (0.2, 0.8)], 2),  # the highest accuracy, though not the lowest loss or the last
+    ([(0.9, 0.5), (0.6, 0.8), (0.4, 0.8)], 3),  # equal accuracy: the lower loss
+    ([(0.5, 0.8), (0.5, 0.8), (0.4, 0.7)], 1),  # equal accuracy and loss: the earlier epoch
+], ids=["accuracy", "tie-loss", "tie-earlier"])
+def test_best_pt_holds_the_epoch_with_the_best_validation_accuracy(scores, best_epoch, mnist_dir, tmp_path,
+                                                                   capsys, monkeypatch):
+    # The test accuracy peaks at another epoch: the choice must not look at it.
+    test_accuracies = [0.99 if e == best_epoch % 3 + 1 else 0.1 for e in (1, 2, 3)]
+    weights = scripted_validation(monkeypatch, scores, test_accuracies)
+    status, stdout, _ = run_train(capsys, *VAL, "--epochs", 3, "--no-plot", "--data-dir", mnist_dir,
+                                  "--out", tmp_path)
+    assert status == 0
+    assert not same_weights(weights[1], weights[3])  # the epochs' weights do differ
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert saved["epoch"] == best_epoch and same_weights(saved["model"], weights[best_epoch])
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["best"]["epoch"] == best_epoch and same_weights(checkpoint["best"]["model"], weights[best_epoch])
+    assert same_weights(checkpoint["model"], weights[3])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best"]["epoch"] == best_epoch and saved["epochs"] == metrics["epochs"][:best_epoch]
+    assert (metrics["best"]["val_loss"], metrics["best"]["val_accuracy"]) == scores[best_epoch - 1]
+    assert f"best.pt: epoch {best_epoch}, validation accuracy {scores[best_epoch - 1][1]:.2%}" in stdout
+
+
+def test_resume_keeps_the_best_epoch(mnist_dir, tmp_path, capsys, monkeypatch):
+    first = scripted_validation(monkeypatch, [(0.9, 0.6), (0.5, 0.9)])
+    assert run_train(capsys, *VAL, "--epochs", 2, "--no-plot", "--data-dir", mnist_dir, "--out", tmp_path / "a")[0] == 0
+    best_a = (tmp_path / "a" / "best.pt").read_bytes()
+    # Two more epochs, both worse, into another directory: best.pt there is epoch 2's, from the checkpoint.
+    scripted_validation(monkeypatch, [(0.4, 0.8), (0.3, 0.85)], first_epoch=3)
+    assert run_train(capsys, "--resume", tmp_path / "a" / "checkpoint.pt", "--epochs", 4, "--no-plot",
+                     "--data-dir", mnist_dir, "--out", tmp_path / "b")[0] == 0
+    for path in (tmp_path / "b" / "best.pt", tmp_path / "a" / "best.pt"):
+        saved = torch.load(path, weights_only=True)
+        assert saved["epoch"] == 2 and same_weights(saved["model"], first[2])
+    assert (tmp_path / "a" / "best.pt").read_bytes() == best_a  # the resumed run wrote only into b
+    checkpoint = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 4 and checkpoint["best"]["epoch"] == 2
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["best"] == metrics["epochs"][1] and metrics["best"]["val_accuracy"] == 0.9
+    # A later epoch that does better takes its place.
+    later = scripted_validation(monkeypatch, [(0.2, 0.95)], first_epoch=5)
+    assert run_train(capsys, "--resume", tmp_path / "b" / "checkpoint.pt", "--epochs", 5, "--no-plot",
+                     "--data-dir", mnist_dir)[0] == 0
+    saved = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    assert saved["epoch"] == 5 and same_weights(saved["model"], later[5])
+
+
+def test_val_split_resume_matches_an_uninterrupted_run(mnist_dir, tmp_path, capsys):
+    """The same images are held out after --resume: 2 epochs + 1 == 3 straight, validation included."""
+    common = VAL + ["--schedule", "none", "--no-plot", "--data-dir", mnist_dir]
+    assert run_train(capsys, *common, "--epochs", 3, "--out", tmp_path / "straight")[0] == 0
+    assert run_train(capsys, *common, "--epochs", 2, "--out", tmp_path / "split")[0] == 0
+    assert run_train(capsys, "--resume", tmp_path / "split" / "checkpoint.pt", "--epochs", 3, "--no-plot",
+                     "--data-dir", mnist_dir)[0] == 0
+    straight, split = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "split"))
+    for key in ("val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+        assert split["epochs"][-1][key] == pytest.approx(straight["epochs"][-1][key], rel=1e-5), key
+    assert split["best"]["epoch"] == straight["best"]["epoch"]
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.1", "1.5", "nan"])
+def test_val_split_outside_0_and_1(value, tmp_path, capsys):
+    status, _, err = run_train(capsys, "--val-split", value, "--out", tmp_path)
+    assert_one_line_error(status, err, "--val-split", "between 0 and 1")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, fragment", [("0.01", "holds out no image"), ("0.99", "leaving none to train on")])
+def test_val_split_that_leaves_a_part_empty(value, fragment, mnist_dir, tmp_path, capsys):
+    status, _, err = run_train(capsys, "--limit-train", 10, "--val-split", value, "--data-dir", mnist_dir,
+                               "--out", tmp_path)
+    assert_one_line_error(status, err, fragment, "10 training images", "--limit-train 10")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_resume_with_another_val_split(val_run, mnist_dir, tmp_path, capsys):
+    status, _, err = run_train(capsys, "--resume", val_run[0] / "checkpoint.pt", "--val-split", 0.5, "--epochs", 3,
+                               "--data-dir", mnist_dir, "--out", tmp_path)
+    assert_one_line_error(status, err, "trained with --val-split 0.25, not 0.5")
+
+
+def test_checkpoint_from_before_val_split_resumes_without_one(smoke, mnist_dir, tmp_path, capsys):
+    checkpoint = torch.load(smoke[0] / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"]["val_split"], checkpoint["best"]  # as fastlenet wrote them before --val-split
+    torch.save(checkpoint, tmp_path / "old.pt")
+    status, _, err = run_train(capsys, "--resume", tmp_path / "old.pt", "--val-split", 0.25, "--epochs", 3,
+                               "--data-dir", mnist_dir, "--out", tmp_path / "run")
+    assert_one_line_error(status, err, "trained with --val-split None, not 0.25")
+    assert run_train(capsys, "--resume", tmp_path / "old.pt", "--epochs", 3, "--no-plot", "--data-dir", mnist_dir,
+                     "--out", tmp_path / "run")[0] == 0
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_resume_from_best_pt_points_to_checkpoint_pt(val_run, mnist_dir, tmp_path, capsys):
+    status, _, err = run_train(capsys, "--resume", val_run[0] / "best.pt", "--epochs", 3, "--data-dir", mnist_dir,
+                               "--out", tmp_path)
+    assert_one_line_error(status, err, "only weights", "resume from the run's checkpoint.pt")
+
+
+BAD_BEST = {
+    "no best entry": (lambda c: c.pop("best"), "its best entry"),
+    "weights are a list": (lambda c: c["best"].update(model=[1, 2]), "its best entry"),
+    "epoch not run": (lambda c: c["best"].update(epoch=7), "best epoch 7 has no validation"),
+    "no validation record": (lambda c: c["epochs"][c["best"]["epoch"] - 1].pop("val_loss"), "has no validation"),
+    "wrong shapes": (lambda c: c["best"]["model"].update({"fc3.bias": torch.zeros(3)}), "fc3.bias is 3"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BEST)
+def test_bad_best_record_is_one_line_of_ours(case, val_run, mnist_dir, tmp_path, capsys):
+    edit, fragment = BAD_BEST[case]
+    _edited(edit)(val_run[0] / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    status, _, err = run_train(capsys, "--resume", tmp_path / "checkpoint.pt", "--epochs", 3, "--data-dir", mnist_dir,
+                               "--out", tmp_path / "run")
+    assert_one_line_error(status, err, fragment, str(tmp_path / "checkpoint.pt"))
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------------
 # What a user sees first: --help, and the README
 # --------------------------------------------------------------------------------------------------
 
 def test_parser_choices_are_the_library_names():
     assert _cli.MODEL_NAMES == MODEL_NAMES and MODEL_NAMES[:3] == tuple(sorted(VARIANTS))
     assert _cli.DATASET_NAMES == data.DATASETS
+    assert tuple(data.CLASS_NAMES) == data.DATASETS and all(len(names) == 10 for names in data.CLASS_NAMES.values())
 
 
 @pytest.mark.parametrize("command", [["fastlenet.train", "--help"], ["fastlenet.evaluate", "--help"],
@@ -452,7 +662,7 @@ def test_user_facing_text_has_no_process_words():
              *sorted(REPO.glob("bench/*.py"))]
     hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in files
             for n, line in enumerate(path.read_text().splitlines(), 1) if PROCESS_WORDS.search(line)]
-    helps = [train.build_parser().format_help(), evaluate.build_parser().format_help()]
+    helps = [module.build_parser().format_help() for module in (train, evaluate, predict)]
     hits += [line for text in helps for line in text.splitlines() if PROCESS_WORDS.search(line)]
     assert not hits, "\n".join(hits)
     assert not (REPO / "bench" / "seed_style_mnist.py").exists()
@@ -475,3 +685,11 @@ def test_readme_says_how_to_get_fashion_mnist():
 def test_readme_says_what_repeats_a_run():
     (seed_row,) = [line for line in readme_section("Training CLI").splitlines() if line.startswith("| `--seed")]
     assert "same device" in seed_row and "--threads" in seed_row
+
+
+@pytest.mark.parametrize("module", [train, evaluate, predict], ids=lambda m: m.__name__)
+def test_readme_documents_every_flag(module):
+    section = readme_section("Training CLI")
+    flags = [o for action in module.build_parser()._actions for o in action.option_strings if o.startswith("--")]
+    missing = [flag for flag in flags if flag != "--help" and f"`{flag}" not in section]
+    assert not missing, missing

@@ -276,6 +276,21 @@ def test_to_device_normalises_once(mnist_dir, device):
     assert x.min().item() == pytest.approx(-0.1307 / 0.3081)
 
 
+def test_hold_out_is_a_seeded_partition():
+    split = data.Split(torch.arange(50, dtype=torch.uint8).view(50, 1, 1).expand(50, 28, 28), torch.arange(50))
+    rest, held = data.hold_out(split, 10, seed=3)
+    assert len(rest) == 40 and len(held) == 10
+    assert sorted(rest.labels.tolist() + held.labels.tolist()) == list(range(50))  # disjoint, nothing lost
+    for part in (rest, held):
+        assert torch.equal(part.images[:, 0, 0].long(), part.labels)  # images and labels stay paired
+        assert part.labels.tolist() == sorted(part.labels.tolist())  # in the split's order
+    assert held.labels.tolist() != list(range(10))  # drawn at random, not the first 10
+    assert torch.equal(data.hold_out(split, 10, seed=3)[1].labels, held.labels)  # the same seed, the same choice
+    assert not torch.equal(data.hold_out(split, 10, seed=4)[1].labels, held.labels)
+    with pytest.raises(ValueError, match="cannot hold out 51 of 50"):
+        data.hold_out(split, 51, seed=3)
+
+
 def test_batches_cover_every_index_once_and_keep_the_last():
     x = torch.arange(103, dtype=torch.float32).view(103, 1, 1, 1)
     y = torch.arange(103)

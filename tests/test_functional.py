@@ -137,16 +137,18 @@ def test_empty_batch(device):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-def test_weight_gradient_is_bitwise_reproducible(device):
+@pytest.mark.parametrize("pool", ["max", None])
+def test_weight_gradient_is_bitwise_reproducible(pool, device):
     # 4 x 32 x 32 conv positions: the weight-gradient reduction is split over several programs.
     x = torch.randn(4, 1, 32, 32, device=device)
     w = torch.randn(6, 1, 5, 5, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
     grads = []
     for _ in range(2):
-        w.grad = None
-        FF.conv2d_act_pool(x, w, None, padding=2).square().sum().backward()
-        grads.append(w.grad.clone())
-    assert torch.equal(grads[0], grads[1])
+        w.grad = b.grad = None
+        FF.conv2d_act_pool(x, w, b, padding=2, pool=pool).square().sum().backward()
+        grads.append((w.grad.clone(), b.grad.clone()))
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(*grads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +207,11 @@ needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(),
 
 
 @needs_interpreter
-@pytest.mark.parametrize("activation,pool", [("tanh", "max"), ("sigmoid", "avg")])
+@pytest.mark.parametrize("activation,pool", [("tanh", "max"), ("sigmoid", "avg"), ("tanh", None)])
 def test_gradcheck_conv_act_pool(activation, pool):
-    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    # Without pooling every conv position is an output: a smaller input keeps gradcheck's many
+    # forward calls (one per input element and direction) as quick as the pooled cases.
+    x = torch.randn(*((1, 2, 4, 3) if pool is None else (2, 2, 5, 6)), dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(

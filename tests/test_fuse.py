@@ -50,7 +50,7 @@ def run(model, x, seed=0):
 
 # Training mode for every network; evaluation mode too where it changes something (Dropout, BatchNorm).
 @pytest.mark.parametrize("name,mode", [(name, "train") for name in NETWORKS]
-                         + [("convnet-bn", "eval"), ("alexnet-narrow", "eval")])
+                         + [("convnet-bn", "eval"), ("alexnet-narrow", "eval"), ("lenet5-tutorial", "eval")])
 def test_fused_network_matches_the_original(name, mode, device):
     torch.manual_seed(0)
     original = NETWORKS[name]().to(device=device, dtype=DTYPE).train(mode == "train")

@@ -25,8 +25,8 @@ import torch
 from fastlenet import functional as FF
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
-from fastlenet.kernels.gpu_build import describe, describe_result, failures, merge_descriptions
-from fastlenet.kernels.launch import record_launches, record_precision
+from fastlenet.kernels.gpu_build import describe, describe_result, failures, merge_descriptions, record
+from fastlenet.kernels.launch import record_launches
 from fastlenet.models import NETWORKS, VARIANTS, LeNet5, build_model
 
 TARGETS = (80, 90)
@@ -54,18 +54,7 @@ def _recorded(origin, fn):
     with IEEE float32 dots would launch them and once as one with TF32 dots (convolutions default
     to TF32 on a GPU, matmuls follow torch's matmul precision): tile sizes may differ by precision,
     and both code paths must build spill-free."""
-    descs = []
-    for precision in ("ieee", "tf32"):
-        with record_launches(execute=False) as launches, record_precision(precision):
-            try:
-                fn()
-            except Exception as e:
-                raise AssertionError(
-                    f"recording {origin} without running its kernels failed: host code read a kernel "
-                    f"output that was never written? Guard such reads with "
-                    f"fastlenet.kernels.launch.executing()") from e
-        descs += [describe(launch, origin) for launch in launches]
-    return descs
+    return [describe(launch, origin) for precision in ("ieee", "tf32") for launch in record(fn, precision)]
 
 
 def _lenet_step(variant, batch, device, dtype=torch.float32):

@@ -18,10 +18,17 @@ from fastlenet.kernels.launch import executing, interpreting
 
 __all__ = ["conv2d_act_pool", "linear_act", "cross_entropy", "ACTIVATIONS", "POOLS"]
 
-# The forward ops' overloads, called directly: a CustomOpDef's __call__ adds a Python layer per call.
-_CONV_FWD = torch.ops.fastlenet.conv2d_act_pool_fwd.default
-_LINEAR_FWD = torch.ops.fastlenet.linear_act_fwd.default
-_XENT_FWD = torch.ops.fastlenet.cross_entropy_fwd.default
+
+
+def _forward(op: str, cast: torch.dtype | None, device_type: str, *args):
+    """The output of `op`'s forward: the registered op where torch.compile traces (Dynamo sees an
+    opaque node, autocast is its registered kernel), else its eager twin, with autocast's cast
+    applied here (fastlenet/ops.py says why there are two ways in)."""
+    if torch.compiler.is_compiling():
+        return ops.OPS[op](*args)[0]
+    if cast is not None:
+        args = ops.cast_for_autocast(args, device_type, cast)
+    return ops.EAGER[op](*args)
 
 MAX_KERNEL_SIZE = 7
 MAX_PADDING = 3
@@ -219,9 +226,10 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     key = (x.shape, weight.shape, None if bias is None else bias.shape, padding, type(padding),
            activation, pool)
     _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool)
-    _check_tensors(op, _autocast_dtype(op, x.device.type), input=x, weight=weight, bias=bias)
-    return _CONV_FWD(x, weight, bias, padding, activation, pool,
-                                    _grad_wanted(x, weight, bias))[0]
+    cast = _autocast_dtype(op, x.device.type)
+    _check_tensors(op, cast, input=x, weight=weight, bias=bias)
+    return _forward(op, cast, x.device.type, x, weight, bias, padding, activation, pool,
+                    _grad_wanted(x, weight, bias))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,12 +245,13 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     key = (x.shape, weight.shape, None if bias is None else bias.shape, activation)
     _check_once(_LINEAR_SHAPES_OK, key, _check_linear_shapes, op, x, weight, bias, activation)
-    _check_tensors(op, _autocast_dtype(op, x.device.type), input=x, weight=weight, bias=bias)
+    cast = _autocast_dtype(op, x.device.type)
+    _check_tensors(op, cast, input=x, weight=weight, bias=bias)
     if x.ndim == 2:  # LeNet's case: no reshape either way
-        return _LINEAR_FWD(x, weight, bias, activation, _grad_wanted(x, weight, bias))[0]
+        return _forward(op, cast, x.device.type, x, weight, bias, activation, _grad_wanted(x, weight, bias))
     # Leading dimensions fold into the GEMM's rows: a view for contiguous input, a copy otherwise.
     x2 = x.reshape(-1, x.shape[-1])
-    y = _LINEAR_FWD(x2, weight, bias, activation, _grad_wanted(x, weight, bias))[0]
+    y = _forward(op, cast, x.device.type, x2, weight, bias, activation, _grad_wanted(x, weight, bias))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -285,5 +294,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if logits.shape[0] == 0:
         raise ValueError(f"{op}: empty batch (the mean of no losses is undefined)")
-    _check_tensors(op, _autocast_dtype(op, logits.device.type), logits=logits, target=target)
-    return _XENT_FWD(logits, target, ignore_index)[0]
+    cast = _autocast_dtype(op, logits.device.type)
+    _check_tensors(op, cast, logits=logits, target=target)
+    return _forward(op, cast, logits.device.type, logits, target, ignore_index)

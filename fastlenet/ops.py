@@ -25,6 +25,15 @@ requires grad". A forward called with save=False keeps nothing, and a backward t
 
 Validation is not here: fastlenet.functional checks shapes and dtypes before calling an op, so a bad
 input gets the message that names it, and the ops assume valid input.
+
+Two ways in, one implementation. Under torch.compile fastlenet.functional calls the registered ops
+(OPS below), which Dynamo traces. In eager mode it calls EAGER: autograd.Functions built from the
+same forward implementations, setup_context and backward, calling the backward implementation
+directly. Going through the dispatcher costs the host about 16 us per op call in PyTorch's custom-op
+and register_autograd wrappers (measured with bench/host_overhead.py: 12 calls a LeNet-5 step took
+the host's work from ~230 to ~420 us), which an eager step, bound by host work at LeNet's size, should
+not pay for nothing. The eager path applies autocast's cast itself (cast_for_autocast), as the
+registered autocast kernels below do for the ops.
 """
 from __future__ import annotations
 
@@ -62,7 +71,7 @@ def _no_zero_gradients(ctx) -> None:
 
 def _check_saved(counters: Tensor, op: str) -> None:
     """A forward that saves for backward hands over at least one counter; none means save=False."""
-    if counters.numel() == 0:
+    if counters is None or counters.numel() == 0:
         raise RuntimeError(f"{op}: backward through a forward op called with save=False, which kept "
                            "nothing for it; call it with save=True when a gradient is wanted")
 
@@ -79,15 +88,24 @@ def _saves_prepool(activation: str, pool) -> bool:
 # conv2d + bias + activation [+ 2x2 pooling]
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastlenet::conv2d_act_pool_fwd", mutates_args=())
-def conv2d_act_pool_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, activation: str,
+# The bodies of the ops come in two layers: the *_eager functions return None for what a setting leaves
+# out (what the eager twins use, with no allocation for it); the op bodies turn each None into an
+# empty tensor, as a schema requires.
+
+def _conv_fwd_eager(x, weight, bias, padding, activation, pool, save):
+    return _conv.conv2d_act_pool_forward(x, weight, bias, padding, activation, pool, save_for_backward=save)
+
+
+def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, activation: str,
                         pool: Optional[str], save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, window index, pre-pool activations, arrival counters); the last three are what the
     backward op reads, empty where the settings (or save=False) leave them out."""
-    y, win, prepool, counters = _conv.conv2d_act_pool_forward(x, weight, bias, padding, activation, pool,
-                                                              save_for_backward=save)
+    y, win, prepool, counters = _conv_fwd_eager(x, weight, bias, padding, activation, pool, save)
     return (y, _or_empty(win, x, torch.int8), _or_empty(prepool, x, x.dtype),
             _or_empty(counters, x, torch.int32))
+
+
+conv2d_act_pool_fwd = torch.library.custom_op("fastlenet::conv2d_act_pool_fwd", mutates_args=())(_conv_fwd)
 
 
 @conv2d_act_pool_fwd.register_fake
@@ -102,16 +120,23 @@ def _(x, weight, bias, padding, activation, pool, save):
     return y, win, prepool, counters
 
 
-@torch.library.custom_op("fastlenet::conv2d_act_pool_bwd", mutates_args=())
-def conv2d_act_pool_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, win: Tensor, prepool: Tensor,
+def _conv_bwd_eager(grad_y, x, weight, y, win, prepool, counters, padding, activation, pool, has_bias, need_dx,
+                    need_dw):
+    return _conv.conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding, activation, pool,
+                                          has_bias=has_bias, need_dx=need_dx, need_dw=need_dw, counters=counters)
+
+
+def _conv_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, win: Tensor, prepool: Tensor,
                         counters: Tensor, padding: int, activation: str, pool: Optional[str], has_bias: bool,
                         need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db), each empty when not asked for (need_dx; need_dw covers dw and db)."""
-    dx, dw, db = _conv.conv2d_act_pool_backward(
-        grad_y, x, weight, y, win if _saves_window(pool) else None,
-        prepool if _saves_prepool(activation, pool) else None, padding, activation, pool,
-        has_bias=has_bias, need_dx=need_dx, need_dw=need_dw, counters=counters)
+    dx, dw, db = _conv_bwd_eager(grad_y, x, weight, y, win if _saves_window(pool) else None,
+                                 prepool if _saves_prepool(activation, pool) else None, counters, padding,
+                                 activation, pool, has_bias, need_dx, need_dw)
     return _or_empty(dx, x, x.dtype), _or_empty(dw, x, weight.dtype), _or_empty(db, x, weight.dtype)
+
+
+conv2d_act_pool_bwd = torch.library.custom_op("fastlenet::conv2d_act_pool_bwd", mutates_args=())(_conv_bwd)
 
 
 @conv2d_act_pool_bwd.register_fake
@@ -131,32 +156,42 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.settings = (padding, activation, pool, bias is not None)
 
 
-def _conv_backward(ctx, grad_y, _grad_win, _grad_prepool, _grad_counters):
-    if grad_y is None:
-        return None, None, None, None, None, None, None
-    x, weight, y, win, prepool, counters = ctx.saved_tensors
-    padding, activation, pool, has_bias = ctx.settings
-    _check_saved(counters, "conv2d_act_pool")
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = _overload(conv2d_act_pool_bwd)(grad_y.contiguous(), x, weight, y, win, prepool, counters,
-                                                padding, activation, pool, has_bias, need_dx, need_dw or need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            None, None, None, None)
+def _conv_backward(bwd):
+    """The backward of the conv forward, calling `bwd` (the backward op, or its implementation)."""
+    def backward(ctx, grad_y, _grad_win, _grad_prepool, _grad_counters):
+        if grad_y is None:
+            return None, None, None, None, None, None, None
+        x, weight, y, win, prepool, counters = ctx.saved_tensors
+        padding, activation, pool, has_bias = ctx.settings
+        _check_saved(counters, "conv2d_act_pool")
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = bwd(grad_y.contiguous(), x, weight, y, win, prepool, counters,
+                         padding, activation, pool, has_bias, need_dx, need_dw or need_db)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+                None, None, None, None)
+    return backward
 
 
-conv2d_act_pool_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+conv2d_act_pool_fwd.register_autograd(_conv_backward(_overload(conv2d_act_pool_bwd)),
+                                      setup_context=_conv_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
 # linear + bias + activation
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastlenet::linear_act_fwd", mutates_args=())
-def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+def _linear_fwd_eager(x, weight, bias, activation, save):
+    return _linear.linear_act_forward(x, weight, bias, activation, save_for_backward=save)
+
+
+def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                    save: bool) -> tuple[Tensor, Tensor]:
     """(y, arrival counters) for a 2-D x; the counters empty unless save."""
-    y, counters = _linear.linear_act_forward(x, weight, bias, activation, save_for_backward=save)
+    y, counters = _linear_fwd_eager(x, weight, bias, activation, save)
     return y, _or_empty(counters, x, torch.int32)
+
+
+linear_act_fwd = torch.library.custom_op("fastlenet::linear_act_fwd", mutates_args=())(_linear_fwd)
 
 
 @linear_act_fwd.register_fake
@@ -166,12 +201,18 @@ def _(x, weight, bias, activation, save):
             x.new_empty((_linear.counters_needed(N, K),) if save else (0,), dtype=torch.int32))
 
 
-@torch.library.custom_op("fastlenet::linear_act_bwd", mutates_args=())
-def linear_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, counters: Tensor, activation: str,
+def _linear_bwd_eager(grad_y, x, weight, y, counters, activation, has_bias, need_dx, need_dw):
+    return _linear.linear_act_backward(grad_y, x, weight, y, activation, has_bias=has_bias, need_dx=need_dx,
+                                       need_dw=need_dw, counters=counters)
+
+
+def _linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, counters: Tensor, activation: str,
                    has_bias: bool, need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _linear.linear_act_backward(grad_y, x, weight, y, activation, has_bias=has_bias,
-                                             need_dx=need_dx, need_dw=need_dw, counters=counters)
+    dx, dw, db = _linear_bwd_eager(grad_y, x, weight, y, counters, activation, has_bias, need_dx, need_dw)
     return _or_empty(dx, x, x.dtype), _or_empty(dw, x, weight.dtype), _or_empty(db, x, weight.dtype)
+
+
+linear_act_bwd = torch.library.custom_op("fastlenet::linear_act_bwd", mutates_args=())(_linear_bwd)
 
 
 @linear_act_bwd.register_fake
@@ -191,27 +232,28 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.settings = (activation, bias is not None)
 
 
-def _linear_backward(ctx, grad_y, _grad_counters):
-    if grad_y is None:
-        return None, None, None, None, None
-    x, weight, y, counters = ctx.saved_tensors
-    activation, has_bias = ctx.settings
-    _check_saved(counters, "linear_act")
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = _overload(linear_act_bwd)(grad_y.contiguous(), x, weight, y, counters, activation, has_bias,
-                                           need_dx, need_dw or need_db)
-    return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None
+def _linear_backward(bwd):
+    def backward(ctx, grad_y, _grad_counters):
+        if grad_y is None:
+            return None, None, None, None, None
+        x, weight, y, counters = ctx.saved_tensors
+        activation, has_bias = ctx.settings
+        _check_saved(counters, "linear_act")
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = bwd(grad_y.contiguous(), x, weight, y, counters, activation, has_bias,
+                         need_dx, need_dw or need_db)
+        return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None
+    return backward
 
 
-linear_act_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+linear_act_fwd.register_autograd(_linear_backward(_overload(linear_act_bwd)), setup_context=_linear_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
 # cross-entropy
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastlenet::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def _xent_fwd(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, per-row log-sum-exp, rows = [targets kept, first out-of-range row])."""
     loss, lse, rows = _xent.cross_entropy_forward(logits, target, ignore_index)
     # On the CPU reading rows costs no device synchronisation (see the kernel's docstring); a
@@ -230,16 +272,21 @@ def _check_targets_in_range(rows: Tensor, target: Tensor, classes: int, ignore_i
                          f"ignore_index ({ignore_index})")
 
 
+cross_entropy_fwd = torch.library.custom_op("fastlenet::cross_entropy_fwd", mutates_args=())(_xent_fwd)
+
+
 @cross_entropy_fwd.register_fake
 def _(logits, target, ignore_index):
     return (logits.new_empty(()), logits.new_empty((logits.shape[0],), dtype=accumulator_dtype(logits.dtype)),
             target.new_empty((2,)))
 
 
-@torch.library.custom_op("fastlenet::cross_entropy_bwd", mutates_args=())
-def cross_entropy_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, rows: Tensor,
+def _xent_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, rows: Tensor,
                       ignore_index: int) -> Tensor:
     return _xent.cross_entropy_backward(grad_loss, logits, target, lse, rows, ignore_index)
+
+
+cross_entropy_bwd = torch.library.custom_op("fastlenet::cross_entropy_bwd", mutates_args=())(_xent_bwd)
 
 
 @cross_entropy_bwd.register_fake
@@ -257,15 +304,16 @@ def _xent_setup_context(ctx, inputs, output):
     _no_zero_gradients(ctx)
 
 
-def _xent_backward(ctx, grad_loss, _grad_lse, _grad_rows):
-    if grad_loss is None or not ctx.needs_input_grad[0]:
-        return None, None, None
-    logits, target, lse, rows = ctx.saved_tensors
-    dlogits = _overload(cross_entropy_bwd)(grad_loss.contiguous(), logits, target, lse, rows, ctx.ignore_index)
-    return dlogits, None, None
+def _xent_backward(bwd):
+    def backward(ctx, grad_loss, _grad_lse, _grad_rows):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return None, None, None
+        logits, target, lse, rows = ctx.saved_tensors
+        return bwd(grad_loss.contiguous(), logits, target, lse, rows, ctx.ignore_index), None, None
+    return backward
 
 
-cross_entropy_fwd.register_autograd(_xent_backward, setup_context=_xent_setup_context)
+cross_entropy_fwd.register_autograd(_xent_backward(_overload(cross_entropy_bwd)), setup_context=_xent_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +322,7 @@ cross_entropy_fwd.register_autograd(_xent_backward, setup_context=_xent_setup_co
 # dtype of the autocast region (float16 or bfloat16), so they are registered on the Autocast keys.
 # --------------------------------------------------------------------------------------------------
 
-def _cast(args, device_type: str, dtype: torch.dtype):
+def cast_for_autocast(args, device_type: str, dtype: torch.dtype):
     """Floating tensors of device_type cast to dtype, as autocast does (float64 left alone)."""
     return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
                  and a.device.type == device_type else a for a in args)
@@ -288,7 +336,7 @@ def _register_autocast(op, device_type: str, fixed_dtype: torch.dtype | None = N
     def kernel(_keyset, *args):
         dtype = fixed_dtype or torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(exclude):
-            return overload(*_cast(args, device_type, dtype))
+            return overload(*cast_for_autocast(args, device_type, dtype))
 
     _LIB.impl(op._name, kernel, key, with_keyset=True)
 
@@ -297,3 +345,40 @@ for _device_type in ("cuda", "cpu"):
     _register_autocast(conv2d_act_pool_fwd, _device_type)
     _register_autocast(linear_act_fwd, _device_type)
     _register_autocast(cross_entropy_fwd, _device_type, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two ways in (see the top of this file): the registered ops, for torch.compile, and eager
+# autograd.Functions made of the same parts, for everything else.
+# --------------------------------------------------------------------------------------------------
+
+def _eager_function(name: str, implementation, setup_context, backward,
+                    outputs: int) -> type[torch.autograd.Function]:
+    """An autograd.Function running `implementation` (a forward op's body, `outputs` outputs) with
+    the op's setup_context and backward. Only the layer's output leaves the Function, the rest stays
+    on ctx: every output costs autograd host work. forward(ctx, ...) calls setup_context itself:
+    with a separate setup_context staticmethod, Function.apply binds each call's arguments through
+    inspect.signature, which costs more host time than the dispatcher this path avoids."""
+    def forward(ctx, *inputs):
+        output = implementation(*inputs)
+        setup_context(ctx, inputs, output)
+        return output[0]
+
+    def backward_of_output(ctx, grad):
+        return backward(ctx, grad, *(None,) * (outputs - 1))
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward_of_output),
+        "__doc__": f"Eager twin of torch.ops.fastlenet.{name}: the same implementation, no dispatcher."})
+
+
+OPS = {"conv2d_act_pool": _overload(conv2d_act_pool_fwd), "linear_act": _overload(linear_act_fwd),
+       "cross_entropy": _overload(cross_entropy_fwd)}
+EAGER = {
+    "conv2d_act_pool": _eager_function("conv2d_act_pool_fwd", _conv_fwd_eager, _conv_setup_context,
+                                       _conv_backward(_conv_bwd_eager), outputs=4).apply,
+    "linear_act": _eager_function("linear_act_fwd", _linear_fwd_eager, _linear_setup_context,
+                                  _linear_backward(_linear_bwd_eager), outputs=2).apply,
+    "cross_entropy": _eager_function("cross_entropy_fwd", _xent_fwd, _xent_setup_context,
+                                     _xent_backward(_xent_bwd), outputs=3).apply,
+}

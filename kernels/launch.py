@@ -53,11 +53,15 @@ def _probe():
     pass
 
 
+# @triton.jit picks interpreter or compiler when a kernel is *defined*, from TRITON_INTERPRET at that
+# moment, so a kernel defined alongside fastlenet's is asked rather than the environment, which may
+# have changed since; the answer cannot change after that.
+_INTERPRETING = type(_probe).__name__ == "InterpretedFunction"
+
+
 def interpreting() -> bool:
-    """True when the kernels run in Triton's interpreter. @triton.jit picks interpreter or compiler
-    when a kernel is *defined*, from TRITON_INTERPRET at that moment, so this asks a kernel defined
-    alongside fastlenet's rather than the environment, which may have changed since."""
-    return type(_probe).__name__ == "InterpretedFunction"
+    """True when the kernels run in Triton's interpreter."""
+    return _INTERPRETING
 
 
 def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -14,10 +14,11 @@ a conv position, one accumulator replaces the four, and nothing but the output i
 Backward is ONE launch: programs [0, NUM_DW) compute the weight gradient, split over batch x
 positions and reduced deterministically (split_reduce.py), the rest grad input tiles (a GEMM over
 output channels x kernel taps, i.e. a transposed convolution). The weight-gradient programs come
-first: they are the ones that end in a reduction, so they should not be the last to start. The bias gradient is summed beside the
-weight-gradient GEMM, in full precision even when the GEMM runs in TF32. The gradient with respect to the
-pre-activation (pool and activation derivatives) is never materialised: both GEMMs gather it on the
-fly from grad_output, the pooled output and the window index.
+first: they are the ones that end in a reduction, so they should not be the last to start. The bias
+gradient is summed beside the weight-gradient GEMM, in full precision even when the GEMM runs in
+TF32. The gradient with respect to the pre-activation (pool and activation derivatives) is never
+materialised: both GEMMs gather it on the fly from grad_output, the pooled output and the window
+index.
 """
 import torch
 import triton
@@ -255,7 +256,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
                       N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                       stride_xn, stride_xc, stride_xh, stride_xw,
                       KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
-                      POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
                       DOT_PRECISION: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """grad weight: [C_out, K] = dz^T [C_out, R] @ patches [R, K], and grad bias = the row sums of
@@ -288,7 +289,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
             bias_parts += dz
     # dw is contiguous [C_out, C_in, k, k] == [C_out, K].
     finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
-                       owns_bias, C_out, K, SPLIT, GROUP, HAS_BIAS, BLOCK_CO, BLOCK_K, BLOCK_R)
+                       owns_bias, C_out, K, SPLIT, GROUP, HAS_BIAS, LEVELS, BLOCK_CO, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -303,7 +304,7 @@ def conv2d_act_pool_bwd_kernel(
     # meta-parameters
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
-    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
@@ -319,7 +320,7 @@ def conv2d_act_pool_bwd_kernel(
         _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr,
                           ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                           stride_xn, stride_xc, stride_xh, stride_xw,
-                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, DOT_PRECISION,
+                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, DOT_PRECISION,
                           BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
 
 
@@ -344,20 +345,21 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
 
 
 def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
-    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs."""
-    return min(max(next_pow2(C_out), 16), 32), 32, 32
+    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs (BLOCK_DW_R: see
+    _backward_dots)."""
+    return min(max(next_pow2(C_out), 16), 32), 32, 16
 
 
 def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: int, pool, has_bias: bool,
                        enabled: bool = True):
     """The weight-gradient reduction's split (split_reduce.weight_grad_sizes); the forward needs it
     too, to zero the backward's arrival counters. Its rows are the conv positions a pooling window
-    covers; the split grows with them, 32 row blocks (1024 positions) a program at least, so a large
+    covers; the split grows with them, 64 row blocks (1024 positions) a program at least, so a large
     batch fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace."""
     s = 1 if pool is None else 2
     block_co, block_k, block_r = _weight_grad_blocks(C_out)
     return weight_grad_sizes(C_out, C_in * ksize * ksize, has_bias, N * s * PH * s * PW, block_out=block_co,
-                             block_k=block_k, block_rows=block_r, min_blocks=32, max_split=None, enabled=enabled)
+                             block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled)
 
 
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
@@ -382,23 +384,37 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
-                num_warps=None, num_stages=2)
+                num_warps=None, num_stages=None)
     return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
 
-def _forward_dots(precision: str, K: int) -> tuple[int, int]:
-    """(BLOCK_K, num_warps) of the forward for its dot precision and reduction length K = C_in*k*k.
+def _forward_dots(precision: str, K: int, BLOCK_M: int, BLOCK_N: int) -> tuple[int, int, int]:
+    """(BLOCK_K, num_warps, num_stages) of the forward for its dot precision, reduction length
+    K = C_in*k*k and tile.
 
-    TF32: Triton lays out the forward's four MMAs (they share the weight operand) with every warp
-    along the rows, 16 rows a warp, so 2 warps cover the 32 pooled rows once (8 warps covered 128,
-    computing each product 4 times). Each thread then holds a 64th of four gathered 32 x BLOCK_K
-    patch tiles: BLOCK_K 32 when it covers K in one step (conv1's 25 taps: ~100 registers), else 16
-    (at 32 ptxas needed more than 255 registers for conv2 and spilled).
+    TF32: Triton lays out the forward's MMAs (with pooling four, sharing the weight operand) with
+    every warp along the rows, 16 rows a warp, so BLOCK_M // 16 warps cover the tile once: 2 for
+    the 32 pooled rows (8 covered 128, computing each product 4 times), 8 for the 128 rows without
+    pooling. With pooling each thread then holds a 64th of four gathered 32 x BLOCK_K patch tiles
+    and four accumulators: BLOCK_K 32 only where it covers K in one step with 16 channels (conv1's
+    25 taps: ~100 registers), else 16, and no software pipelining (one stage): at 32, or with the
+    next step's tiles in flight, ptxas needed more than 255 registers and spilled.
     IEEE dots lower to FMAs on CUDA cores, whose layouts never repeat work, with every operand in
-    registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack)."""
+    registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack), 2 stages."""
     if precision == "tf32":
-        return (32 if K <= 32 else 16), 2
-    return 16, 8
+        return (32 if K <= 32 and BLOCK_N <= 16 else 16), BLOCK_M // 16, 1
+    return 16, 8, 2
+
+
+def _backward_dots(precision: str) -> tuple[int, int, int]:
+    """(BLOCK_DX_K, num_warps, num_stages) of the backward for its dot precision.
+
+    TF32: 4 warps, as the 32x16 (dx) and 16x32 (dw) MMA tiles are four 16x8 instructions, one a warp
+    (8 warps computed each product twice). IEEE dots are FMAs, which repeat nothing at any warp
+    count: 8 warps. One stage and BLOCK_DW_R 16 in both: with 2 or 3 stages, BLOCK_DW_R 32, or
+    BLOCK_DX_K 32 at 4 warps, ptxas kept 4 to 24 bytes of some configurations on the stack at
+    64-128 registers (tests/test_gpu_build.py builds every configuration)."""
+    return (16, 4, 1) if precision == "tf32" else (32, 8, 1)
 
 
 _FWD = PlanCache()
@@ -421,7 +437,8 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta["BLOCK_K"], meta["num_warps"] = _forward_dots(meta["DOT_PRECISION"], C_in * weight.shape[2] ** 2)
+    meta["BLOCK_K"], meta["num_warps"], meta["num_stages"] = _forward_dots(
+        meta["DOT_PRECISION"], C_in * weight.shape[2] ** 2, meta["BLOCK_M"], meta["BLOCK_N"])
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
@@ -440,19 +457,16 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = y_shape[2], y_shape[3]
-    # BLOCK_DX_K 16: at 32, ptxas kept 8 bytes of conv2's backward on the stack at 4 warps.
-    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 16
+    BLOCK_DX_M, BLOCK_DX_N = 32, min(max(next_pow2(C_in), 16), 64)
     num_dx = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
     BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
     plan_sizes = _weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias, enabled=need_dw)
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
-                POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias, DOT_PRECISION=None,
-                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
+                POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
+                LEVELS=plan_sizes.levels, DOT_PRECISION=None,
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                # 4 warps: a 32x16 (dx) or 16x32 (dw) TF32 MMA tile is four 16x8 instructions, one a
-                # warp (8 warps computed each product twice). 2 stages: with 3, ptxas needed ~150-170
-                # registers; the GPU build test checks every configuration spill-free.
-                num_warps=4, num_stages=2)
+                num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots
     return (N, C_in, C_out, ksize, num_dx, plan_sizes, meta)
 
 
@@ -475,6 +489,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
+    meta["BLOCK_DX_K"], meta["num_warps"], meta["num_stages"] = _backward_dots(meta["DOT_PRECISION"])
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

@@ -91,7 +91,8 @@ def _grad_input_tile(pid, w_ptr, g_ptr, y_ptr, dx_ptr, M, N, K, stride_wn, strid
 @triton.jit
 def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
                       M, N, K, SPLIT, ROWS_PER_SPLIT, GROUP, stride_xm, stride_xk,
-                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dW tile = dz^T [N, M] @ x [M, K] and db = the row sums of dz^T, over one slice of the batch."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -112,7 +113,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
         if HAS_BIAS:
             bias_parts += dz_t
     finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
-                       owns_bias, N, K, SPLIT, GROUP, HAS_BIAS, BLOCK_N, BLOCK_K, BLOCK_R)
+                       owns_bias, N, K, SPLIT, GROUP, HAS_BIAS, LEVELS, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -124,7 +125,7 @@ def linear_act_bwd_kernel(
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk,
     # meta-parameters
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_N: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
@@ -137,7 +138,7 @@ def linear_act_bwd_kernel(
     else:
         _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
                           M, N, K, SPLIT, ROWS_PER_SPLIT, GROUP, stride_xm, stride_xk,
-                          ACTIVATION, HAS_BIAS, DOT_PRECISION, BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R)
+                          ACTIVATION, HAS_BIAS, LEVELS, DOT_PRECISION, BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,10 +222,11 @@ def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx:
     num_dx = cdiv(M, BLOCK_DX_M) * cdiv(K, BLOCK_DX_K) if need_dx else 0
     BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(N)
     plan_sizes = _weight_grad_sizes(M, N, K, has_bias, enabled=need_dw)
-    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
+    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, LEVELS=plan_sizes.levels, DOT_PRECISION=None,
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=8, num_stages=2)
+                # One stage: with two, ptxas kept 8 bytes of the two-level finishing sum on the stack.
+                num_warps=8, num_stages=1)
     return M, N, K, num_dx, plan_sizes, meta
 
 

@@ -128,7 +128,7 @@ def _store_weight_grad(total, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_b
 
 @triton.jit
 def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile,
-                       split, owns_bias, OUT, K, SPLIT, GROUP, HAS_BIAS: tl.constexpr,
+                       split, owns_bias, OUT, K, SPLIT, GROUP, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Reduce a [BLOCK_O, BLOCK_K] weight-gradient partial over the SPLIT programs of its tile and
     store it into the contiguous dw [OUT, K]; with HAS_BIAS, the tile that owns the bias also
@@ -140,36 +140,37 @@ def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, off
     finishing program: a cross-warp sum in the busy program (before its partial store) made ptxas
     keep registers on the stack.
 
-    Counters: a tile's groups count at tile * (NUM_GROUPS + 1) + group, the tile's group sums at
-    tile * (NUM_GROUPS + 1) + NUM_GROUPS; one level (NUM_GROUPS == 1) uses counter `tile`."""
-    if SPLIT == 1:
+    LEVELS (WeightGradSizes.levels, a constexpr so that each kernel holds only its own path): 0, one
+    program a tile, stored directly; 1, the last of SPLIT arrivals at counter `tile` sums them; 2,
+    a tile's groups count at tile * (NUM_GROUPS + 1) + group and its group sums at
+    tile * (NUM_GROUPS + 1) + NUM_GROUPS."""
+    if LEVELS == 0:
         _store_weight_grad(acc, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
+    elif LEVELS == 1:
+        if store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, tile, split, SPLIT,
+                                    OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
+            total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, tile, 0, 1, SPLIT, owns_bias,
+                                     OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
+            _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
     else:
+        tl.static_assert(LEVELS == 2, "LEVELS is 0, 1 or 2")
         num_groups = tl.cdiv(SPLIT, GROUP)
         group = split // GROUP
         first = group * GROUP
-        members = tl.minimum(GROUP, SPLIT - first)
-        if num_groups == 1:
-            counter = tile
-        else:
-            counter = tile * (num_groups + 1) + group
-        last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, counter, split,
-                                        members, OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R)
-        if last:
-            total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, first, 1, members, owns_bias,
-                                     OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
-            if num_groups == 1:
+        counter = tile * (num_groups + 1) + group
+        if store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, counter, split,
+                                    tl.minimum(GROUP, SPLIT - first), OUT, K, SPLIT, owns_bias, HAS_BIAS,
+                                    BLOCK_R):
+            total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, first, 1,
+                                     tl.minimum(GROUP, SPLIT - first), owns_bias, OUT, K, SPLIT, HAS_BIAS,
+                                     BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
+            # The group's sum replaces its first partial, which only this program reads.
+            counter = tile * (num_groups + 1) + num_groups
+            if store_partial_and_arrive(ws_ptr, counter_ptr, total, parts, offs_o, offs_k, counter, first,
+                                        num_groups, OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
+                total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, 0, GROUP, num_groups,
+                                         owns_bias, OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
                 _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
-            else:
-                # The group's sum replaces its first partial, which only this program reads.
-                counter = tile * (num_groups + 1) + num_groups
-                if store_partial_and_arrive(ws_ptr, counter_ptr, total, parts, offs_o, offs_k, counter, first,
-                                            num_groups, OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
-                    total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, 0, GROUP, num_groups,
-                                             owns_bias, OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R,
-                                             acc.dtype)
-                    _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K,
-                                       HAS_BIAS)
 
 
 @triton.jit
@@ -216,6 +217,11 @@ class WeightGradSizes:
     group: int
     num_counters: int
     workspace: int
+
+    @property
+    def levels(self) -> int:
+        """The finishing sum's levels (finish_weight_grad's LEVELS): 0 stores directly."""
+        return 0 if self.split == 1 else 1 if self.group >= self.split else 2
 
 
 @dataclass

@@ -406,15 +406,19 @@ def _forward_dots(precision: str, K: int, BLOCK_M: int, BLOCK_N: int) -> tuple[i
     return 16, 8, 2
 
 
-def _backward_dots(precision: str) -> tuple[int, int, int]:
-    """(BLOCK_DX_K, num_warps, num_stages) of the backward for its dot precision.
+def _backward_dots(precision: str) -> dict:
+    """BLOCK_DX_K and launch options of the backward for its dot precision.
 
     TF32: 4 warps, as the 32x16 (dx) and 16x32 (dw) MMA tiles are four 16x8 instructions, one a warp
     (8 warps computed each product twice). IEEE dots are FMAs, which repeat nothing at any warp
     count: 8 warps. One stage and BLOCK_DW_R 16 in both: with 2 or 3 stages, BLOCK_DW_R 32, or
     BLOCK_DX_K 32 at 4 warps, ptxas kept 4 to 24 bytes of some configurations on the stack at
-    64-128 registers (tests/test_gpu_build.py builds every configuration)."""
-    return (16, 4, 1) if precision == "tf32" else (32, 8, 1)
+    64-128 registers (tests/test_gpu_build.py builds every configuration). At 8 warps ptxas still
+    capped some IEEE configurations at 64 registers and spilled; maxnreg 128 lets it take what they
+    need (2 programs an SM at worst, as at 8 warps before)."""
+    if precision == "tf32":
+        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
 
 
 _FWD = PlanCache()
@@ -489,7 +493,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta["BLOCK_DX_K"], meta["num_warps"], meta["num_stages"] = _backward_dots(meta["DOT_PRECISION"])
+    meta.update(_backward_dots(meta["DOT_PRECISION"]))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

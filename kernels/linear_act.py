@@ -247,6 +247,10 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "matmul")
+    if meta["DOT_PRECISION"] == "tf32":
+        # ptxas capped a TF32 backward (3072 -> 1000 features) at 48 registers and spilled; with
+        # room for 128 it spills nothing.
+        meta["maxnreg"] = 128
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

@@ -11,12 +11,14 @@ nothing. Recomputing the convolution in backward would save that memory at the c
 forward GEMM, a poor trade for LeNet where that map is small. Without pooling (POOL "none") a row is
 a conv position, one accumulator replaces the four, and nothing but the output is saved.
 
-Backward is ONE launch: programs [0, NUM_DX) compute grad input tiles (a GEMM over output channels x
-kernel taps, i.e. a transposed convolution), the rest compute the weight gradient, split over batch x
-positions and reduced deterministically (split_reduce.py). The bias gradient is summed beside the
-weight-gradient GEMM, in full precision even when the GEMM runs in TF32. The gradient with respect to the
-pre-activation (pool and activation derivatives) is never materialised: both GEMMs gather it on the
-fly from grad_output, the pooled output and the window index.
+Backward is ONE launch: programs [0, NUM_DW) compute the weight gradient, split over batch x
+positions and reduced deterministically (split_reduce.py), the rest grad input tiles (a GEMM over
+output channels x kernel taps, i.e. a transposed convolution). The weight-gradient programs come
+first: they are the ones that end in a reduction, so they should not be the last to start. The bias
+gradient is summed beside the weight-gradient GEMM, in full precision even when the GEMM runs in
+TF32. The gradient with respect to the pre-activation (pool and activation derivatives) is never
+materialised: both GEMMs gather it on the fly from grad_output, the pooled output and the window
+index.
 """
 import torch
 import triton
@@ -25,7 +27,7 @@ import triton.language as tl
 from .activations import ACTIVATIONS, act, act_backward, to_acc
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
 from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
-                           weight_grad_sizes, weight_grad_tiles, zero_counters)
+                           weight_grad_sizes, zero_counters)
 
 # The pools the Python API takes; None is no pooling, spelled "none" as the kernels' POOL constexpr.
 POOLS = ("max", "avg", None)
@@ -252,10 +254,10 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
 
 @triton.jit
 def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
-                      N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT,
+                      N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                       stride_xn, stride_xc, stride_xh, stride_xw,
                       KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
-                      POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
                       DOT_PRECISION: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """grad weight: [C_out, K] = dz^T [C_out, R] @ patches [R, K], and grad bias = the row sums of
@@ -288,7 +290,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
             bias_parts += dz
     # dw is contiguous [C_out, C_in, k, k] == [C_out, K].
     finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
-                       owns_bias, C_out, K, SPLIT, HAS_BIAS, BLOCK_CO, BLOCK_K, BLOCK_R)
+                       owns_bias, C_out, K, SPLIT, GROUP, HAS_BIAS, LEVELS, BLOCK_CO, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -296,30 +298,30 @@ def conv2d_act_pool_bwd_kernel(
     # pointers
     x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
     # sizes
-    N, C_in, C_out, NUM_DX, SPLIT, ROWS_PER_SPLIT,
+    N, C_in, C_out, NUM_DW, SPLIT, ROWS_PER_SPLIT, GROUP,
     # strides
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     # meta-parameters
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
-    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
-    # One launch, two jobs: the first NUM_DX programs compute grad-input tiles, the others
-    # weight-gradient (tile, split) pairs.
+    # One launch, two jobs: the first NUM_DW programs compute weight-gradient (tile, split) pairs,
+    # the others grad-input tiles.
     pid = tl.program_id(0)
-    if pid < NUM_DX:
-        _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
+    if pid >= NUM_DW:
+        _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
                          N, C_in, H, W, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, DOT_PRECISION,
                          BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
     else:
-        _grad_weight_tile(pid - NUM_DX, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr,
-                          ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT,
+        _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr,
+                          ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                           stride_xn, stride_xc, stride_xh, stride_xw,
-                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, DOT_PRECISION,
+                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, DOT_PRECISION,
                           BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
 
 
@@ -344,9 +346,21 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
 
 
 def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
-    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs; the forward needs
-    them too, to size the arrival counters it zeroes for the backward."""
-    return min(max(next_pow2(C_out), 16), 32), 32, 32
+    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs (BLOCK_DW_R: see
+    _backward_dots)."""
+    return min(max(next_pow2(C_out), 16), 32), 32, 16
+
+
+def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: int, pool, has_bias: bool,
+                       enabled: bool = True):
+    """The weight-gradient reduction's split (split_reduce.weight_grad_sizes); the forward needs it
+    too, to zero the backward's arrival counters. Its rows are the conv positions a pooling window
+    covers; the split grows with them, 64 row blocks (1024 positions) a program at least, so a large
+    batch fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace."""
+    s = 1 if pool is None else 2
+    block_co, block_k, block_r = _weight_grad_blocks(C_out)
+    return weight_grad_sizes(C_out, C_in * ksize * ksize, has_bias, N * s * PH * s * PW, block_out=block_co,
+                             block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled)
 
 
 def counters_needed(C_out: int, C_in: int, ksize: int) -> int:
@@ -359,40 +373,67 @@ def counters_needed(C_out: int, C_in: int, ksize: int) -> int:
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
                     save_for_backward: bool):
     """Everything conv2d_act_pool_forward derives from shapes and settings alone: output shapes,
-    counter count, grid and constexprs (DOT_PRECISION is filled per call). Cached in _FWD."""
+    counter count, grid and constexprs (DOT_PRECISION, BLOCK_K and num_warps are filled per call).
+    Cached in _FWD."""
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = pooled_size(H, W, ksize, padding, pool)
     s = 1 if pool is None else 2
     save_win = save_for_backward and pool == "max"
     save_prepool = save_for_backward and pool == "avg" and activation != "identity"
-    block_co, block_k, _ = _weight_grad_blocks(C_out)
-    num_counters = (weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k)
+    num_counters = (_weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias).num_counters
                     if save_for_backward else 0)
-    # Four gathered patch tiles and four accumulators are live per K step. 32 rows x at most 32
-    # channels x 8 warps keeps that well inside the register file; BLOCK_K is 32 for tensor-core
-    # (TF32) dots and 16 for IEEE fp32 dots, which Triton lowers to FMAs with every operand in
-    # registers: at 32 ptxas (12.9 and the 3.9 wheel's) sat at 80-128 registers and kept a value or
-    # two on the stack, at 16 it needs at most ~110 and spills nothing (tests/test_gpu_build.py).
-    # Without pooling one accumulator replaces the four: 4x the rows is the same work and registers.
+    # Four gathered patch tiles and four accumulators are live per K step: 32 rows x at most 32
+    # channels. Without pooling one accumulator replaces the four: 4x the rows is the same work
+    # and registers. Warps and BLOCK_K by precision (_forward_dots).
     BLOCK_M, BLOCK_N = (32 * 4 // (s * s)), min(max(next_pow2(C_out), 16), 32)
     # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
-                num_warps=8, num_stages=2)
+                num_warps=None, num_stages=None)
     return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
 
+def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int) -> tuple[int, int, int]:
+    """(BLOCK_K, num_warps, num_stages) of the forward for its operand dtype, dot precision,
+    reduction length K = C_in*k*k and tile.
+
+    TF32: Triton lays out the forward's MMAs (with pooling four, sharing the weight operand) with
+    every warp along the rows, 16 rows a warp, so BLOCK_M // 16 warps cover the tile once: 2 for
+    the 32 pooled rows (8 covered 128, computing each product 4 times), 8 for the 128 rows without
+    pooling. With pooling each thread then holds a 64th of four gathered 32 x BLOCK_K patch tiles
+    and four accumulators: BLOCK_K 32 only where it covers K in one step with 16 channels (conv1's
+    25 taps: ~100 registers), else 16, and no software pipelining (one stage): at 32, or with the
+    next step's tiles in flight, ptxas needed more than 255 registers and spilled.
+    IEEE dots lower to FMAs on CUDA cores, whose layouts never repeat work, with every operand in
+    registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack), 2 stages.
+    float16 / bfloat16: tensor-core dots laid out as TF32's, whose half-width operands let BLOCK_K
+    be 32 in the registers TF32 needs at 16."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 32, BLOCK_M // 16, 1
+    if precision == "tf32":
+        return (32 if K <= 32 and BLOCK_N <= 16 else 16), BLOCK_M // 16, 1
+    return 16, 8, 2
+
+
+def _backward_dots(precision: str) -> dict:
+    """BLOCK_DX_K and launch options of the backward for its dot precision.
+
+    TF32: 4 warps, as the 32x16 (dx) and 16x32 (dw) MMA tiles are four 16x8 instructions, one a warp
+    (8 warps computed each product twice). IEEE dots are FMAs, which repeat nothing at any warp
+    count: 8 warps. One stage and BLOCK_DW_R 16 in both: with 2 or 3 stages, BLOCK_DW_R 32, or
+    BLOCK_DX_K 32 at 4 warps, ptxas kept 4 to 24 bytes of some configurations on the stack at
+    64-128 registers (tests/test_gpu_build.py builds every configuration). At 8 warps ptxas still
+    capped some IEEE configurations at 64 registers and spilled; maxnreg 128 lets it take what they
+    need (2 programs an SM at worst, as at 8 warps before)."""
+    if precision == "tf32":
+        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
+
+
 _FWD = PlanCache()
-
-
-def _forward_block_k(dtype, precision: str) -> int:
-    """BLOCK_K of the forward: 16 for dots Triton lowers to FMAs (IEEE float32, float64), whose
-    operands all sit in registers; 32 for tensor-core dots (TF32, float16, bfloat16), whose half
-    precision operands take half the registers of float32 ones (see _forward_config)."""
-    return 16 if precision == "ieee" and dtype in (torch.float32, torch.float64) else 32
 
 
 def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool: str,
@@ -412,7 +453,8 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta["BLOCK_K"] = _forward_block_k(dtype, meta["DOT_PRECISION"])
+    meta["BLOCK_K"], meta["num_warps"], meta["num_stages"] = _forward_dots(
+        dtype, meta["DOT_PRECISION"], C_in * weight.shape[2] ** 2, meta["BLOCK_M"], meta["BLOCK_N"])
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
@@ -431,21 +473,16 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = y_shape[2], y_shape[3]
-    s = 1 if pool is None else 2
-    K = C_in * ksize * ksize
-    BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, min(max(next_pow2(C_in), 16), 64), 32
+    BLOCK_DX_M, BLOCK_DX_N = 32, min(max(next_pow2(C_in), 16), 64)
     num_dx = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
     BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
-    # The weight-gradient rows are the conv positions a pooling window covers.
-    plan_sizes = weight_grad_sizes(C_out, K, has_bias, N * s * PH * s * PW, block_out=BLOCK_DW_CO,
-                                   block_k=BLOCK_DW_K, block_rows=BLOCK_DW_R, max_split=256, enabled=need_dw)
+    plan_sizes = _weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias, enabled=need_dw)
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
-                POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias, DOT_PRECISION=None,
-                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
+                POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
+                LEVELS=plan_sizes.levels, DOT_PRECISION=None,
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                # 3 stages: with 2, ptxas (12.9) kept a value or two of some configurations on the
-                # stack at only 64-80 registers; the GPU build test checks every configuration.
-                num_warps=8, num_stages=3)
+                num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots
     return (N, C_in, C_out, ksize, num_dx, plan_sizes, meta)
 
 
@@ -468,17 +505,18 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
+    meta.update(_backward_dots(meta["DOT_PRECISION"]))
     sx, sw = x.stride(), weight.stride()
 
-    # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + plan.programs,)
+    # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
+    grid = (plan.programs + num_dx,)
     launch(conv2d_act_pool_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
                 db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
-                N=N, C_in=C_in, C_out=C_out, NUM_DX=num_dx,
-                SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
+                N=N, C_in=C_in, C_out=C_out, NUM_DW=plan.programs,
+                SPLIT=plan.sizes.split, ROWS_PER_SPLIT=plan.sizes.rows_per_split, GROUP=plan.sizes.group,
                 stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
                 stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
            meta)

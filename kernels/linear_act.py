@@ -5,9 +5,10 @@ single store (float16/bfloat16 operands go to the dot as they are, accumulating 
 from y (activations.py), and the upstream gradient times it, dz, is never materialised: both
 backward GEMMs recompute their dz tile from grad_output and y as they load it.
 
-Backward is ONE launch: programs [0, NUM_DX) compute grad-input tiles dz @ W, the rest compute
-dz^T @ x and the bias gradient (the column sums of dz, in full precision beside the dot), split over
-the batch and reduced deterministically (split_reduce.py).
+Backward is ONE launch: programs [0, NUM_DW) compute dz^T @ x and the bias gradient (the column
+sums of dz, in full precision beside the dot), split over the batch and reduced deterministically
+(split_reduce.py); the rest compute grad-input tiles dz @ W. The weight-gradient programs come first:
+they end in a reduction, so they should not be the last to start.
 """
 import triton
 import triton.language as tl
@@ -15,7 +16,7 @@ import triton.language as tl
 from .activations import act, act_backward
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
 from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
-                           weight_grad_sizes, weight_grad_tiles, zero_counters)
+                           weight_grad_sizes, zero_counters)
 
 
 @triton.jit
@@ -89,8 +90,9 @@ def _grad_input_tile(pid, w_ptr, g_ptr, y_ptr, dx_ptr, M, N, K, stride_wn, strid
 
 @triton.jit
 def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
-                      M, N, K, SPLIT, ROWS_PER_SPLIT, stride_xm, stride_xk,
-                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      M, N, K, SPLIT, ROWS_PER_SPLIT, GROUP, stride_xm, stride_xk,
+                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dW tile = dz^T [N, M] @ x [M, K] and db = the row sums of dz^T, over one slice of the batch."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -111,7 +113,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_
         if HAS_BIAS:
             bias_parts += dz_t
     finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_n, offs_k, tile, split,
-                       owns_bias, N, K, SPLIT, HAS_BIAS, BLOCK_N, BLOCK_K, BLOCK_R)
+                       owns_bias, N, K, SPLIT, GROUP, HAS_BIAS, LEVELS, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
@@ -119,33 +121,41 @@ def linear_act_bwd_kernel(
     # pointers
     x_ptr, w_ptr, g_ptr, y_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
     # sizes
-    M, N, K, NUM_DX, SPLIT, ROWS_PER_SPLIT,
+    M, N, K, NUM_DW, SPLIT, ROWS_PER_SPLIT, GROUP,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk,
     # meta-parameters
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_N: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
-    # One launch, two jobs: the first NUM_DX programs compute grad-input tiles, the others
-    # weight-gradient (tile, split) pairs.
+    # One launch, two jobs: the first NUM_DW programs compute weight-gradient (tile, split) pairs,
+    # the others grad-input tiles.
     pid = tl.program_id(0)
-    if pid < NUM_DX:
-        _grad_input_tile(pid, w_ptr, g_ptr, y_ptr, dx_ptr, M, N, K, stride_wn, stride_wk,
+    if pid >= NUM_DW:
+        _grad_input_tile(pid - NUM_DW, w_ptr, g_ptr, y_ptr, dx_ptr, M, N, K, stride_wn, stride_wk,
                          ACTIVATION, DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
     else:
-        _grad_weight_tile(pid - NUM_DX, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
-                          M, N, K, SPLIT, ROWS_PER_SPLIT, stride_xm, stride_xk,
-                          ACTIVATION, HAS_BIAS, DOT_PRECISION, BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R)
+        _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+                          M, N, K, SPLIT, ROWS_PER_SPLIT, GROUP, stride_xm, stride_xk,
+                          ACTIVATION, HAS_BIAS, LEVELS, DOT_PRECISION, BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
 # --------------------------------------------------------------------------------------------------
 
+def _weight_grad_sizes(M: int, N: int, K: int, has_bias: bool, enabled: bool = True):
+    """The weight-gradient reduction's split over the M rows (split_reduce.weight_grad_sizes), in
+    BLOCK_DW_N x BLOCK_DW_K tiles of BLOCK_DW_R rows a step (_weight_grad_blocks); the forward
+    needs it too, to zero the backward's arrival counters."""
+    block_n, block_k, block_r = _weight_grad_blocks(N)
+    return weight_grad_sizes(N, K, has_bias, M, block_out=block_n, block_k=block_k, block_rows=block_r,
+                             min_blocks=8, max_split=64, enabled=enabled)
+
+
 def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
-    """(BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs; the forward needs
-    them too, to size the arrival counters it zeroes for the backward."""
+    """(BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs."""
     return min(max(next_pow2(N), 16), 32), 64, 32
 
 
@@ -156,17 +166,34 @@ def counters_needed(N: int, K: int) -> int:
     return max(weight_grad_tiles(N, K, block_n, block_k), 1)
 
 
+# Forward tiles (BLOCK_M, widest BLOCK_N, num_warps), largest first, and the programs a launch should
+# have: about two per SM of an H100 (132 SMs). A layer takes the largest tile that still gives that
+# many programs, or else the smallest: at large batch big tiles reuse each loaded W and x element
+# most, at small batch more, smaller programs spread the layer over more SMs. Each has at most 16
+# accumulator elements a thread and covers its tile once as a TF32 MMA (16 rows x 8 columns a warp:
+# [4, 2], [2, 2] and [1, 2] warps) and as an FMA layout.
+_FORWARD_TILES = ((64, 64, 8), (32, 32, 4), (16, 32, 2))
+_FORWARD_PROGRAMS = 2 * 132
+
+
+def _forward_tile(M: int, N: int) -> tuple[int, int, int]:
+    for block_m, block_n, warps in _FORWARD_TILES:
+        block_n = min(max(next_pow2(N), 16), block_n)
+        if cdiv(M, block_m) * cdiv(N, block_n) >= _FORWARD_PROGRAMS:
+            break
+    return block_m, block_n, warps
+
+
 def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_backward: bool):
     """What linear_act_forward derives from shapes and settings alone (cached in _FWD)."""
     M, K = x_shape
     N = w_shape[0]
-    block_n, block_k, _ = _weight_grad_blocks(N)
-    num_counters = weight_grad_tiles(N, K, block_n, block_k) if save_for_backward else 0
-    BLOCK_M, BLOCK_N, BLOCK_K = 64, min(max(next_pow2(N), 16), 64), 32
+    num_counters = _weight_grad_sizes(M, N, K, has_bias).num_counters if save_for_backward else 0
+    BLOCK_M, BLOCK_N, num_warps = _forward_tile(M, N)
     # grid: (row tiles of the batch, tiles of output features)
     grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
     meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8, num_stages=2)
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=32, num_warps=num_warps, num_stages=2)
     return M, N, K, num_counters, grid, meta
 
 
@@ -201,12 +228,12 @@ def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx:
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
     num_dx = cdiv(M, BLOCK_DX_M) * cdiv(K, BLOCK_DX_K) if need_dx else 0
     BLOCK_DW_N, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(N)
-    plan_sizes = weight_grad_sizes(N, K, has_bias, M, block_out=BLOCK_DW_N, block_k=BLOCK_DW_K,
-                                   block_rows=BLOCK_DW_R, max_split=64, enabled=need_dw)
-    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
+    plan_sizes = _weight_grad_sizes(M, N, K, has_bias, enabled=need_dw)
+    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, LEVELS=plan_sizes.levels, DOT_PRECISION=None,
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=8, num_stages=2)
+                # One stage: with two, ptxas kept 8 bytes of the two-level finishing sum on the stack.
+                num_warps=8, num_stages=1)
     return M, N, K, num_dx, plan_sizes, meta
 
 
@@ -227,15 +254,20 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "matmul")
+    if meta["DOT_PRECISION"] == "tf32":
+        # ptxas capped a TF32 backward (3072 -> 1000 features) at 48 registers and spilled; with
+        # room for 128 it spills nothing.
+        meta["maxnreg"] = 128
     sx, sw = x.stride(), weight.stride()
 
-    # grid: NUM_DX grad-input tiles, then (weight-gradient tile x split) programs.
-    grid = (num_dx + plan.programs,)
+    # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
+    grid = (plan.programs + num_dx,)
     launch(linear_act_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
                 db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
-                M=M, N=N, K=K, NUM_DX=num_dx, SPLIT=plan.split, ROWS_PER_SPLIT=plan.rows_per_split,
+                M=M, N=N, K=K, NUM_DW=plan.programs, SPLIT=plan.sizes.split,
+                ROWS_PER_SPLIT=plan.sizes.rows_per_split, GROUP=plan.sizes.group,
                 stride_xm=sx[0], stride_xk=sx[1], stride_wn=sw[0], stride_wk=sw[1]),
            meta)
     return dx, dw, db

@@ -306,27 +306,31 @@ def _weight_grad_job(d: dict, programs: int, block_out: int, block_k: int, usefu
 
 def _weight_grad_traffic(d: dict, dw_programs: int) -> tuple[list[str], list[str]]:
     """What the weight-gradient reduction reads and writes beyond the GEMM's operands: every
-    partial is written to the workspace and read back once by the tile's last program, and each
-    program counts itself in with one atomic on its tile's counter."""
+    partial is written to the workspace and read back once by a finishing program, and each
+    program counts itself in with one atomic on a counter. A tile summed by one program (SPLIT 1)
+    stores its result directly."""
     if not dw_programs:
         return [], []
-    return ["ws_ptr", "counter_ptr"], ["dw_ptr"] + ["db_ptr"] * d["meta"]["HAS_BIAS"] + ["ws_ptr", "counter_ptr"]
+    results = ["dw_ptr"] + ["db_ptr"] * d["meta"]["HAS_BIAS"]
+    if d["args"]["SPLIT"] == 1:
+        return [], results
+    return ["ws_ptr", "counter_ptr"], results + ["ws_ptr", "counter_ptr"]
 
 
 @_formula("conv2d_act_pool_bwd_kernel")
 def _conv_backward(d: dict) -> Work:
-    """Two jobs in one grid. dx: NUM_DX programs of BLOCK_DX_M input positions x BLOCK_DX_N input
-    channels, reducing over C_out*k*k taps in steps of BLOCK_DX_K:
+    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_CO x BLOCK_DW_K tiles (see
+    _weight_grad_job). dx: the remaining NUM_DX programs, BLOCK_DX_M input positions x BLOCK_DX_N
+    input channels, reducing over C_out*k*k taps in steps of BLOCK_DX_K:
         executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * ceil(C_out*k*k / BLOCK_DX_K) * BLOCK_DX_K
-    dw: the remaining programs, BLOCK_DW_CO x BLOCK_DW_K tiles (see _weight_grad_job). Each job's
-    useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
+    Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
     Reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), w
     (dx) and x (dw); writes dx, dw and db, and the reduction's workspace and counters."""
     a, m = d["args"], d["meta"]
     K = a["C_in"] * m["KSIZE"] ** 2
     useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
-    num_dx = a["NUM_DX"]
-    dw_programs = d["grid"][0] - num_dx
+    dw_programs = a["NUM_DW"]
+    num_dx = d["grid"][0] - dw_programs
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * _round_up(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
              useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
@@ -356,16 +360,17 @@ def _linear_forward(d: dict) -> Work:
 
 @_formula("linear_act_bwd_kernel")
 def _linear_backward(d: dict) -> Work:
-    """Two jobs in one grid. dx: NUM_DX programs of BLOCK_DX_M rows x BLOCK_DX_K input features,
-    reducing over the N outputs in steps of BLOCK_DX_N:
+    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_N x BLOCK_DW_K tiles (see
+    _weight_grad_job). dx: the remaining NUM_DX programs of BLOCK_DX_M rows x BLOCK_DX_K input
+    features, reducing over the N outputs in steps of BLOCK_DX_N:
         executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_K * ceil(N / BLOCK_DX_N) * BLOCK_DX_N
-    dw: the remaining programs, BLOCK_DW_N x BLOCK_DW_K tiles (see _weight_grad_job). Useful:
+    Useful:
     2 * M * N * K each. Reads grad_y and y, W (dx) and x (dw); writes dx, dW and db, and the
     reduction's workspace and counters."""
     a, m = d["args"], d["meta"]
     useful = 2 * a["M"] * a["N"] * a["K"]
-    num_dx = a["NUM_DX"]
-    dw_programs = d["grid"][0] - num_dx
+    dw_programs = a["NUM_DW"]
+    num_dx = d["grid"][0] - dw_programs
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_K"] * _round_up(a["N"], m["BLOCK_DX_N"]),
              useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_K"]))
@@ -379,8 +384,11 @@ def _linear_backward(d: dict) -> Work:
 @_formula("cross_entropy_fwd_kernel")
 def _cross_entropy_forward(d: dict) -> Work:
     """No dot (its exp, log and sums are not counted, as in model_flops). Reads the logits and
-    targets; writes the per-row log-sum-exp, the loss and the row counts."""
-    return Work((), _bytes(d, "logits_ptr", "target_ptr"), _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr"))
+    targets; writes the per-row log-sum-exp, the loss and the row counts; with several programs
+    also their partial sums (read back by the last) and the arrival counter."""
+    partials = ["part_ptr", "part_rows_ptr", "counter_ptr"] * (d["args"]["NUM_PROGRAMS"] > 1)
+    return Work((), _bytes(d, "logits_ptr", "target_ptr", *partials),
+                _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr", *partials))
 
 
 @_formula("cross_entropy_bwd_kernel")

@@ -3,9 +3,16 @@
 A weight gradient is a sum over batch x positions, so its few output tiles are split across SPLIT
 programs for parallelism. Float atomics would make training irreproducible, and a second reduction
 launch costs a launch per layer. Instead each program writes its partial tile to a workspace, then
-bumps a per-tile arrival counter; the program that arrives last sums the SPLIT partials in a fixed
-order and stores the result. The sum order never depends on which program finished first: results
-are bit-reproducible.
+bumps an arrival counter; the program that arrives last sums the partials in a fixed order. The
+sum order never depends on which program finished first: results are bit-reproducible.
+
+The splits of a tile form groups of GROUP consecutive splits, a counter each, and the tile has one
+counter more: the last arriver of a group sums the group's partials into the group's first slot and
+arrives at the tile's counter, whose last arriver sums the group sums. A finisher's loads are
+dependent L2 round trips, one per block of partials, so two levels of about sqrt(SPLIT) each keep
+that chain short where one level of SPLIT would make the last program of a wide split the longest
+(GROUP = SPLIT: one level, a counter a tile). A tile summed by one program (SPLIT == 1, which
+Triton compiles as a constant) stores its result directly: no workspace, no atomics.
 
 Who zeroes the counters decides what can go wrong. They belong to one forward call: its launch
 helper allocates them (no memset) and the forward kernel zeroes them, next to the outputs the
@@ -16,6 +23,7 @@ with no extra device operation. The last arriver still re-arms its counter, so a
 through the same graph (retain_graph=True) finds it at zero.
 """
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,19 +48,19 @@ def weight_grad_program(pid, OUT, K, SPLIT, BLOCK_O: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_a, offs_b, tile_id, split_id,
+def store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_a, offs_b, counter, slot, arrivals,
                              SIZE_A, SIZE_B, SPLIT, owns_bias, HAS_BIAS: tl.constexpr,
                              BLOCK_R: tl.constexpr):
-    """Write this program's partial tile (rows offs_a, cols offs_b of a SIZE_A x SIZE_B result) to
-    ws[split_id] (and, when it owns the bias, its [SIZE_A, BLOCK_R] bias partials to the bias
-    region after the SPLIT tiles) and return True in the program that completed the tile's set of
-    SPLIT partials."""
+    """Write a partial tile (rows offs_a, cols offs_b of a SIZE_A x SIZE_B result) to ws[slot] (and,
+    when it owns the bias, its [SIZE_A, BLOCK_R] bias partials to the bias region after the SPLIT
+    tiles), count it in at counter_ptr[counter] and return True in the program that completed the
+    set of `arrivals` partials counted there."""
     mask = (offs_a[:, None] < SIZE_A) & (offs_b[None, :] < SIZE_B)
-    ws = ws_ptr + split_id.to(tl.int64) * SIZE_A * SIZE_B
+    ws = ws_ptr + slot.to(tl.int64) * SIZE_A * SIZE_B
     tl.store(ws + offs_a[:, None] * SIZE_B + offs_b[None, :], acc, mask=mask)
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
-        bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * SIZE_A * SIZE_B + split_id.to(tl.int64) * SIZE_A * BLOCK_R
+        bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * SIZE_A * SIZE_B + slot.to(tl.int64) * SIZE_A * BLOCK_R
         tl.store(bias_ws + offs_a[:, None] * BLOCK_R + offs_r[None, :], bias_parts,
                  mask=(offs_a[:, None] < SIZE_A) & owns_bias)
     # The barrier orders every thread's partial stores before the (single-thread) counter update;
@@ -60,37 +68,67 @@ def store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_a, offs_
     # the last arriver's reads of their partials after it has seen every count (the split-K
     # semaphore pattern; a no-op under the interpreter, whose programs run one after another).
     tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    arrived = tl.atomic_add(counter_ptr + counter, 1, sem="acq_rel", scope="gpu")
     tl.debug_barrier()
-    return arrived == SPLIT - 1
+    return arrived == arrivals - 1
 
 
 @triton.jit
-def sum_partials(ws_ptr, counter_ptr, offs_a, offs_b, tile_id, SIZE_A, SIZE_B, SPLIT,
+def sum_partials(ws_ptr, counter_ptr, offs_a, offs_b, counter, first, stride, count, SIZE_A, SIZE_B,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Sum the SPLIT partial tiles in a fixed order and re-arm the tile's counter.
+    """Sum the `count` partial tiles in slots first, first + stride, ... in a fixed order and re-arm
+    counter_ptr[counter].
 
     BLOCK_S partials are loaded at once (a block of at most 4096 elements, which stays spill-free)
-    so the loads overlap instead of paying one L2 round trip per split; the in-block tree sum and
+    so the loads overlap instead of paying one L2 round trip per partial; the in-block tree sum and
     the block order are fixed, so the result does not depend on timing."""
     BLOCK_S: tl.constexpr = max(1, 4096 // (BLOCK_A * BLOCK_B))
     offs_s = tl.arange(0, BLOCK_S)
     mask = (offs_a[None, :, None] < SIZE_A) & (offs_b[None, None, :] < SIZE_B)
     ptrs = ws_ptr + offs_a[None, :, None] * SIZE_B + offs_b[None, None, :]
     total = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
-    for s0 in range(0, SPLIT, BLOCK_S):
-        split = (s0 + offs_s)[:, None, None]
+    for s0 in range(0, count, BLOCK_S):
+        i = (s0 + offs_s)[:, None, None]
+        slot = first + i * stride
         # .cg: read from L2, never from a stale L1 line of this SM.
-        block = tl.load(ptrs + split.to(tl.int64) * SIZE_A * SIZE_B, mask=mask & (split < SPLIT),
+        block = tl.load(ptrs + slot.to(tl.int64) * SIZE_A * SIZE_B, mask=mask & (i < count),
                         other=0.0, cache_modifier=".cg")
         total += tl.sum(block, axis=0)
-    tl.atomic_xchg(counter_ptr + tile_id, 0)
+    tl.atomic_xchg(counter_ptr + counter, 0)
     return total
 
 
 @triton.jit
+def _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, first, stride, count, owns_bias, OUT, K, SPLIT,
+              HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+              ACC_DTYPE: tl.constexpr):
+    """The sums of `count` weight-gradient partials (first, stride apart) and of their bias partials
+    (zeros unless the tile owns the bias)."""
+    total = sum_partials(ws_ptr, counter_ptr, offs_o, offs_k, counter, first, stride, count, OUT, K,
+                         BLOCK_O, BLOCK_K, ACC_DTYPE)
+    parts = tl.zeros([BLOCK_O, BLOCK_R], dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        if owns_bias:
+            bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * OUT * K
+            parts = sum_partials(bias_ws, counter_ptr, offs_o, tl.arange(0, BLOCK_R), counter, first, stride,
+                                 count, OUT, BLOCK_R, BLOCK_O, BLOCK_R, ACC_DTYPE)
+    return total, parts
+
+
+@triton.jit
+def _store_weight_grad(total, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K,
+                       HAS_BIAS: tl.constexpr):
+    o = offs_o[:, None]
+    k = offs_k[None, :]
+    tl.store(dw_ptr + o * K + k, total.to(dw_ptr.dtype.element_ty), mask=(o < OUT) & (k < K))
+    if HAS_BIAS:
+        tl.store(db_ptr + offs_o, tl.sum(bias_parts, axis=1).to(db_ptr.dtype.element_ty),
+                 mask=(offs_o < OUT) & owns_bias)
+
+
+@triton.jit
 def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile,
-                       split, owns_bias, OUT, K, SPLIT, HAS_BIAS: tl.constexpr,
+                       split, owns_bias, OUT, K, SPLIT, GROUP, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Reduce a [BLOCK_O, BLOCK_K] weight-gradient partial over the SPLIT programs of its tile and
     store it into the contiguous dw [OUT, K]; with HAS_BIAS, the tile that owns the bias also
@@ -99,23 +137,40 @@ def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, off
     The bias partials are plain elementwise sums of dL/dz over the program's rows, kept apart from
     the GEMM: a TF32 dot would round each dL/dz to 10 mantissa bits, and cuDNN sums the bias
     gradient in full fp32. They are reduced over their BLOCK_R columns only here, once, by the
-    last program: a cross-warp sum in the busy program (before its partial store) made ptxas keep
-    registers on the stack."""
-    last = store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, tile, split,
-                                    OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R)
-    if last:
-        total = sum_partials(ws_ptr, counter_ptr, offs_o, offs_k, tile, OUT, K, SPLIT,
-                             BLOCK_O, BLOCK_K, acc.dtype)
-        o = offs_o[:, None]
-        k = offs_k[None, :]
-        tl.store(dw_ptr + o * K + k, total.to(dw_ptr.dtype.element_ty), mask=(o < OUT) & (k < K))
-        if HAS_BIAS:
-            if owns_bias:
-                bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * OUT * K
-                parts = sum_partials(bias_ws, counter_ptr, offs_o, tl.arange(0, BLOCK_R), tile, OUT,
-                                     BLOCK_R, SPLIT, BLOCK_O, BLOCK_R, acc.dtype)
-                tl.store(db_ptr + offs_o, tl.sum(parts, axis=1).to(db_ptr.dtype.element_ty),
-                         mask=offs_o < OUT)
+    finishing program: a cross-warp sum in the busy program (before its partial store) made ptxas
+    keep registers on the stack.
+
+    LEVELS (WeightGradSizes.levels, a constexpr so that each kernel holds only its own path): 0, one
+    program a tile, stored directly; 1, the last of SPLIT arrivals at counter `tile` sums them; 2,
+    a tile's groups count at tile * (NUM_GROUPS + 1) + group and its group sums at
+    tile * (NUM_GROUPS + 1) + NUM_GROUPS."""
+    if LEVELS == 0:
+        _store_weight_grad(acc, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
+    elif LEVELS == 1:
+        if store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, tile, split, SPLIT,
+                                    OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
+            total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, tile, 0, 1, SPLIT, owns_bias,
+                                     OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
+            _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
+    else:
+        tl.static_assert(LEVELS == 2, "LEVELS is 0, 1 or 2")
+        num_groups = tl.cdiv(SPLIT, GROUP)
+        group = split // GROUP
+        first = group * GROUP
+        counter = tile * (num_groups + 1) + group
+        if store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, counter, split,
+                                    tl.minimum(GROUP, SPLIT - first), OUT, K, SPLIT, owns_bias, HAS_BIAS,
+                                    BLOCK_R):
+            total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, first, 1,
+                                     tl.minimum(GROUP, SPLIT - first), owns_bias, OUT, K, SPLIT, HAS_BIAS,
+                                     BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
+            # The group's sum replaces its first partial, which only this program reads.
+            counter = tile * (num_groups + 1) + num_groups
+            if store_partial_and_arrive(ws_ptr, counter_ptr, total, parts, offs_o, offs_k, counter, first,
+                                        num_groups, OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
+                total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, 0, GROUP, num_groups,
+                                         owns_bias, OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
+                _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
 
 
 @triton.jit
@@ -133,65 +188,92 @@ def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
 # --------------------------------------------------------------------------------------------------
 
 def weight_grad_tiles(out_features: int, k: int, block_out: int, block_k: int) -> int:
-    """Output tiles of the [out_features, k] weight gradient: one counter each."""
+    """Output tiles of the [out_features, k] weight gradient."""
     return cdiv(out_features, block_out) * cdiv(k, block_k)
 
 
-def _zeroed_counters(num_tiles: int, device):
-    return torch.zeros((max(num_tiles, 1),), dtype=torch.int32, device=device)
+def _zeroed_counters(num_counters: int, device):
+    return torch.zeros((max(num_counters, 1),), dtype=torch.int32, device=device)
 
 
-def arrival_counters(num_tiles: int, like, forward_rows: int):
+def arrival_counters(num_counters: int, like, forward_rows: int):
     """The counters a forward call hands to its backward. Allocated without a memset: the forward
     kernel zeroes them (zero_counters). Inside launch.poison_outputs() they start as garbage, so a
     kernel that forgot to zero them fails the tests. A forward with no output rows launches nothing
     (see launch.launch), so then they are zeroed here."""
     if forward_rows == 0:
-        return _zeroed_counters(num_tiles, like.device)
-    return empty((max(num_tiles, 1),), dtype=torch.int32, device=like.device)
+        return _zeroed_counters(num_counters, like.device)
+    return empty((max(num_counters, 1),), dtype=torch.int32, device=like.device)
+
+
+@dataclass(frozen=True)
+class WeightGradSizes:
+    """How a weight-gradient reduction splits, from shapes alone: num_tiles output tiles, each summed
+    by `split` programs over rows_per_split rows, in groups of `group` splits (see the top of this
+    file); num_counters arrival counters and `workspace` elements of partials."""
+    num_tiles: int
+    split: int
+    rows_per_split: int
+    group: int
+    num_counters: int
+    workspace: int
+
+    @property
+    def levels(self) -> int:
+        """The finishing sum's levels (finish_weight_grad's LEVELS): 0 stores directly."""
+        return 0 if self.split == 1 else 1 if self.group >= self.split else 2
 
 
 @dataclass
 class WeightGradPlan:
-    """How one weight-gradient launch splits its reduction: num_tiles output tiles, each summed by
-    `split` programs over rows_per_split rows, with a workspace for the partials and the counters."""
-    num_tiles: int
-    split: int
-    rows_per_split: int
+    """One weight-gradient launch: its sizes, and a workspace for the partials and the counters."""
+    sizes: WeightGradSizes
     workspace: object  # torch.Tensor
     counters: object  # torch.Tensor
 
     @property
     def programs(self) -> int:
-        return self.num_tiles * self.split
+        return self.sizes.num_tiles * self.sizes.split
 
 
-def plan_weight_grad(sizes: tuple[int, int, int, int], like, counters=None) -> WeightGradPlan:
+def plan_weight_grad(sizes: WeightGradSizes, like, counters=None) -> WeightGradPlan:
     """The plan of one weight-gradient launch from its weight_grad_sizes (which the launch helpers
     cache per shape): the per-call part, a workspace allocation and a check of the counters.
     `counters` are the ones the forward zeroed; without them (a backward called on its own) fresh
     zeroed counters are allocated, at the cost of a memset."""
-    num_tiles, split, rows_per_split, size = sizes
     if counters is None:
-        counters = _zeroed_counters(num_tiles, like.device)
-    elif counters.numel() < num_tiles:  # num_tiles is 0 when no weight gradient is wanted
-        raise ValueError(f"{num_tiles} arrival counters needed, the forward zeroed {counters.numel()}")
-    workspace = empty((size,), dtype=accumulator_dtype(like.dtype), device=like.device)
-    return WeightGradPlan(num_tiles, split, rows_per_split, workspace, counters)
+        counters = _zeroed_counters(sizes.num_counters, like.device)
+    elif counters.numel() < sizes.num_counters:  # 0 when no weight gradient is wanted
+        raise ValueError(f"{sizes.num_counters} arrival counters needed, the forward zeroed {counters.numel()}")
+    workspace = empty((sizes.workspace,), dtype=accumulator_dtype(like.dtype), device=like.device)
+    return WeightGradPlan(sizes, workspace, counters)
+
+
+# Partials of one reduction at most, in elements (32 MiB of float32): the bound on its split.
+MAX_WORKSPACE = 8 * 2**20
+# Up to this many splits a tile is reduced in one level; beyond, in two of about sqrt(split).
+ONE_LEVEL_SPLIT = 16
 
 
 @functools.lru_cache(maxsize=256)
 def weight_grad_sizes(out_features: int, k: int, has_bias: bool, rows: int, block_out: int, block_k: int,
-                      block_rows: int, max_split: int, enabled: bool) -> tuple[int, int, int, int]:
-    """(num_tiles, split, rows_per_split, workspace elements) of the [out_features, k] weight-gradient
-    (and bias-gradient) reduction over `rows` rows: enough splits to fill a GPU at large batch, while
-    each program still sums at least 8 row blocks. Integers of integers, so cached (a training loop
-    plans the same few shapes every step)."""
+                      block_rows: int, min_blocks: int, max_split: int | None, enabled: bool = True
+                      ) -> WeightGradSizes:
+    """The WeightGradSizes of the [out_features, k] weight-gradient (and bias-gradient) reduction
+    over `rows` rows: the split grows with the rows, each program summing at least min_blocks row
+    blocks, up to max_split (None: no bound but the workspace's, MAX_WORKSPACE). The forward calls
+    it too (enabled) to know how many counters to zero. Cached: a training loop plans the same few
+    shapes every step."""
     num_tiles = weight_grad_tiles(out_features, k, block_out, block_k) if enabled else 0
-    split = max(1, min(max_split, cdiv(rows, 8 * block_rows)))
+    # Each split's partials: an [out_features, k] tile, then (with a bias) [out_features, block_rows].
+    per_split = out_features * (k + (block_rows if has_bias else 0))
+    split = max(1, min(max_split or rows, cdiv(rows, min_blocks * block_rows), MAX_WORKSPACE // per_split))
     rows_per_split = cdiv(cdiv(max(rows, 1), split), block_rows) * block_rows
     split = max(1, cdiv(rows, rows_per_split))
-    # The SPLIT [out_features, k] partial tiles, then (with a bias) SPLIT [out_features, block_rows]
-    # bias partials.
-    size = split * out_features * (k + (block_rows if has_bias else 0)) if enabled else 1
-    return num_tiles, split, rows_per_split, size
+    group = split if split <= ONE_LEVEL_SPLIT else math.isqrt(split - 1) + 1
+    num_groups = cdiv(split, group)
+    # SPLIT 1 counts nothing; its one counter, unused, is still zeroed like any the forward hands out.
+    num_counters = min(num_tiles, 1) if split == 1 else num_tiles * (num_groups + 1 if num_groups > 1 else 1)
+    # A tile summed by one program stores its result directly: no workspace.
+    workspace = split * per_split if enabled and split > 1 else 1
+    return WeightGradSizes(num_tiles, split, rows_per_split, group, num_counters, workspace)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import functional as FF
-from fastlenet.kernels.launch import record_launches
+from fastlenet.kernels.launch import poison_outputs, record_launches
 from conftest import ACT, POOL, rel_err
 
 # Relative-error tolerances, by kernel dtype (TF32 is off here on CUDA: conftest.py; TF32 has its own
@@ -96,7 +96,7 @@ def test_conv_skips_grad_input_when_not_needed(device):
     y = FF.conv2d_act_pool(x, w, None, padding=1)
     with record_launches() as launches:
         y.sum().backward()
-    assert [launch.args["NUM_DX"] for launch in launches] == [0]
+    assert [launch.grid[0] - launch.args["NUM_DW"] for launch in launches] == [0]
     assert x.grad is None and w.grad is not None
 
 
@@ -135,6 +135,30 @@ def test_empty_batch(device):
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_a_wide_split_reduces_in_two_levels(layer, device):
+    """Over 16 splits a tile's partials are summed in groups, then the group sums (split_reduce.py):
+    24 x 28 x 28 conv positions take 19 splits, 4200 rows of a linear layer 17."""
+    if layer == "conv":
+        shape = (24, 1, 28, 28, 6, 5, 2)
+        run = lambda: check_conv(shape, "relu", "max", torch.float32, device)
+    else:
+        x0, w0, b0 = torch.randn(4200, 7), torch.randn(5, 7), torch.randn(5)
+        (x, w, b), (xr, wr, br) = (leaves(x0, w0, b0, dtype=dt, device=device)
+                                   for dt in (torch.float32, torch.float64))
+
+        def run():
+            FF.linear_act(x, w, b, "tanh").square().sum().backward()
+            torch.tanh(F.linear(xr, wr, br)).square().sum().backward()
+            for t, r in ((x, xr), (w, wr), (b, br)):
+                assert rel_err(t.grad, r.grad) <= TOL[torch.float32]
+    with record_launches() as launches, poison_outputs():
+        run()
+    [backward] = [launch for launch in launches if launch.name.endswith("_bwd_kernel")]
+    split, group = backward.args["SPLIT"], backward.args["GROUP"]
+    assert split > 16 and 1 < group < split, (split, group)
 
 
 @pytest.mark.parametrize("pool", ["max", None])

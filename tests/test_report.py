@@ -214,29 +214,45 @@ def test_conv1_forward_work_by_hand(step256):
     assert (job.programs, job.executed) == (1568, 1568 * 4 * 2 * 32 * 16 * 32)
     assert job.useful == 2 * 256 * 28 * 28 * 6 * 25  # every conv position, 6 channels, 25 taps
     assert w.reads == {"x_ptr": 256 * 28 * 28 * 4, "w_ptr": 6 * 25 * 4, "b_ptr": 6 * 4}
-    assert w.writes == {"y_ptr": 256 * 6 * 14 * 14 * 4, "win_ptr": 256 * 6 * 14 * 14, "counter_ptr": 4}
+    # The backward's 15 arrival counters (see test_conv1_backward_work_by_hand), zeroed.
+    assert w.writes == {"y_ptr": 256 * 6 * 14 * 14 * 4, "win_ptr": 256 * 6 * 14 * 14, "counter_ptr": 15 * 4}
 
 
 def test_conv1_backward_work_by_hand(step256):
-    # No dx (the image needs no gradient). dw: one 16x32 tile of the 6x25 gradient, split 251 ways
-    # over 256*28*28 = 200704 conv positions, 800 rows a split; workspace 251 x 6 x (25 + 32).
-    w = work(step256["conv1 backward"])
+    # No dx (the image needs no gradient). dw: one 16x32 tile of the 6x25 gradient, split over
+    # 256*28*28 = 200704 conv positions, 1024 rows (64 row blocks) a split: 196 splits, summed in
+    # two levels, 14 groups of 14 (15 counters); workspace 196 x 6 x (25 + 16): 16 rows a step.
+    d = step256["conv1 backward"]
+    assert (d["args"]["SPLIT"], d["args"]["ROWS_PER_SPLIT"], d["args"]["GROUP"]) == (196, 1024, 14)
+    w = work(d)
     dx, dw = w.jobs
     assert (dx.programs, dx.executed, dx.useful) == (0, 0, 0)
-    assert (dw.programs, dw.executed, dw.useful) == (251, 251 * 2 * 16 * 32 * 800, 2 * 256 * 784 * 6 * 25)
-    maps, workspace = 256 * 6 * 14 * 14, 251 * 6 * (25 + 32) * 4
+    assert (dw.programs, dw.executed, dw.useful) == (196, 196 * 2 * 16 * 32 * 1024, 2 * 256 * 784 * 6 * 25)
+    maps, workspace = 256 * 6 * 14 * 14, 196 * 6 * (25 + 16) * 4
     assert w.reads == {"g_ptr": maps * 4, "y_ptr": maps * 4, "win_ptr": maps, "x_ptr": 256 * 784 * 4,
-                       "ws_ptr": workspace, "counter_ptr": 4}
-    assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 4}
+                       "ws_ptr": workspace, "counter_ptr": 15 * 4}
+    assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 15 * 4}
+
+
+def test_a_weight_gradient_of_one_split_is_stored_directly(step256):
+    # fc1 at batch 256: 256 rows are one split of 8 row blocks, so no workspace and no counter.
+    d = step256["fc1 backward"]
+    assert d["args"]["SPLIT"] == 1
+    w = work(d)
+    assert "ws_ptr" not in w.reads and "ws_ptr" not in w.writes and "counter_ptr" not in w.writes
+    assert w.writes["dw_ptr"] == 120 * 400 * 4
 
 
 def test_fc1_forward_work_by_hand(step256):
-    # 256 x 400 @ 400 x 120: 4 row tiles of 64 x 2 column tiles of 64, K = 400 padded to 416.
-    w = work(step256["fc1 forward"])
+    # 256 x 400 @ 400 x 120: too few rows for two programs an SM with larger tiles, so the smallest,
+    # 16 x 32 at 2 warps: 16 row tiles x 4 column tiles, K = 400 padded to 416.
+    d = step256["fc1 forward"]
+    assert (d["meta"]["BLOCK_M"], d["meta"]["BLOCK_N"], d["meta"]["num_warps"]) == (16, 32, 2)
+    w = work(d)
     [job] = w.jobs
-    assert (job.programs, job.executed, job.useful) == (8, 8 * 2 * 64 * 64 * 416, 2 * 256 * 120 * 400)
+    assert (job.programs, job.executed, job.useful) == (64, 64 * 2 * 16 * 32 * 416, 2 * 256 * 120 * 400)
     assert w.reads == {"x_ptr": 256 * 400 * 4, "w_ptr": 120 * 400 * 4, "b_ptr": 120 * 4}
-    assert w.writes == {"y_ptr": 256 * 120 * 4, "counter_ptr": 28 * 4}  # 4 x 7 weight-gradient tiles
+    assert w.writes == {"y_ptr": 256 * 120 * 4, "counter_ptr": 4}  # one split: one counter, unused
 
 
 def test_useful_flops_of_the_step_are_model_flops(step256):
@@ -269,11 +285,11 @@ def test_analysis_checks_the_formula_against_the_ttgir(step256):
         return {"registers": 80, "num_warps": 8, "shared": 16384, "ttgir": ttgir}
 
     fc1 = step256["fc1 forward"]
-    report = analyse(fc1, compiled("64x64"), 90)  # 8 warps x 16 rows over 64 rows: x2
-    assert report.jobs[0]["replication"] == 2 and report.issued == 2 * report.executed
+    report = analyse(fc1, compiled("16x32"), 90)  # 8 warps x 16 rows over 16 rows: x8
+    assert report.jobs[0]["replication"] == 8 and report.issued == 8 * report.executed
     assert report.compute_s == pytest.approx(2 * 256 * 120 * 400 / 494.7e12)  # TF32 tensor cores
     with pytest.raises(ValueError, match="expects 1 dot"):
-        analyse(fc1, compiled("32x64"), 90)
+        analyse(fc1, compiled("64x64"), 90)
 
 
 def test_a_step_recorded_in_one_precision():
@@ -310,7 +326,9 @@ def test_cli_prints_one_row_per_launch(cli_runs):
     assert [next(label for label in LABELS if row.startswith(label + " ")) for row in rows] == LABELS
     assert any(line.startswith("total ") and "12 launches" in line for line in table)
     assert "nothing measured" in table[0] and "H100 SXM" in table[1]
-    assert any("conv2d_act_pool_fwd_kernel" in line and "x4" in line for line in table)  # the dot lines
+    dots = [line for line in table if line.startswith("  ") and "#ttg." in line]  # the dot lines
+    assert any("conv2d_act_pool_fwd_kernel" in line for line in dots)
+    assert dots and all(line.endswith(", x1") for line in dots), dots  # no warp repeats another's work
 
 
 def test_cli_json_and_a_second_run_from_the_cache(cli_runs):

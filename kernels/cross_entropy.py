@@ -7,8 +7,7 @@ split_reduce.py). A batch that fits one slice is one program, which stores direc
 counter cannot be zeroed by an earlier launch of ours, as split_reduce's are (the logits may come
 from anywhere), and a memset per call would be a 16th device op in a fused step held to 15; so
 each (device, stream) has one counter, zeroed when first needed and re-armed by the last program of
-every launch. Launches on one stream run one after another; another stream has its own counter
-(a CUDA graph's capture stream too: its counter, zeroed during the capture, is zeroed on every replay).
+every launch. Launches on one stream run one after another; another stream has its own counter.
 Forward saves the per-row log-sum-exp and the number of targets kept, so backward is one
 elementwise launch over row blocks, dlogits = (softmax - onehot) * grad / kept, reading the upstream
 gradient from device memory.

@@ -1,16 +1,9 @@
 """Cross-entropy (log-softmax + mean NLL over the targets kept) of class logits, forward and backward.
 
-Forward: each program walks a slice of the batch in row blocks and writes its partial sums (loss,
-targets kept, first bad row); the last program to arrive sums the partials in a fixed order and
-writes the loss, so the mean is reproducible in one launch ("last program reduces", as
-split_reduce.py). A batch that fits one slice is one program, which stores directly. Its arrival
-counter cannot be zeroed by an earlier launch of ours, as split_reduce's are (the logits may come
-from anywhere), and a memset per call would be a 16th device op in a fused step held to 15; so
-each (device, stream) has one counter, zeroed when first needed and re-armed by the last program of
-every launch. Launches on one stream run one after another; another stream has its own counter.
-Forward saves the per-row log-sum-exp and the number of targets kept, so backward is one
-elementwise launch over row blocks, dlogits = (softmax - onehot) * grad / kept, reading the upstream
-gradient from device memory.
+Forward is a single program that walks the batch in row blocks, so the mean is summed in a fixed
+order (reproducible, no atomics, no counter) and the loss is one launch. It saves the per-row
+log-sum-exp and the number of targets kept, so backward is one elementwise launch over row blocks,
+dlogits = (softmax - onehot) * grad / kept, reading the upstream gradient from device memory.
 
 Tiles are BLOCK_B rows x BLOCK_C classes, at most TILE = 2048 elements, 8 a thread at 8 warps (each
 element holds a 64-bit load and a 64-bit store address: 32 a thread spilled at 100 classes); rows
@@ -39,7 +32,6 @@ on to run the CUDA path on the CPU.
 """
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
@@ -78,33 +70,23 @@ def _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
     return row_max + tl.log(row_sum)
 
 
-@triton.jit
-def _store_loss(loss_ptr, rows_ptr, loss_sum, kept_total, bad_row, ACC_DTYPE: tl.constexpr):
-    # No row kept: 0 / 0 = NaN, as F.cross_entropy's mean over no targets.
-    tl.store(loss_ptr, (loss_sum / kept_total.to(ACC_DTYPE)).to(loss_ptr.dtype.element_ty))
-    tl.store(rows_ptr, kept_total)
-    tl.store(rows_ptr + 1, bad_row)
-
-
 @triton.jit(debug=True)  # compiles the tl.device_assert below (see the module docstring)
 def cross_entropy_fwd_kernel(
     # pointers
-    logits_ptr, target_ptr, lse_ptr, loss_ptr, rows_ptr, part_ptr, part_rows_ptr, counter_ptr,
+    logits_ptr, target_ptr, lse_ptr, loss_ptr, rows_ptr,
     # sizes
-    B, C, ignore_index, ROWS_PER_PROGRAM, NUM_PROGRAMS,
+    B, C, ignore_index,
     # strides
     stride_lb, stride_lc, stride_tb,
     # meta-parameters
-    BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     ACC_DTYPE: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
-    pid = tl.program_id(0)
     total = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
     kept_rows = tl.zeros([BLOCK_B], dtype=tl.int64)
     first_bad = tl.full([BLOCK_B], B, dtype=tl.int64)
-    row0 = pid.to(tl.int64) * ROWS_PER_PROGRAM
-    for b0 in range(0, tl.minimum(ROWS_PER_PROGRAM, B - row0), BLOCK_B):
-        offs_b = row0 + b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         t, mask_b, kept, bad = _targets(target_ptr, offs_b, B, C, ignore_index, stride_tb)
         tl.device_assert(~bad, "cross_entropy: a target is outside [0, num_classes) and is not ignore_index")
         lse = _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
@@ -116,30 +98,11 @@ def cross_entropy_fwd_kernel(
         total += tl.where(kept, nll, 0.0)
         kept_rows += kept.to(tl.int64)
         first_bad = tl.minimum(first_bad, tl.where(bad, offs_b, B))
-    loss_sum = tl.sum(total, axis=0)
     kept_total = tl.sum(kept_rows, axis=0)
-    bad_row = tl.min(first_bad, axis=0)
-    if NUM_PROGRAMS > 1:
-        # Partials, then the count (split_reduce.store_partial_and_arrive explains the barriers).
-        tl.store(part_ptr + pid, loss_sum)
-        tl.store(part_rows_ptr + 2 * pid, kept_total)
-        tl.store(part_rows_ptr + 2 * pid + 1, bad_row)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        tl.debug_barrier()
-        if arrived == NUM_PROGRAMS - 1:
-            # The last program sums every partial in program order: a fixed order, whoever arrives last.
-            offs_p = tl.arange(0, BLOCK_P)
-            mask_p = offs_p < NUM_PROGRAMS
-            loss_sum = tl.sum(tl.load(part_ptr + offs_p, mask=mask_p, other=0.0, cache_modifier=".cg"), axis=0)
-            kept_total = tl.sum(tl.load(part_rows_ptr + 2 * offs_p, mask=mask_p, other=0, cache_modifier=".cg"),
-                                axis=0)
-            bad_row = tl.min(tl.load(part_rows_ptr + 2 * offs_p + 1, mask=mask_p, other=B, cache_modifier=".cg"),
-                             axis=0)
-            tl.atomic_xchg(counter_ptr, 0)
-            _store_loss(loss_ptr, rows_ptr, loss_sum, kept_total, bad_row, ACC_DTYPE)
-    else:
-        _store_loss(loss_ptr, rows_ptr, loss_sum, kept_total, bad_row, ACC_DTYPE)
+    # No row kept: 0 / 0 = NaN, as F.cross_entropy's mean over no targets.
+    tl.store(loss_ptr, (tl.sum(total, axis=0) / kept_total.to(ACC_DTYPE)).to(loss_ptr.dtype.element_ty))
+    tl.store(rows_ptr, kept_total)
+    tl.store(rows_ptr + 1, tl.min(first_bad, axis=0))
 
 
 @triton.jit
@@ -182,56 +145,21 @@ def tiles(C: int) -> tuple[int, int]:
     return TILE // block_c, block_c
 
 
-# The partials of one forward launch are summed by its last program in one block of MAX_PROGRAMS
-# (one compiled size for every batch). A program walks at least MIN_BLOCKS row blocks (10 classes:
-# 512 rows), so a batch of 1024 or more is several programs.
-MAX_PROGRAMS = 1024
-MIN_BLOCKS = 4
-
-
-@functools.lru_cache(maxsize=64)
-def forward_programs(B: int, C: int) -> tuple[int, int]:
-    """(programs, rows per program) of the forward over B rows of C classes."""
-    block_b, _ = tiles(C)
-    rows = max(MIN_BLOCKS * block_b, -(-B // (MAX_PROGRAMS * block_b)) * block_b)
-    return max(1, -(-B // rows)), rows
-
-
-_COUNTERS: dict = {}
-
-
-def _arrival_counter(device):
-    """The forward's arrival counter on `device`'s current stream (see the module docstring)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (device, stream)
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = _COUNTERS[key] = torch.zeros((1,), dtype=torch.int32, device=device)
-    return counter
-
-
 def cross_entropy_forward(logits, target, ignore_index: int):
     """Returns (loss as a 0-d tensor, per-row log-sum-exp, rows) where rows (int64, on the device)
     is [targets kept, first row whose target is out of range (B if none)]; backward needs the
     first, the caller checks the second where reading it costs no synchronisation."""
     B, C = logits.shape
     block_b, block_c = tiles(C)
-    programs, rows_per_program = forward_programs(B, C)
-    device = logits.device
-    loss = empty((), device=device, dtype=logits.dtype)
-    lse = empty((B,), device=device, dtype=accumulator_dtype(logits.dtype))
-    rows = empty((2,), device=device, dtype=target.dtype)
-    several = programs > 1
-    part = empty((programs,), device=device, dtype=accumulator_dtype(logits.dtype)) if several else lse
-    part_rows = empty((2 * programs,), device=device, dtype=target.dtype) if several else rows
-    # grid: slices of rows_per_program rows; the last program to finish sums their partials.
-    launch(cross_entropy_fwd_kernel, (programs,),
+    loss = empty((), device=logits.device, dtype=logits.dtype)
+    lse = empty((B,), device=logits.device, dtype=accumulator_dtype(logits.dtype))
+    rows = empty((2,), device=logits.device, dtype=target.dtype)
+    # grid: one program; it walks the batch so the mean is summed in a fixed order.
+    launch(cross_entropy_fwd_kernel, (1,),
            dict(logits_ptr=logits, target_ptr=target, lse_ptr=lse, loss_ptr=loss, rows_ptr=rows,
-                part_ptr=part, part_rows_ptr=part_rows,
-                counter_ptr=_arrival_counter(device) if several else rows,
-                B=B, C=C, ignore_index=ignore_index, ROWS_PER_PROGRAM=rows_per_program, NUM_PROGRAMS=programs,
+                B=B, C=C, ignore_index=ignore_index,
                 stride_lb=logits.stride(0), stride_lc=logits.stride(1), stride_tb=target.stride(0)),
-           dict(BLOCK_P=MAX_PROGRAMS, BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS))
+           dict(BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS))
     return loss, lse, rows
 
 

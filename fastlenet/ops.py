@@ -116,7 +116,8 @@ def _(x, weight, bias, padding, activation, pool, save):
     y = x.new_empty((N, C_out, PH, PW))
     win = x.new_empty((N, C_out, PH, PW) if save and _saves_window(pool) else (0,), dtype=torch.int8)
     prepool = x.new_empty((N, C_out, 2 * PH, 2 * PW) if save and _saves_prepool(activation, pool) else (0,))
-    counters = x.new_empty((_conv.counters_needed(C_out, C_in, k),) if save else (0,), dtype=torch.int32)
+    counters = x.new_empty((_conv.counters_needed(weight.shape, bias is not None),) if save else (0,),
+                           dtype=torch.int32)
     return y, win, prepool, counters
 
 
@@ -198,7 +199,7 @@ linear_act_fwd = torch.library.custom_op("fastlenet::linear_act_fwd", mutates_ar
 def _(x, weight, bias, activation, save):
     N, K = weight.shape
     return (x.new_empty((x.shape[0], N)),
-            x.new_empty((_linear.counters_needed(N, K),) if save else (0,), dtype=torch.int32))
+            x.new_empty((_linear.counters_needed(N, K, bias is not None),) if save else (0,), dtype=torch.int32))
 
 
 def _linear_bwd_eager(grad_y, x, weight, y, counters, activation, has_bias, need_dx, need_dw):

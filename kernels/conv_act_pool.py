@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .activations import ACTIVATIONS, act, act_backward, to_acc
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
-                           weight_grad_sizes, zero_counters)
+from .split_reduce import (arrival_counters, counter_capacity, finish_weight_grad, plan_weight_grad,
+                           weight_grad_program, weight_grad_sizes, zero_counters)
 
 # The pools the Python API takes; None is no pooling, spelled "none" as the kernels' POOL constexpr.
 POOLS = ("max", "avg", None)
@@ -363,11 +363,13 @@ def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: i
                              block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled)
 
 
-def counters_needed(C_out: int, C_in: int, ksize: int) -> int:
-    """Arrival counters a forward that saves for backward hands to it: one per weight-gradient
-    tile, at least one (shapes only: fastlenet.ops's fake implementation uses it too)."""
-    block_co, block_k, _ = _weight_grad_blocks(C_out)
-    return max(weight_grad_tiles(C_out, C_in * ksize * ksize, block_co, block_k), 1)
+def counters_needed(w_shape, has_bias: bool) -> int:
+    """Arrival counters a forward that saves for backward allocates and zeroes for it: as many as
+    any batch needs (split_reduce.counter_capacity), so fastlenet.ops's fake implementation can give
+    their shape from the weight alone."""
+    C_out, C_in, ksize, _ = w_shape
+    block_co, block_k, block_r = _weight_grad_blocks(C_out)
+    return counter_capacity(C_out, C_in * ksize * ksize, has_bias, block_co, block_k, block_r, max_split=None)
 
 
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
@@ -381,8 +383,7 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     s = 1 if pool is None else 2
     save_win = save_for_backward and pool == "max"
     save_prepool = save_for_backward and pool == "avg" and activation != "identity"
-    num_counters = (_weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias).num_counters
-                    if save_for_backward else 0)
+    num_counters = counters_needed(w_shape, has_bias) if save_for_backward else 0
     # Four gathered patch tiles and four accumulators are live per K step: 32 rows x at most 32
     # channels. Without pooling one accumulator replaces the four: 4x the rows is the same work
     # and registers. Warps and BLOCK_K by precision (_forward_dots).

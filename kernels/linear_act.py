@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .activations import act, act_backward
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, finish_weight_grad, plan_weight_grad, weight_grad_program,
-                           weight_grad_sizes, zero_counters)
+from .split_reduce import (arrival_counters, counter_capacity, finish_weight_grad, plan_weight_grad,
+                           weight_grad_program, weight_grad_sizes, zero_counters)
 
 
 @triton.jit
@@ -145,13 +145,16 @@ def linear_act_bwd_kernel(
 # Launch helpers: check, allocate, launch. Autograd lives in fastlenet.functional.
 # --------------------------------------------------------------------------------------------------
 
+_MAX_SPLIT = 64  # programs per weight-gradient tile at most
+
+
 def _weight_grad_sizes(M: int, N: int, K: int, has_bias: bool, enabled: bool = True):
     """The weight-gradient reduction's split over the M rows (split_reduce.weight_grad_sizes), in
     BLOCK_DW_N x BLOCK_DW_K tiles of BLOCK_DW_R rows a step (_weight_grad_blocks); the forward
     needs it too, to zero the backward's arrival counters."""
     block_n, block_k, block_r = _weight_grad_blocks(N)
     return weight_grad_sizes(N, K, has_bias, M, block_out=block_n, block_k=block_k, block_rows=block_r,
-                             min_blocks=8, max_split=64, enabled=enabled)
+                             min_blocks=8, max_split=_MAX_SPLIT, enabled=enabled)
 
 
 def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
@@ -159,11 +162,12 @@ def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
     return min(max(next_pow2(N), 16), 32), 64, 32
 
 
-def counters_needed(N: int, K: int) -> int:
-    """Arrival counters a forward that saves for backward hands to it: one per weight-gradient
-    tile, at least one (shapes only: fastlenet.ops's fake implementation uses it too)."""
-    block_n, block_k, _ = _weight_grad_blocks(N)
-    return max(weight_grad_tiles(N, K, block_n, block_k), 1)
+def counters_needed(N: int, K: int, has_bias: bool) -> int:
+    """Arrival counters a forward that saves for backward allocates and zeroes for it: as many as
+    any batch needs (split_reduce.counter_capacity), so fastlenet.ops's fake implementation can give
+    their shape from the weight alone."""
+    block_n, block_k, block_r = _weight_grad_blocks(N)
+    return counter_capacity(N, K, has_bias, block_n, block_k, block_r, max_split=_MAX_SPLIT)
 
 
 # Forward tiles (BLOCK_M, widest BLOCK_N, num_warps), largest first, and the programs a launch should
@@ -188,7 +192,7 @@ def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_
     """What linear_act_forward derives from shapes and settings alone (cached in _FWD)."""
     M, K = x_shape
     N = w_shape[0]
-    num_counters = _weight_grad_sizes(M, N, K, has_bias).num_counters if save_for_backward else 0
+    num_counters = counters_needed(N, K, has_bias) if save_for_backward else 0
     BLOCK_M, BLOCK_N, num_warps = _forward_tile(M, N)
     # grid: (row tiles of the batch, tiles of output features)
     grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))

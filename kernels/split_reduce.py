@@ -277,3 +277,17 @@ def weight_grad_sizes(out_features: int, k: int, has_bias: bool, rows: int, bloc
     # A tile summed by one program stores its result directly: no workspace.
     workspace = split * per_split if enabled and split > 1 else 1
     return WeightGradSizes(num_tiles, split, rows_per_split, group, num_counters, workspace)
+
+
+def counter_capacity(out_features: int, k: int, has_bias: bool, block_out: int, block_k: int, block_rows: int,
+                     max_split: int | None) -> int:
+    """The arrival counters a forward allocates and zeroes for its backward: enough for any number of
+    rows, so the count depends on the layer alone, not on the batch. A fake (meta) implementation can
+    then give the counters' shape under dynamic batch sizes, where the rows are symbolic. The split
+    is at most what the workspace allows (weight_grad_sizes), and the two-level sum's groups number
+    at most isqrt(split - 1) + 1, growing with the split."""
+    num_tiles = weight_grad_tiles(out_features, k, block_out, block_k)
+    per_split = out_features * (k + (block_rows if has_bias else 0))
+    split = max(1, min(max_split or MAX_WORKSPACE, MAX_WORKSPACE // per_split))
+    groups = math.isqrt(split - 1) + 1 if split > ONE_LEVEL_SPLIT else 0
+    return max(num_tiles * (groups + 1 if groups > 1 else 1), 1)

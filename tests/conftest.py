@@ -5,11 +5,16 @@ time: with no CUDA device, every Triton kernel in the tests runs on the CPU thro
 (numpy does the arithmetic). On a CUDA machine the compiled kernels are tested instead.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's on-disk caches key a compiled graph on the graph, not on fastlenet's fake (meta)
+# implementations or kernels: a graph cached by an earlier version of them would be reused with the
+# old output shapes. Each test session compiles into a fresh cache.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlenet-tests-inductor-")
 
 import pathlib  # noqa: E402
 

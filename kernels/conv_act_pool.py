@@ -410,10 +410,10 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int) -> 
     next step's tiles in flight, ptxas needed more than 255 registers and spilled.
     IEEE dots lower to FMAs on CUDA cores, whose layouts never repeat work, with every operand in
     registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack), 2 stages.
-    float16 / bfloat16: tensor-core dots laid out as TF32's, whose half-width operands let BLOCK_K
-    be 32 in the registers TF32 needs at 16."""
+    float16 / bfloat16: tensor-core dots laid out as TF32's, at TF32's BLOCK_K 16 (at 32, 2 warps
+    held four 32 x 32 half tiles a step and ptxas spilled 8-240 bytes)."""
     if dtype in (torch.float16, torch.bfloat16):
-        return 32, BLOCK_M // 16, 1
+        return 16, BLOCK_M // 16, 1
     if precision == "tf32":
         return (32 if K <= 32 and BLOCK_N <= 16 else 16), BLOCK_M // 16, 1
     return 16, 8, 2

@@ -384,11 +384,8 @@ def _linear_backward(d: dict) -> Work:
 @_formula("cross_entropy_fwd_kernel")
 def _cross_entropy_forward(d: dict) -> Work:
     """No dot (its exp, log and sums are not counted, as in model_flops). Reads the logits and
-    targets; writes the per-row log-sum-exp, the loss and the row counts; with several programs
-    also their partial sums (read back by the last) and the arrival counter."""
-    partials = ["part_ptr", "part_rows_ptr", "counter_ptr"] * (d["args"]["NUM_PROGRAMS"] > 1)
-    return Work((), _bytes(d, "logits_ptr", "target_ptr", *partials),
-                _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr", *partials))
+    targets; writes the per-row log-sum-exp, the loss and the row counts."""
+    return Work((), _bytes(d, "logits_ptr", "target_ptr"), _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr"))
 
 
 @_formula("cross_entropy_bwd_kernel")

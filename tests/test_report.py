@@ -214,8 +214,10 @@ def test_conv1_forward_work_by_hand(step256):
     assert (job.programs, job.executed) == (1568, 1568 * 4 * 2 * 32 * 16 * 32)
     assert job.useful == 2 * 256 * 28 * 28 * 6 * 25  # every conv position, 6 channels, 25 taps
     assert w.reads == {"x_ptr": 256 * 28 * 28 * 4, "w_ptr": 6 * 25 * 4, "b_ptr": 6 * 4}
-    # The backward's 15 arrival counters (see test_conv1_backward_work_by_hand), zeroed.
-    assert w.writes == {"y_ptr": 256 * 6 * 14 * 14 * 4, "win_ptr": 256 * 6 * 14 * 14, "counter_ptr": 15 * 4}
+    # The backward's arrival counters, as many as any batch needs (split_reduce.counter_capacity):
+    # one tile, 32 MiB of workspace / (6 x (25 + 16) partials) = 34,100 splits at most, in at most
+    # 185 groups, so 186 counters, zeroed.
+    assert w.writes == {"y_ptr": 256 * 6 * 14 * 14 * 4, "win_ptr": 256 * 6 * 14 * 14, "counter_ptr": 186 * 4}
 
 
 def test_conv1_backward_work_by_hand(step256):
@@ -230,8 +232,8 @@ def test_conv1_backward_work_by_hand(step256):
     assert (dw.programs, dw.executed, dw.useful) == (196, 196 * 2 * 16 * 32 * 1024, 2 * 256 * 784 * 6 * 25)
     maps, workspace = 256 * 6 * 14 * 14, 196 * 6 * (25 + 16) * 4
     assert w.reads == {"g_ptr": maps * 4, "y_ptr": maps * 4, "win_ptr": maps, "x_ptr": 256 * 784 * 4,
-                       "ws_ptr": workspace, "counter_ptr": 15 * 4}
-    assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 15 * 4}
+                       "ws_ptr": workspace, "counter_ptr": 186 * 4}
+    assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 186 * 4}
 
 
 def test_a_weight_gradient_of_one_split_is_stored_directly(step256):
@@ -252,7 +254,9 @@ def test_fc1_forward_work_by_hand(step256):
     [job] = w.jobs
     assert (job.programs, job.executed, job.useful) == (64, 64 * 2 * 16 * 32 * 416, 2 * 256 * 120 * 400)
     assert w.reads == {"x_ptr": 256 * 400 * 4, "w_ptr": 120 * 400 * 4, "b_ptr": 120 * 4}
-    assert w.writes == {"y_ptr": 256 * 120 * 4, "counter_ptr": 4}  # one split: one counter, unused
+    # The counters any batch's backward needs (split_reduce.counter_capacity): 4 x 7 tiles of 32 x 64,
+    # split at most 64 ways, in at most 8 groups: 28 x 9, zeroed.
+    assert w.writes == {"y_ptr": 256 * 120 * 4, "counter_ptr": 28 * 9 * 4}
 
 
 def test_useful_flops_of_the_step_are_model_flops(step256):

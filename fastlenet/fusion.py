@@ -433,8 +433,9 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionRepo
             else:
                 op.node.replace_all_uses_with(op.node.args[0])
                 graph.erase_node(op.node)
-        if chain.stopped_at is not None and chain.why_stopped:
-            report.stock.append((chain.stopped_at.label, chain.why_stopped))
+        if chain.why_stopped:  # what comes next stays stock; without a next op, the output's other uses
+            where = chain.stopped_at.label if chain.stopped_at is not None else f"the output of {layer.label}"
+            report.stock.append((where, chain.why_stopped))
     if rewrite_graph:
         graph.lint()
         training = model.training

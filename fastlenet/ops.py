@@ -76,14 +76,6 @@ def _check_saved(counters: Tensor, op: str) -> None:
                            "nothing for it; call it with save=True when a gradient is wanted")
 
 
-def _saves_window(pool) -> bool:
-    return pool == "max"
-
-
-def _saves_prepool(activation: str, pool) -> bool:
-    return pool == "avg" and activation != "identity"
-
-
 # --------------------------------------------------------------------------------------------------
 # conv2d + bias + activation [+ 2x2 pooling]
 # --------------------------------------------------------------------------------------------------
@@ -114,8 +106,8 @@ def _(x, weight, bias, padding, activation, pool, save):
     C_out, C_in, k, _ = weight.shape
     PH, PW = _conv.pooled_size(H, W, k, padding, pool)
     y = x.new_empty((N, C_out, PH, PW))
-    win = x.new_empty((N, C_out, PH, PW) if save and _saves_window(pool) else (0,), dtype=torch.int8)
-    prepool = x.new_empty((N, C_out, 2 * PH, 2 * PW) if save and _saves_prepool(activation, pool) else (0,))
+    win = x.new_empty((N, C_out, PH, PW) if save and _conv.saves_window(pool) else (0,), dtype=torch.int8)
+    prepool = x.new_empty((N, C_out, 2 * PH, 2 * PW) if save and _conv.saves_prepool(activation, pool) else (0,))
     counters = x.new_empty((_conv.counters_needed(weight.shape, bias is not None),) if save else (0,),
                            dtype=torch.int32)
     return y, win, prepool, counters
@@ -131,8 +123,8 @@ def _conv_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, win: Tensor,
                         counters: Tensor, padding: int, activation: str, pool: Optional[str], has_bias: bool,
                         need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db), each empty when not asked for (need_dx; need_dw covers dw and db)."""
-    dx, dw, db = _conv_bwd_eager(grad_y, x, weight, y, win if _saves_window(pool) else None,
-                                 prepool if _saves_prepool(activation, pool) else None, counters, padding,
+    dx, dw, db = _conv_bwd_eager(grad_y, x, weight, y, win if _conv.saves_window(pool) else None,
+                                 prepool if _conv.saves_prepool(activation, pool) else None, counters, padding,
                                  activation, pool, has_bias, need_dx, need_dw)
     return _or_empty(dx, x, x.dtype), _or_empty(dw, x, weight.dtype), _or_empty(db, x, weight.dtype)
 

@@ -338,10 +338,26 @@ def conv2d_act_pool_bwd_kernel(
 ROW_INDEX_LIMIT = 2**31 - 1024
 
 
+def pool_stride(pool) -> int:
+    """Conv positions per output position along each axis (the host's _pool_stride)."""
+    return 1 if pool is None else 2
+
+
+def saves_window(pool) -> bool:
+    """Whether a forward that saves for backward keeps the int8 window index (max pooling)."""
+    return pool == "max"
+
+
+def saves_prepool(activation: str, pool) -> bool:
+    """Whether a forward that saves for backward keeps the pre-pool activations: average pooling
+    needs act' at all four window positions, which the pooled output cannot give back."""
+    return pool == "avg" and activation != "identity"
+
+
 def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[int, int]:
     """(PH, PW) of pool2x2(conv_kxk(padding)) on an h x w input, with PyTorch's floor semantics;
     with pool None, the conv output's size."""
-    s = 1 if pool is None else 2
+    s = pool_stride(pool)
     return (h + 2 * padding - ksize + 1) // s, (w + 2 * padding - ksize + 1) // s
 
 
@@ -357,7 +373,7 @@ def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: i
     too, to zero the backward's arrival counters. Its rows are the conv positions a pooling window
     covers; the split grows with them, 64 row blocks (1024 positions) a program at least, so a large
     batch fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace."""
-    s = 1 if pool is None else 2
+    s = pool_stride(pool)
     block_co, block_k, block_r = _weight_grad_blocks(C_out)
     return weight_grad_sizes(C_out, C_in * ksize * ksize, has_bias, N * s * PH * s * PW, block_out=block_co,
                              block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled)
@@ -380,9 +396,9 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = pooled_size(H, W, ksize, padding, pool)
-    s = 1 if pool is None else 2
-    save_win = save_for_backward and pool == "max"
-    save_prepool = save_for_backward and pool == "avg" and activation != "identity"
+    s = pool_stride(pool)
+    save_win = save_for_backward and saves_window(pool)
+    save_prepool = save_for_backward and saves_prepool(activation, pool)
     num_counters = counters_needed(w_shape, has_bias) if save_for_backward else 0
     # Four gathered patch tiles and four accumulators are live per K step: 32 rows x at most 32
     # channels. Without pooling one accumulator replaces the four: 4x the rows is the same work

@@ -179,6 +179,7 @@ def test_data_flow_decides(device):
     fused, report = fuse(Residual())
     assert isinstance(fused.conv, ConvActPool2d) and fused.conv.activation == "identity"
     assert isinstance(fused.relu, nn.ReLU)
+    assert dict(report.stock)["the output of conv (Conv2d)"] == "its output is used in more than one place"
 
     original = SharedActivation()
     fused, report = fuse(original)

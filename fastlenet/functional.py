@@ -12,6 +12,7 @@ import torch
 
 from fastlenet import ops  # noqa: F401  registers the torch.ops.fastlenet ops
 from fastlenet.kernels import conv_act_pool as _conv
+from fastlenet.kernels import linear_act as _linear
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
 from fastlenet.kernels.launch import executing, interpreting
@@ -38,25 +39,32 @@ MAX_PADDING = 3
 # Validation shared by the three ops
 # --------------------------------------------------------------------------------------------------
 
-def _check_tensors(op: str, cast: torch.dtype | None = None, **tensors: torch.Tensor | None) -> None:
-    """Same device, a device the kernels can run on, and a dtype they support. `cast` is the dtype
-    an autocast region will cast the floating tensors to before the op (_autocast_dtype): then it
-    is their dtype that must be supported, and the tensors may differ in dtype.
+def _check_tensors(op: str, cast: torch.dtype | None, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> None:
+    """Same device, a device the kernels can run on, and a dtype they support, for a layer's input,
+    weight and bias. `cast` is the dtype an autocast region will cast the floating tensors to before
+    the op (_autocast_dtype): then it is their dtype that must be supported, and the tensors may
+    differ in dtype.
 
-    The common case (one device, one supported dtype, no autocast) costs a few attribute reads; only
-    a tensor that fails a check, or autocast, takes the slow path, which builds the message naming
-    the offending tensor."""
+    The common case (one device, one supported dtype, no autocast) costs a few attribute reads, run
+    12 times a training step; a tensor that fails a check, or autocast, takes the slow path, which
+    builds the message naming the offending tensor."""
     if cast is None:
-        items = iter(tensors.items())
-        _, first = next(items)  # the input (or logits): present, floating point
-        device, dtype = first.device, first.dtype
-        for name, t in items:
-            if t is not None and (t.device != device or (name != "target" and t.dtype != dtype)):
-                break
-        else:
-            if (device.type, dtype) in _allowed_device_dtypes(op):
-                return
-    _check_tensors_slow(op, tensors, cast)
+        device, dtype = x.device, x.dtype
+        if (weight.dtype == dtype and weight.device == device
+                and (bias is None or (bias.dtype == dtype and bias.device == device))
+                and (device.type, dtype) in _allowed_device_dtypes(op)):
+            return
+    _check_tensors_slow(op, {"input": x, "weight": weight, "bias": bias}, cast)
+
+
+def _check_loss_tensors(op: str, cast: torch.dtype | None, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """_check_tensors for the loss: the target is an integer tensor on the logits' device."""
+    if cast is None:
+        device = logits.device
+        if target.device == device and (device.type, logits.dtype) in _allowed_device_dtypes(op):
+            return
+    _check_tensors_slow(op, {"logits": logits, "target": target}, cast)
 
 
 def _allowed_device_dtypes(op: str) -> frozenset:
@@ -227,7 +235,7 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
            activation, pool)
     _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool)
     cast = _autocast_dtype(op, x.device.type)
-    _check_tensors(op, cast, input=x, weight=weight, bias=bias)
+    _check_tensors(op, cast, x, weight, bias)
     return _forward(op, cast, x.device.type, x, weight, bias, padding, activation, pool,
                     _grad_wanted(x, weight, bias))
 
@@ -246,7 +254,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     key = (x.shape, weight.shape, None if bias is None else bias.shape, activation)
     _check_once(_LINEAR_SHAPES_OK, key, _check_linear_shapes, op, x, weight, bias, activation)
     cast = _autocast_dtype(op, x.device.type)
-    _check_tensors(op, cast, input=x, weight=weight, bias=bias)
+    _check_tensors(op, cast, x, weight, bias)
     if x.ndim == 2:  # LeNet's case: no reshape either way
         return _forward(op, cast, x.device.type, x, weight, bias, activation, _grad_wanted(x, weight, bias))
     # Leading dimensions fold into the GEMM's rows: a view for contiguous input, a copy otherwise.
@@ -295,5 +303,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     if logits.shape[0] == 0:
         raise ValueError(f"{op}: empty batch (the mean of no losses is undefined)")
     cast = _autocast_dtype(op, logits.device.type)
-    _check_tensors(op, cast, logits=logits, target=target)
-    return _forward(op, cast, logits.device.type, logits, target, ignore_index)
+    _check_loss_tensors(op, cast, logits, target)
+    if torch.compiler.is_compiling():
+        return _forward(op, cast, logits.device.type, logits, target, ignore_index)
+    # Logits straight from fastlenet's linear layer carry arrival counters it zeroed for this loss
+    # (kernels/linear_act.py, LOSS_COUNTER_ATTR); taken here, they serve this call only.
+    counters = logits.__dict__.pop(_linear.LOSS_COUNTER_ATTR, None)
+    return _forward(op, cast, logits.device.type, logits, target, ignore_index, counters)

@@ -246,14 +246,21 @@ linear_act_fwd.register_autograd(_linear_backward(_overload(linear_act_bwd)), se
 # cross-entropy
 # --------------------------------------------------------------------------------------------------
 
-def _xent_fwd(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean loss, per-row log-sum-exp, rows = [targets kept, first out-of-range row])."""
-    loss, lse, rows = _xent.cross_entropy_forward(logits, target, ignore_index)
+def _xent_fwd_eager(logits, target, ignore_index, counters):
+    """The forward with `counters` zeroed for it by the linear layer that made the logits, or None
+    (kernels/cross_entropy.py: with them a large batch is split over several programs). The
+    registered op never gets them: torch.compile traces no tensor attributes."""
+    loss, lse, rows = _xent.cross_entropy_forward(logits, target, ignore_index, counters)
     # On the CPU reading rows costs no device synchronisation (see the kernel's docstring); a
     # launch that was only recorded (record_launches(execute=False)) wrote nothing to read.
     if rows.device.type == "cpu" and executing():
         _check_targets_in_range(rows, target, logits.shape[1], ignore_index)
     return loss, lse, rows
+
+
+def _xent_fwd(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, per-row log-sum-exp, rows = [targets kept, first out-of-range row])."""
+    return _xent_fwd_eager(logits, target, ignore_index, None)
 
 
 def _check_targets_in_range(rows: Tensor, target: Tensor, classes: int, ignore_index: int) -> None:
@@ -288,7 +295,7 @@ def _(grad_loss, logits, target, lse, rows, ignore_index):
 
 
 def _xent_setup_context(ctx, inputs, output):
-    logits, target, ignore_index = inputs
+    logits, target, ignore_index = inputs[:3]  # the eager twin also gets the counters
     _, lse, rows = output
     # Saved: the logits, the per-row log-sum-exp and the count of targets kept (in rows), so
     # backward is one elementwise pass with no reduction.
@@ -345,20 +352,21 @@ for _device_type in ("cuda", "cpu"):
 # autograd.Functions made of the same parts, for everything else.
 # --------------------------------------------------------------------------------------------------
 
-def _eager_function(name: str, implementation, setup_context, backward,
-                    outputs: int) -> type[torch.autograd.Function]:
+def _eager_function(name: str, implementation, setup_context, backward, outputs: int,
+                    extra_inputs: int = 0) -> type[torch.autograd.Function]:
     """An autograd.Function running `implementation` (a forward op's body, `outputs` outputs) with
     the op's setup_context and backward. Only the layer's output leaves the Function, the rest stays
     on ctx: every output costs autograd host work. forward(ctx, ...) calls setup_context itself:
     with a separate setup_context staticmethod, Function.apply binds each call's arguments through
-    inspect.signature, which costs more host time than the dispatcher this path avoids."""
+    inspect.signature, which costs more host time than the dispatcher this path avoids.
+    extra_inputs: trailing inputs the twin takes beyond the op's (they get no gradient)."""
     def forward(ctx, *inputs):
         output = implementation(*inputs)
         setup_context(ctx, inputs, output)
         return output[0]
 
     def backward_of_output(ctx, grad):
-        return backward(ctx, grad, *(None,) * (outputs - 1))
+        return backward(ctx, grad, *(None,) * (outputs - 1)) + (None,) * extra_inputs
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward_of_output),
@@ -372,6 +380,6 @@ EAGER = {
                                        _conv_backward(_conv_bwd_eager), outputs=4).apply,
     "linear_act": _eager_function("linear_act_fwd", _linear_fwd_eager, _linear_setup_context,
                                   _linear_backward(_linear_bwd_eager), outputs=2).apply,
-    "cross_entropy": _eager_function("cross_entropy_fwd", _xent_fwd, _xent_setup_context,
-                                     _xent_backward(_xent_bwd), outputs=3).apply,
+    "cross_entropy": _eager_function("cross_entropy_fwd", _xent_fwd_eager, _xent_setup_context,
+                                     _xent_backward(_xent_bwd), outputs=3, extra_inputs=1).apply,
 }

@@ -413,7 +413,7 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
 
-def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int) -> tuple[int, int, int]:
+def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, pooled: bool) -> tuple[int, int, int]:
     """(BLOCK_K, num_warps, num_stages) of the forward for its operand dtype, dot precision,
     reduction length K = C_in*k*k and tile.
 
@@ -425,14 +425,16 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int) -> 
     25 taps: ~100 registers), else 16, and no software pipelining (one stage): at 32, or with the
     next step's tiles in flight, ptxas needed more than 255 registers and spilled.
     IEEE dots lower to FMAs on CUDA cores, whose layouts never repeat work, with every operand in
-    registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack), 2 stages.
+    registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack), 2 stages with
+    pooling; without, one (its single accumulator covers 4x the rows: with the next step's tiles
+    in flight too, Triton 3.9's build kept 8-16 bytes on the stack at every register budget).
     float16 / bfloat16: tensor-core dots laid out as TF32's, at TF32's BLOCK_K 16 (at 32, 2 warps
     held four 32 x 32 half tiles a step and ptxas spilled 8-240 bytes)."""
     if dtype in (torch.float16, torch.bfloat16):
         return 16, BLOCK_M // 16, 1
     if precision == "tf32":
         return (32 if K <= 32 and BLOCK_N <= 16 else 16), BLOCK_M // 16, 1
-    return 16, 8, 2
+    return 16, 8, 2 if pooled else 1
 
 
 def _backward_dots(precision: str) -> dict:
@@ -442,11 +444,13 @@ def _backward_dots(precision: str) -> dict:
     (8 warps computed each product twice). IEEE dots are FMAs, which repeat nothing at any warp
     count: 8 warps. One stage and BLOCK_DW_R 16 in both: with 2 or 3 stages, BLOCK_DW_R 32, or
     BLOCK_DX_K 32 at 4 warps, ptxas kept 4 to 24 bytes of some configurations on the stack at
-    64-128 registers (tests/test_gpu_build.py builds every configuration). At 8 warps ptxas still
-    capped some IEEE configurations at 64 registers and spilled; maxnreg 128 lets it take what they
-    need (2 programs an SM at worst, as at 8 warps before)."""
+    64-128 registers (tests/test_gpu_build.py builds every configuration).
+    maxnreg 128 in both: left to itself ptxas picks a register budget by its own occupancy
+    heuristics, and that budget moves between releases: Triton 3.8's capped some IEEE
+    configurations at 64 registers, 3.9's some TF32 ones at 72-80, and both kept 8-16 bytes on the
+    stack. With room for 128 none spills on either (2 programs an SM at worst at 8 warps, 4 at 4)."""
     if precision == "tf32":
-        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1, maxnreg=128)
     return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
 
 
@@ -471,7 +475,7 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
     meta["BLOCK_K"], meta["num_warps"], meta["num_stages"] = _forward_dots(
-        dtype, meta["DOT_PRECISION"], C_in * weight.shape[2] ** 2, meta["BLOCK_M"], meta["BLOCK_N"])
+        dtype, meta["DOT_PRECISION"], C_in * weight.shape[2] ** 2, meta["BLOCK_M"], meta["BLOCK_N"], pool is not None)
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,

@@ -1,9 +1,20 @@
 """Cross-entropy (log-softmax + mean NLL over the targets kept) of class logits, forward and backward.
 
-Forward is a single program that walks the batch in row blocks, so the mean is summed in a fixed
-order (reproducible, no atomics, no counter) and the loss is one launch. It saves the per-row
-log-sum-exp and the number of targets kept, so backward is one elementwise launch over row blocks,
-dlogits = (softmax - onehot) * grad / kept, reading the upstream gradient from device memory.
+Forward walks the batch in row blocks and sums the mean in a fixed order (reproducible, no
+atomics), in one launch. It saves the per-row log-sum-exp and the number of targets kept, so
+backward is one elementwise launch over row blocks, dlogits = (softmax - onehot) * grad / kept,
+reading the upstream gradient from device memory.
+
+How many programs share the forward depends on what zeroed memory it has. Summing the mean over
+several programs needs an arrival counter at zero, and none may be left over from another call
+(fastlenet's kernels never depend on what an earlier launch left in memory) nor cost a memset (a
+device operation more per training step). So:
+- logits that come from fastlenet's linear layer (linear_act_forward, while saving for backward)
+  carry a counter its forward kernel zeroed for the loss: from SPLIT_MIN_BLOCKS row blocks on
+  (1024 rows at 10 classes) the forward runs one program a row block, each writes its partial sums
+  to a workspace, and the last to arrive sums them in a fixed order (split_reduce.arrive);
+- any other logits get one program walking the batch, and so does a second loss on the same
+  logits: a counter serves one call.
 
 Tiles are BLOCK_B rows x BLOCK_C classes, at most TILE = 2048 elements, 8 a thread at 8 warps (each
 element holds a 64-bit load and a 64-bit store address: 32 a thread spilled at 100 classes); rows
@@ -32,14 +43,21 @@ on to run the CUDA path on the CPU.
 """
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
-from .launch import accumulator_dtype, empty, launch, next_pow2
+from .launch import accumulator_dtype, cdiv, empty, launch, next_pow2
+from .split_reduce import arrive
 
 TILE = 2048  # elements of a [BLOCK_B, BLOCK_C] tile: 8 a thread at NUM_WARPS warps
 MAX_BLOCK_C = 512  # wider rows loop over class blocks (online log-sum-exp)
 NUM_WARPS = 8
+# The split forward: from SPLIT_MIN_BLOCKS row blocks on (1024 rows at 10 classes), one program a
+# row block, at most MAX_PROGRAMS programs; the finisher reduces their partials FINISH_BLOCK at a time.
+SPLIT_MIN_BLOCKS = 8
+MAX_PROGRAMS = 1024
+FINISH_BLOCK: tl.constexpr = tl.constexpr(256)
 
 
 @triton.jit
@@ -70,24 +88,18 @@ def _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
     return row_max + tl.log(row_sum)
 
 
-@triton.jit(debug=True)  # compiles the tl.device_assert below (see the module docstring)
-def cross_entropy_fwd_kernel(
-    # pointers
-    logits_ptr, target_ptr, lse_ptr, loss_ptr, rows_ptr,
-    # sizes
-    B, C, ignore_index,
-    # strides
-    stride_lb, stride_lc, stride_tb,
-    # meta-parameters
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    ACC_DTYPE: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
+@triton.jit
+def _loss_rows(logits_ptr, target_ptr, lse_ptr, start, end, B, C, ignore_index, stride_lb, stride_lc, stride_tb,
+               ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Walk rows [start, end) in blocks of BLOCK_B, store their log-sum-exp, and return the sum of
+    their NLL over the kept rows, the number of kept rows and the first row with a bad target (B if
+    none), each summed in a fixed order."""
     total = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
     kept_rows = tl.zeros([BLOCK_B], dtype=tl.int64)
     first_bad = tl.full([BLOCK_B], B, dtype=tl.int64)
-    for b0 in range(0, B, BLOCK_B):
+    for b0 in range(start, end, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        t, mask_b, kept, bad = _targets(target_ptr, offs_b, B, C, ignore_index, stride_tb)
+        t, mask_b, kept, bad = _targets(target_ptr, offs_b, end, C, ignore_index, stride_tb)
         tl.device_assert(~bad, "cross_entropy: a target is outside [0, num_classes) and is not ignore_index")
         lse = _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
                              ACC_DTYPE, BLOCK_B, BLOCK_C)
@@ -98,11 +110,63 @@ def cross_entropy_fwd_kernel(
         total += tl.where(kept, nll, 0.0)
         kept_rows += kept.to(tl.int64)
         first_bad = tl.minimum(first_bad, tl.where(bad, offs_b, B))
-    kept_total = tl.sum(kept_rows, axis=0)
+    return tl.sum(total, axis=0), tl.sum(kept_rows, axis=0), tl.min(first_bad, axis=0)
+
+
+@triton.jit
+def _store_loss(loss_ptr, rows_ptr, total, kept, first_bad):
     # No row kept: 0 / 0 = NaN, as F.cross_entropy's mean over no targets.
-    tl.store(loss_ptr, (tl.sum(total, axis=0) / kept_total.to(ACC_DTYPE)).to(loss_ptr.dtype.element_ty))
-    tl.store(rows_ptr, kept_total)
-    tl.store(rows_ptr + 1, tl.min(first_bad, axis=0))
+    tl.store(loss_ptr, (total / kept.to(total.dtype)).to(loss_ptr.dtype.element_ty))
+    tl.store(rows_ptr, kept)
+    tl.store(rows_ptr + 1, first_bad)
+
+
+@triton.jit(debug=True)  # compiles the tl.device_assert in _loss_rows (see the module docstring)
+def cross_entropy_fwd_kernel(
+    # pointers
+    logits_ptr, target_ptr, lse_ptr, loss_ptr, rows_ptr, ws_ptr, counter_ptr,
+    # sizes
+    B, C, ignore_index, ROWS_PER_PROGRAM, COUNTER,
+    # strides
+    stride_lb, stride_lc, stride_tb,
+    # meta-parameters
+    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ACC_DTYPE: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if SPLIT:
+        # Each program sums its ROWS_PER_PROGRAM rows and writes (NLL sum, rows kept, first bad
+        # row) to column pid of the float64 workspace [3, programs] (exact for any row count below
+        # 2^53); the last to arrive at counter_ptr[COUNTER] reduces the columns in a fixed order.
+        pid = tl.program_id(0).to(tl.int64)
+        programs = tl.num_programs(0).to(tl.int64)
+        start = pid * ROWS_PER_PROGRAM
+        total, kept, first_bad = _loss_rows(logits_ptr, target_ptr, lse_ptr, start,
+                                            tl.minimum(start + ROWS_PER_PROGRAM, B), B, C, ignore_index,
+                                            stride_lb, stride_lc, stride_tb, ACC_DTYPE, BLOCK_B, BLOCK_C)
+        tl.store(ws_ptr + pid, total.to(tl.float64))
+        tl.store(ws_ptr + programs + pid, kept.to(tl.float64))
+        tl.store(ws_ptr + 2 * programs + pid, first_bad.to(tl.float64))
+        if arrive(counter_ptr, COUNTER, programs):
+            sums = tl.zeros([FINISH_BLOCK], dtype=tl.float64)
+            counts = tl.zeros([FINISH_BLOCK], dtype=tl.float64)
+            firsts = tl.full([FINISH_BLOCK], B, dtype=tl.float64)
+            for p0 in range(0, programs, FINISH_BLOCK):
+                offs = p0 + tl.arange(0, FINISH_BLOCK)
+                mask = offs < programs
+                # .cg: read from L2, never from a stale L1 line of this SM.
+                sums += tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                counts += tl.load(ws_ptr + programs + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                firsts = tl.minimum(firsts, tl.load(ws_ptr + 2 * programs + offs, mask=mask,
+                                                    other=float("inf"), cache_modifier=".cg"))
+            _store_loss(loss_ptr, rows_ptr, tl.sum(sums, axis=0), tl.sum(counts, axis=0).to(tl.int64),
+                        tl.min(firsts, axis=0).to(tl.int64))
+            # Re-armed, as every counter a finisher used (split_reduce): nothing else reads it.
+            tl.atomic_xchg(counter_ptr + COUNTER, 0)
+    else:
+        # One program walks the batch: the mean is summed in a fixed order, no counter needed.
+        total, kept, first_bad = _loss_rows(logits_ptr, target_ptr, lse_ptr, 0, B, B, C, ignore_index,
+                                            stride_lb, stride_lc, stride_tb, ACC_DTYPE, BLOCK_B, BLOCK_C)
+        _store_loss(loss_ptr, rows_ptr, total, kept, first_bad)
 
 
 @triton.jit
@@ -145,21 +209,41 @@ def tiles(C: int) -> tuple[int, int]:
     return TILE // block_c, block_c
 
 
-def cross_entropy_forward(logits, target, ignore_index: int):
+def forward_split(B: int, C: int) -> tuple[int, int]:
+    """(programs, rows per program) of the split forward over B rows of C classes: one program a
+    row block from SPLIT_MIN_BLOCKS blocks on, up to MAX_PROGRAMS; (1, B) below that."""
+    block_b = tiles(C)[0]
+    blocks = cdiv(B, block_b)
+    if blocks < SPLIT_MIN_BLOCKS:
+        return 1, B
+    rows = block_b * cdiv(blocks, MAX_PROGRAMS)
+    return cdiv(B, rows), rows
+
+
+def cross_entropy_forward(logits, target, ignore_index: int, counters=None):
     """Returns (loss as a 0-d tensor, per-row log-sum-exp, rows) where rows (int64, on the device)
     is [targets kept, first row whose target is out of range (B if none)]; backward needs the
-    first, the caller checks the second where reading it costs no synchronisation."""
+    first, the caller checks the second where reading it costs no synchronisation.
+
+    `counters`: int32 arrival counters whose last element a kernel that ran before this one zeroed
+    for it and nobody else uses (linear_act_forward hands one out with its output, see there). With
+    one, and enough rows (forward_split), the forward runs one program per row block and the last of
+    them sums their partials; without, one program walks the batch (the sum then needs no counter)."""
     B, C = logits.shape
     block_b, block_c = tiles(C)
     loss = empty((), device=logits.device, dtype=logits.dtype)
     lse = empty((B,), device=logits.device, dtype=accumulator_dtype(logits.dtype))
     rows = empty((2,), device=logits.device, dtype=target.dtype)
-    # grid: one program; it walks the batch so the mean is summed in a fixed order.
-    launch(cross_entropy_fwd_kernel, (1,),
+    programs, rows_per_program = forward_split(B, C) if counters is not None else (1, B)
+    split = programs > 1
+    ws = empty((3 * programs,), device=logits.device, dtype=torch.float64) if split else lse
+    launch(cross_entropy_fwd_kernel, (programs,),
            dict(logits_ptr=logits, target_ptr=target, lse_ptr=lse, loss_ptr=loss, rows_ptr=rows,
-                B=B, C=C, ignore_index=ignore_index,
+                ws_ptr=ws, counter_ptr=counters if split else rows,
+                B=B, C=C, ignore_index=ignore_index, ROWS_PER_PROGRAM=rows_per_program,
+                COUNTER=counters.numel() - 1 if split else 0,
                 stride_lb=logits.stride(0), stride_lc=logits.stride(1), stride_tb=target.stride(0)),
-           dict(BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS))
+           dict(SPLIT=split, BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS))
     return loss, lse, rows
 
 

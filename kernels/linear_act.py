@@ -163,11 +163,19 @@ def _weight_grad_blocks(N: int) -> tuple[int, int, int]:
 
 
 def counters_needed(N: int, K: int, has_bias: bool) -> int:
-    """Arrival counters a forward that saves for backward allocates and zeroes for it: as many as
-    any batch needs (split_reduce.counter_capacity), so fastlenet.ops's fake implementation can give
-    their shape from the weight alone."""
+    """Arrival counters a forward that saves for backward allocates and zeroes: as many as its
+    backward needs for any batch (split_reduce.counter_capacity), so fastlenet.ops's fake
+    implementation can give their shape from the weight alone, and one more, the last, for a loss
+    over this output (LOSS_COUNTER_ATTR)."""
     block_n, block_k, block_r = _weight_grad_blocks(N)
-    return counter_capacity(N, K, has_bias, block_n, block_k, block_r, max_split=_MAX_SPLIT)
+    return counter_capacity(N, K, has_bias, block_n, block_k, block_r, max_split=_MAX_SPLIT) + 1
+
+
+# A linear layer's output is often a classifier's logits. Its forward zeroes one counter more than
+# its backward uses and hangs the counters on the output under this attribute; a cross-entropy
+# over exactly that tensor takes them (and removes the attribute: one call per counter), so its
+# forward can split the batch over several programs without a memset (kernels/cross_entropy.py).
+LOSS_COUNTER_ATTR = "_fastlenet_loss_counters"
 
 
 # Forward tiles (BLOCK_M, widest BLOCK_N, num_warps), largest first, and the programs a launch should
@@ -222,6 +230,8 @@ def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool
                 M=M, N=N, K=K, NUM_COUNTERS=num_counters, stride_xm=sx[0], stride_xk=sx[1],
                 stride_wn=sw[0], stride_wk=sw[1]),
            meta)
+    if counters is not None:
+        setattr(y, LOSS_COUNTER_ATTR, counters)
     return y, counters
 
 
@@ -237,7 +247,10 @@ def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx:
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 # One stage: with two, ptxas kept 8 bytes of the two-level finishing sum on the stack.
-                num_warps=8, num_stages=1)
+                # maxnreg 128: left to its own occupancy heuristics ptxas capped a TF32 backward
+                # (3072 -> 1000 features) at 48 registers (Triton 3.8) and IEEE ones with the
+                # two-level sum at 80 (3.9), and spilled; with room for 128 neither spills.
+                num_warps=8, num_stages=1, maxnreg=128)
     return M, N, K, num_dx, plan_sizes, meta
 
 
@@ -258,10 +271,6 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "matmul")
-    if meta["DOT_PRECISION"] == "tf32":
-        # ptxas capped a TF32 backward (3072 -> 1000 features) at 48 registers and spilled; with
-        # room for 128 it spills nothing.
-        meta["maxnreg"] = 128
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

@@ -61,12 +61,22 @@ def store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_a, offs_
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         bias_ws = ws_ptr + tl.cast(SPLIT, tl.int64) * SIZE_A * SIZE_B + slot.to(tl.int64) * SIZE_A * BLOCK_R
+        # A scalar condition folds into the bound (rows < 0 when not owned): Triton 3.9's
+        # interpreter refuses a block mask and-ed with a scalar bool ("mask has unsupported dtype").
         tl.store(bias_ws + offs_a[:, None] * BLOCK_R + offs_r[None, :], bias_parts,
-                 mask=(offs_a[:, None] < SIZE_A) & owns_bias)
-    # The barrier orders every thread's partial stores before the (single-thread) counter update;
-    # acq_rel at GPU scope then publishes them to the other programs before the count, and orders
-    # the last arriver's reads of their partials after it has seen every count (the split-K
-    # semaphore pattern; a no-op under the interpreter, whose programs run one after another).
+                 mask=offs_a[:, None] < tl.where(owns_bias, SIZE_A, 0))
+    return arrive(counter_ptr, counter, arrivals)
+
+
+@triton.jit
+def arrive(counter_ptr, counter, arrivals):
+    """Count this program in at counter_ptr[counter], after its partial stores, and return True in
+    the program that completed the set of `arrivals`: the one that sums the partials.
+
+    The barrier orders every thread's partial stores before the (single-thread) counter update;
+    acq_rel at GPU scope then publishes them to the other programs before the count, and orders
+    the last arriver's reads of their partials after it has seen every count (the split-K
+    semaphore pattern; a no-op under the interpreter, whose programs run one after another)."""
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + counter, 1, sem="acq_rel", scope="gpu")
     tl.debug_barrier()
@@ -123,7 +133,7 @@ def _store_weight_grad(total, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_b
     tl.store(dw_ptr + o * K + k, total.to(dw_ptr.dtype.element_ty), mask=(o < OUT) & (k < K))
     if HAS_BIAS:
         tl.store(db_ptr + offs_o, tl.sum(bias_parts, axis=1).to(db_ptr.dtype.element_ty),
-                 mask=(offs_o < OUT) & owns_bias)
+                 mask=offs_o < tl.where(owns_bias, OUT, 0))
 
 
 @triton.jit
@@ -180,7 +190,7 @@ def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
     masked off rather than branched around: a LeNet layer has at most a few dozen counters."""
     for i in range(0, NUM_COUNTERS, BLOCK):
         offs = i + tl.arange(0, BLOCK)
-        tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=(offs < NUM_COUNTERS) & (pid == 0))
+        tl.store(counter_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < tl.where(pid == 0, NUM_COUNTERS, 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,7 +255,10 @@ def plan_weight_grad(sizes: WeightGradSizes, like, counters=None) -> WeightGradP
         counters = _zeroed_counters(sizes.num_counters, like.device)
     elif counters.numel() < sizes.num_counters:  # 0 when no weight gradient is wanted
         raise ValueError(f"{sizes.num_counters} arrival counters needed, the forward zeroed {counters.numel()}")
-    workspace = empty((sizes.workspace,), dtype=accumulator_dtype(like.dtype), device=like.device)
+    # A tile summed by one program (levels 0) stores its result directly and never touches the
+    # workspace: the counters stand in for its pointer, and the allocation is saved.
+    workspace = counters if sizes.levels == 0 else empty((sizes.workspace,), dtype=accumulator_dtype(like.dtype),
+                                                          device=like.device)
     return WeightGradPlan(sizes, workspace, counters)
 
 

@@ -125,13 +125,111 @@ def test_no_grad_and_inference_mode(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# logits from fastlenet's linear layer: the forward split over row blocks (kernels/cross_entropy.py)
+# ---------------------------------------------------------------------------------------------
+
+# (batch, classes): 8 row blocks exactly (the fewest that split), 9 with a partial last one at 10
+# classes; 100 classes (16-row blocks); 1000 classes (4-row blocks, two class blocks each).
+SPLIT_SHAPES = [(1024, 10), (1100, 10), (130, 100), (37, 1000)]
+
+
+def head_logits(batch, classes, dtype, device, features=12):
+    """Logits made by fastlenet's linear layer while recording a graph, so they carry the counter
+    its forward zeroed for the loss; returns (logits, the leaf tensors of the layer)."""
+    x = torch.randn(batch, features, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(classes, features, device=device, dtype=dtype) * 0.8).requires_grad_()
+    b = torch.randn(classes, device=device, dtype=dtype, requires_grad=True)
+    return FF.linear_act(x, w, b, "identity"), (x, w, b)
+
+
+def split_programs(fn):
+    """The forward's grid, recorded while fn() runs."""
+    with record_launches() as launches:
+        out = fn()
+    return out, [launch.grid for launch in launches if launch.name == "cross_entropy_fwd_kernel"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,classes", SPLIT_SHAPES)
+def test_split_forward_matches_reference(batch, classes, dtype, device):
+    """Several programs each sum their rows, the last to arrive sums their partials: the loss, and
+    the gradients through the loss and the layer, are F.cross_entropy's (float64 reference)."""
+    logits, leaves = head_logits(batch, classes, dtype, device)
+    target = torch.randint(0, classes, (batch,), device=device)
+    target[::5] = -100
+    loss, grids = split_programs(lambda: FF.cross_entropy(logits, target))
+    programs = xent.forward_split(batch, classes)[0]
+    assert grids == [(programs,)] and programs >= xent.SPLIT_MIN_BLOCKS
+    (loss * 2.5).backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    x, w, b = ref_leaves
+    ref = F.cross_entropy(x @ w.T + b, target)
+    (ref * 2.5).backward()
+    assert rel_err(loss, ref) <= TOL[dtype], (loss.item(), ref.item())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert rel_err(leaf.grad, ref_leaf.grad) <= TOL[dtype]
+
+
+def test_split_forward_is_reproducible_and_its_counter_serves_one_call(device):
+    """Bit-identical loss and gradients run to run; the counter hangs on the logits until a loss
+    takes it, so a second loss over the same logits walks the batch in one program (and agrees)."""
+    _, (x, w, b) = head_logits(2048, 10, torch.float32, device)
+    target = torch.randint(0, 10, (2048,), device=device)
+    runs = []
+    for _ in range(2):
+        logits = FF.linear_act(x, w, b, "identity")
+        loss, grids = split_programs(lambda: FF.cross_entropy(logits, target))
+        assert grids == [(16,)]
+        loss.backward()
+        runs.append((loss.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone()))
+        x.grad = w.grad = b.grad = None
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
+    assert not hasattr(logits, "_fastlenet_loss_counters")  # taken by the loss above
+    again, grids = split_programs(lambda: FF.cross_entropy(logits, target))
+    assert grids == [(1,)]
+    assert rel_err(again, runs[0][0]) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_forward_all_rows_ignored(dtype, device):
+    logits, _ = head_logits(1024, 10, dtype, device)
+    target = torch.full((1024,), -100, device=device)
+    loss, grids = split_programs(lambda: FF.cross_entropy(logits, target))
+    assert grids == [(8,)] and torch.isnan(loss)
+
+
+@needs_interpreter
+def test_split_forward_names_the_first_bad_row_across_programs():
+    """The first out-of-range row is a minimum over the programs' partials, whichever arrives last."""
+    logits, _ = head_logits(1100, 10, torch.float32, "cpu")
+    target = torch.randint(0, 10, (1100,))
+    target[[1090, 700, 300]] = torch.tensor([-7, 10, -100])  # programs 8, 5 and 2 (128-row blocks)
+    with pytest.raises(IndexError, match=r"target 10 \(row 700\)"):
+        split_programs(lambda: FF.cross_entropy(logits, target))
+
+
+def test_split_step_adds_no_device_operation(device, monkeypatch):
+    """Linear layer + loss, forward and backward: four launches and backward's seed, nothing else
+    (no memset: the counter was zeroed by the layer's forward kernel)."""
+    monkeypatch.setattr(launch_module, "_poison", False)  # poisoning fills outputs: ops of its own
+    _, (x, w, b) = head_logits(1024, 10, torch.float32, device)
+    target = torch.randint(0, 10, (1024,), device=device)
+    count = count_device_ops(lambda: torch.autograd.grad(
+        FF.cross_entropy(FF.linear_act(x, w, b, "identity"), target), (x, w, b)))
+    assert count.triton_launches == ["linear_act_fwd_kernel", "cross_entropy_fwd_kernel",
+                                     "cross_entropy_bwd_kernel", "linear_act_bwd_kernel"], count.breakdown()
+    assert count.aten_ops == ["ones_like"], count.breakdown()
+
+
+# ---------------------------------------------------------------------------------------------
 # launches: one each way, nothing else on the device, the forward a single program
 # ---------------------------------------------------------------------------------------------
 
 def test_one_launch_each_way_and_no_other_device_op(device, monkeypatch):
-    """The forward is one single-program launch (its mean is summed in one fixed order, so it is
-    reproducible), the backward one launch over row blocks; the only other device op is the seed
-    of backward. In particular the out-of-range check adds no op (on the CPU it reads a result)."""
+    """Over logits that carry no zeroed counter, the forward is one single-program launch (its mean
+    is summed in one fixed order, so it is reproducible), the backward one launch over row blocks;
+    the only other device op is the seed of backward. In particular the out-of-range check adds no
+    op (on the CPU it reads a result)."""
     monkeypatch.setattr(launch_module, "_poison", False)  # poisoning fills outputs: ops of its own
     logits = torch.randn(300, 10, device=device, requires_grad=True)
     target = torch.randint(0, 10, (300,), device=device)
@@ -149,6 +247,14 @@ def test_bitwise_reproducible_on_cuda():
     target = torch.randint(0, 100, (4096,), device="cuda")
     runs = [loss_and_grad(FF.cross_entropy, logits, target) for _ in range(3)]
     assert all(torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1]) for loss, grad in runs)
+    # The split forward (logits from the linear layer): 32 programs, the last sums their partials.
+    _, (x, w, b) = head_logits(4096, 100, torch.float32, "cuda")
+
+    def split_run():
+        loss = FF.cross_entropy(FF.linear_act(x, w, b, "identity"), target)
+        return (loss.detach(), *torch.autograd.grad(loss, (x, w, b)))
+    split = [split_run() for _ in range(3)]
+    assert all(torch.equal(a, c) for run in split for a, c in zip(run, split[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,16 +334,21 @@ from triton.compiler import ASTSource
 from fastlenet.kernels import cross_entropy as xent
 from fastlenet.kernels import launch as launch_module
 k = xent.cross_entropy_fwd_kernel
-ptrs = dict(logits_ptr="*fp32", target_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", rows_ptr="*i64")
-sig = {name: ptrs.get(name, "i32") for name in k.arg_names[:-2]} | {"BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
-compiled = triton.compile(ASTSource(k, sig, {"BLOCK_B": 128, "BLOCK_C": 16}), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": xent.NUM_WARPS, "debug": k.debug})
-print(k.debug, "tt.assert" in compiled.asm["ttir"])
+ptrs = dict(logits_ptr="*fp32", target_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", rows_ptr="*i64",
+            ws_ptr="*fp64", counter_ptr="*i32")
+meta = ("SPLIT", "BLOCK_B", "BLOCK_C")
+sig = {name: ptrs.get(name, "i32") for name in k.arg_names if name not in meta} | dict.fromkeys(meta, "constexpr")
+asserts = []
+for split in (False, True):
+    compiled = triton.compile(ASTSource(k, sig, {"SPLIT": split, "BLOCK_B": 128, "BLOCK_C": 16}),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": xent.NUM_WARPS, "debug": k.debug})
+    asserts.append("tt.assert" in compiled.asm["ttir"])
+print(k.debug, *asserts)
 """
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["True", "True"]
+    assert proc.stdout.split() == ["True", "True", "True"]
 
 
 @needs_cuda

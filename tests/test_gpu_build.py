@@ -4,7 +4,8 @@ cuobjdump) and fit the target's shared memory.
 
 The configurations are recorded, without running the kernels, from the calls users make: a
 training step of every LeNet-5 variant at batch 1, 3, 128, 4096 and 65536, and of the tutorial
-networks fused by fastlenet.fuse; cross-entropy over 10, 100 and 1000 classes; the drop-in layers at
+networks fused by fastlenet.fuse; cross-entropy over 10, 100 and 1000 classes, on its own and after a
+linear layer (the forward split over several programs); the drop-in layers at
 shapes beyond LeNet, with every activation x pool (no pooling included). Each
 is specialised by Triton's own JIT rules (integers equal to 1 become constexprs, integers and
 pointers divisible by 16 get a divisibility hint), so what is built is what a GPU run compiles, and
@@ -36,6 +37,9 @@ LENET_BATCHES = (1, 3, 128, 4096, 65536)
 NETWORK_BATCHES = {"cnn": (1, 3, 128, 4096), "convnet-bn": (1, 3, 128, 4096), "alexnet": (1, 3, 128)}
 LOSS_BATCHES = (1, 3, 128, 4096)
 LOSS_CLASSES = (10, 100, 1000)
+# Logits from a linear layer (the forward then splits from 8 row blocks on): 1024 is the fewest rows
+# that split at 10 classes.
+HEAD_BATCHES = (128, 1024, 65536)
 LAYER_BATCHES = (1, 3, 128)
 LINEAR_BATCHES = (1, 3, 128, 4096)
 # Half precision (float16 and bfloat16 tensors, as under autocast): a LeNet-5 step, the wide
@@ -77,6 +81,15 @@ def _loss_step(batch, classes, device, dtype=torch.float32):
     return lambda: FF.cross_entropy(logits, target).backward()
 
 
+def _head_step(batch, classes, device, dtype=torch.float32):
+    # A classifier head: logits from the linear layer carry the counter that lets the loss forward
+    # split the batch over several programs (kernels/cross_entropy.py).
+    x = torch.empty(batch, 84, device=device, dtype=dtype, requires_grad=True)
+    w = torch.empty(classes, 84, device=device, dtype=dtype, requires_grad=True)
+    target = torch.zeros(batch, dtype=torch.int64, device=device)
+    return lambda: FF.cross_entropy(FF.linear_act(x, w, None, "identity"), target).backward()
+
+
 def _misaligned_loss_step(device):
     # Logits that start 4 bytes into their storage (a column slice): no 16-byte alignment to assume.
     logits = torch.empty(128, 11, device=device, requires_grad=True)
@@ -112,6 +125,9 @@ def user_launch_configs(device):
     for classes in LOSS_CLASSES:
         for batch in LOSS_BATCHES:
             descs += _recorded(f"cross_entropy B={batch} C={classes}", _loss_step(batch, classes, device))
+        for batch in HEAD_BATCHES:
+            descs += _recorded(f"linear_act + cross_entropy B={batch} C={classes}",
+                               _head_step(batch, classes, device))
     descs += _recorded("cross_entropy B=128 C=10 on a misaligned view", _misaligned_loss_step(device))
     # Layers without bias (before a norm layer) take another code path; one batch size covers it.
     for activation in ACTIVATIONS:
@@ -143,6 +159,8 @@ def half_precision_launches(device):
                                _linear_step(batch, "relu", True, device, dtype))
         for classes in (10, 1000):
             descs += _recorded(f"cross_entropy {name} B=128 C={classes}", _loss_step(128, classes, device, dtype))
+            descs += _recorded(f"linear_act + cross_entropy {name} B=4096 C={classes}",
+                               _head_step(4096, classes, device, dtype))
     return descs
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastlenet import functional as FF
 from fastlenet.models import LeNet5
+from fastlenet.kernels.launch import record_launches, skip_launches
 from fastlenet.profiling import count_device_ops, model_flops, training_step
 
 FUSED_STEP_BUDGET = 15
@@ -52,6 +53,21 @@ def test_fused_training_step_is_within_budget(device):
     # weight gradient), and no PyTorch compute standing in for a kernel.
     assert len(count.triton_launches) == 12, count.breakdown()
     assert set(count.aten_ops) <= FUSED_STEP_ATEN, count.breakdown()
+
+
+def test_fused_step_at_batch_1024_splits_the_loss_within_budget(device):
+    """From 1024 images the loss forward runs on several programs (the last linear layer's forward
+    zeroed a counter for it), still without a device operation more. Launches are recorded, not run:
+    only their grids and the ATen ops around them are counted."""
+    model = LeNet5(fused=True).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    x, y = batch(device, 1024)
+    with skip_launches(), record_launches() as launches:
+        count = count_device_ops(lambda: training_step(model, optimizer, FF.cross_entropy, x, y))
+    assert count.total <= FUSED_STEP_BUDGET, f"fused step: {count.breakdown()}"
+    assert set(count.aten_ops) <= FUSED_STEP_ATEN, count.breakdown()
+    loss_grids = [launch.grid for launch in launches if launch.name == "cross_entropy_fwd_kernel"]
+    assert loss_grids[-1] == (8,)  # 1024 rows in 128-row blocks
 
 
 def test_fused_inference_is_one_launch_per_layer(device):

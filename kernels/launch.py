@@ -64,9 +64,16 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+# Floating-point contraction (a*b+c as one FMA) stated, not left to Triton's default: the kernels
+# were built and checked with it on, Triton 3.9 warns on every first compile that its default is
+# unset, and 3.10 turns the default off.
+FP_FUSION = True
+
+
 def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, Any]) -> None:
     if 0 in grid:
         return  # an empty output: nothing to compute, and a zero-sized grid is an error on CUDA
+    meta = {**meta, "enable_fp_fusion": FP_FUSION}
     if _listeners:
         record = Launch(kernel, grid, {name: TensorSpec.of(v) if isinstance(v, torch.Tensor) else v
                                        for name, v in args.items()}, meta)

@@ -178,22 +178,24 @@ def counters_needed(N: int, K: int, has_bias: bool) -> int:
 LOSS_COUNTER_ATTR = "_fastlenet_loss_counters"
 
 
-# Forward tiles (BLOCK_M, widest BLOCK_N, num_warps), largest first, and the programs a launch should
-# have: about two per SM of an H100 (132 SMs). A layer takes the largest tile that still gives that
-# many programs, or else the smallest: at large batch big tiles reuse each loaded W and x element
-# most, at small batch more, smaller programs spread the layer over more SMs. Each has at most 16
-# accumulator elements a thread and covers its tile once as a TF32 MMA (16 rows x 8 columns a warp:
-# [4, 2], [2, 2] and [1, 2] warps) and as an FMA layout.
-_FORWARD_TILES = ((64, 64, 8), (32, 32, 4), (16, 32, 2))
+# Forward tiles (BLOCK_M, widest BLOCK_N, num_warps, num_stages), largest first, and the programs a
+# launch should have: about two per SM of an H100 (132 SMs). A layer takes the largest tile that
+# still gives that many programs, or else the smallest: at large batch big tiles reuse each loaded
+# W and x element most, at small batch more, smaller programs spread the layer over more SMs. Each
+# has at most 16 accumulator elements a thread and covers its tile once as a TF32 MMA (16 rows x 8
+# columns a warp: [4, 2], [2, 2] and [1, 2] warps) and as an FMA layout. The 2-warp tile loads one
+# K step at a time: with the next in flight, Triton 3.9's build kept 8 bytes of some of its
+# configurations on the stack at any register budget up to 128.
+_FORWARD_TILES = ((64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 2, 1))
 _FORWARD_PROGRAMS = 2 * 132
 
 
-def _forward_tile(M: int, N: int) -> tuple[int, int, int]:
-    for block_m, block_n, warps in _FORWARD_TILES:
+def _forward_tile(M: int, N: int) -> tuple[int, int, int, int]:
+    for block_m, block_n, warps, stages in _FORWARD_TILES:
         block_n = min(max(next_pow2(N), 16), block_n)
         if cdiv(M, block_m) * cdiv(N, block_n) >= _FORWARD_PROGRAMS:
             break
-    return block_m, block_n, warps
+    return block_m, block_n, warps, stages
 
 
 def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_backward: bool):
@@ -201,11 +203,11 @@ def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_
     M, K = x_shape
     N = w_shape[0]
     num_counters = counters_needed(N, K, has_bias) if save_for_backward else 0
-    BLOCK_M, BLOCK_N, num_warps = _forward_tile(M, N)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _forward_tile(M, N)
     # grid: (row tiles of the batch, tiles of output features)
     grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
     meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=32, num_warps=num_warps, num_stages=2)
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=32, num_warps=num_warps, num_stages=num_stages)
     return M, N, K, num_counters, grid, meta
 
 

@@ -384,8 +384,11 @@ def _linear_backward(d: dict) -> Work:
 @_formula("cross_entropy_fwd_kernel")
 def _cross_entropy_forward(d: dict) -> Work:
     """No dot (its exp, log and sums are not counted, as in model_flops). Reads the logits and
-    targets; writes the per-row log-sum-exp, the loss and the row counts."""
-    return Work((), _bytes(d, "logits_ptr", "target_ptr"), _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr"))
+    targets; writes the per-row log-sum-exp, the loss and the row counts; split over several
+    programs (SPLIT), also writes their partials to the workspace and reads them back once."""
+    split = ["ws_ptr"] if d["meta"].get("SPLIT") else []
+    return Work((), _bytes(d, "logits_ptr", "target_ptr", *split),
+                _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr", *split))
 
 
 @_formula("cross_entropy_bwd_kernel")

@@ -159,8 +159,6 @@ def half_precision_launches(device):
                                _linear_step(batch, "relu", True, device, dtype))
         for classes in (10, 1000):
             descs += _recorded(f"cross_entropy {name} B=128 C={classes}", _loss_step(128, classes, device, dtype))
-            descs += _recorded(f"linear_act + cross_entropy {name} B=4096 C={classes}",
-                               _head_step(4096, classes, device, dtype))
     return descs
 
 

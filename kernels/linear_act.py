@@ -183,10 +183,11 @@ LOSS_COUNTER_ATTR = "_fastlenet_loss_counters"
 # still gives that many programs, or else the smallest: at large batch big tiles reuse each loaded
 # W and x element most, at small batch more, smaller programs spread the layer over more SMs. Each
 # has at most 16 accumulator elements a thread and covers its tile once as a TF32 MMA (16 rows x 8
-# columns a warp: [4, 2], [2, 2] and [1, 2] warps) and as an FMA layout. The 2-warp tile loads one
-# K step at a time: with the next in flight, Triton 3.9's build kept 8 bytes of some of its
-# configurations on the stack at any register budget up to 128.
-_FORWARD_TILES = ((64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 2, 1))
+# columns a warp: [4, 2], [2, 2] and [1, 2] warps) and as an FMA layout. The 4- and 2-warp tiles
+# load one K step at a time: with the next in flight, Triton 3.8's and 3.9's builds each kept 8
+# bytes of some of their configurations on the stack (at any register budget up to 128); the
+# 8-warp tile keeps two stages, as at one 3.9's build kept 16 bytes of an IEEE configuration there.
+_FORWARD_TILES = ((64, 64, 8, 2), (32, 32, 4, 1), (16, 32, 2, 1))
 _FORWARD_PROGRAMS = 2 * 132
 
 

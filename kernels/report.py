@@ -134,7 +134,8 @@ def _input_precisions() -> dict[str, str]:
     try:
         from triton._C.libtriton import ir
 
-        return {str(int(v)): k.lower() for k, v in ir.INPUT_PRECISION.__members__.items()}
+        # A pybind11 enum (Triton 3.8) converts with int(); a Python enum (3.9) has .value.
+        return {str(int(getattr(v, "value", v))): k.lower() for k, v in ir.INPUT_PRECISION.__members__.items()}
     except (ImportError, AttributeError):
         return {"0": "tf32", "1": "tf32x3", "2": "ieee"}
 

@@ -168,8 +168,10 @@ def _check_once(checked: set, key, check, *args) -> None:
     checked.add(key)
 
 
-def _grad_wanted(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _grad_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    # Spelled out, not any() over a generator: it runs for every layer call of every step.
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

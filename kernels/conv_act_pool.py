@@ -437,7 +437,7 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return 16, 8, 2 if pooled else 1
 
 
-def _backward_dots(precision: str) -> dict:
+def _backward_dots(precision: str, block_dx_n: int) -> dict:
     """BLOCK_DX_K and launch options of the backward for its dot precision.
 
     TF32: 4 warps, as the 32x16 (dx) and 16x32 (dw) MMA tiles are four 16x8 instructions, one a warp
@@ -448,10 +448,12 @@ def _backward_dots(precision: str) -> dict:
     A register budget in both (maxnreg): left to itself ptxas picks one by its own occupancy
     heuristics, and that pick moves between releases: Triton 3.8's build capped some IEEE
     configurations at 64 registers, 3.9's some TF32 ones at 72-80, each keeping 8-16 bytes on the
-    stack. 128 at 8 warps (2 programs an SM at worst); 168 at 4 warps, as at 128 the 64-channel
-    TF32 grad-input tile (3.9, sm_80) kept 48-80 bytes on the stack (3 programs an SM at worst)."""
+    stack. Given a budget ptxas mostly fills it, so it is the least that builds spill-free on both
+    releases and both targets: IEEE, 8 warps, 128 (2 programs an SM); TF32, 4 warps, 96 for the
+    16-channel grad-input tile (LeNet's layers: 5 programs an SM), 168 for wider ones (32 channels
+    kept 24-80 bytes on the stack at 96, 64 channels 48-80 at 128)."""
     if precision == "tf32":
-        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1, maxnreg=168)
+        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1, maxnreg=96 if block_dx_n <= 16 else 168)
     return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
 
 
@@ -527,7 +529,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(plan_sizes, x, counters)
     meta = dict(cached_meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"]))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"]))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

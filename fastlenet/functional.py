@@ -291,7 +291,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     Rows whose target is ignore_index are left out of the mean and get a zero gradient (every row
     ignored: NaN, as PyTorch). Any other target outside [0, C) is an error: an IndexError naming it
     on the CPU (under TRITON_INTERPRET=1); on CUDA a device-side assert, as PyTorch's, reported at
-    the next synchronisation, so no step waits for the device to check its targets."""
+    the next synchronisation, so no step waits for the device to check its targets.
+
+    Logits that are the output of fastlenet's linear layer (linear_act, LinearAct, the last layer of
+    the fused networks) let the forward split a large batch over several programs, with the same
+    result up to rounding and still reproducible run to run (kernels/cross_entropy.py)."""
     op = "cross_entropy"
     if logits.ndim != 2:
         raise ValueError(f"{op}: logits must be (batch, classes), got {tuple(logits.shape)}")

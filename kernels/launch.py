@@ -73,14 +73,15 @@ FP_FUSION = True
 def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, Any]) -> None:
     if 0 in grid:
         return  # an empty output: nothing to compute, and a zero-sized grid is an error on CUDA
-    meta = {**meta, "enable_fp_fusion": FP_FUSION}
     if _listeners:
+        # Recorded with the option, so the GPU build compiles exactly what runs.
         record = Launch(kernel, grid, {name: TensorSpec.of(v) if isinstance(v, torch.Tensor) else v
-                                       for name, v in args.items()}, meta)
+                                       for name, v in args.items()}, {**meta, "enable_fp_fusion": FP_FUSION})
         for listener in _listeners:
             listener(record)
     if _execute:
-        kernel[grid](**args, **meta)
+        # Passed as a keyword, not merged into a copy of meta: no dict is built per launch.
+        kernel[grid](**args, **meta, enable_fp_fusion=FP_FUSION)
 
 
 _poison = False

@@ -222,14 +222,17 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     padding: int = 0, activation: str = "relu", pool: str = "max") -> torch.Tensor:
     """pool2x2(act(conv2d(x, weight, bias, stride=1, padding))) in one Triton kernel each way.
 
-    x: (N, C_in, H, W); weight: (C_out, C_in, k, k) with 1 <= k <= 7; bias: (C_out,) or None;
-    padding: 0..3; activation: relu | sigmoid | tanh | identity; pool: "max" | "avg" (window 2,
-    stride 2, odd trailing rows/columns dropped as in PyTorch) or None for act(conv2d(x)) without
-    pooling. Returns (N, C_out, PH, PW), the pooled (or, without pooling, the conv) output size.
+    x: (N, C_in, H, W), or unbatched (C_in, H, W) as F.conv2d takes it; weight: (C_out, C_in, k, k)
+    with 1 <= k <= 7; bias: (C_out,) or None; padding: 0..3; activation: relu | sigmoid | tanh |
+    identity; pool: "max" | "avg" (window 2, stride 2, odd trailing rows/columns dropped as in
+    PyTorch) or None for act(conv2d(x)) without pooling. Returns (N, C_out, PH, PW) (without N for
+    unbatched input), the pooled (or, without pooling, the conv) output size.
     """
     op = "conv2d_act_pool"
+    if isinstance(x, torch.Tensor) and x.ndim == 3:  # unbatched: a batch of one, as F.conv2d does
+        return conv2d_act_pool(x.unsqueeze(0), weight, bias, padding, activation, pool).squeeze(0)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"{op}: input must be 4-D (N, C_in, H, W), got shape "
+        raise ValueError(f"{op}: input must be (N, C_in, H, W) or unbatched (C_in, H, W), got shape "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     # Every check below depends only on shapes and settings: a combination that passed once passes
     # again. type(padding) is in the key because True == 1 (and hashes alike) but is refused.

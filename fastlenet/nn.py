@@ -1,8 +1,10 @@
 """Drop-in torch.nn modules backed by the fused Triton kernels.
 
-They subclass nn.Conv2d / nn.Linear and call their __init__, so constructor arguments,
-initialisation, parameter names, state_dict and repr are PyTorch's own: a checkpoint of a plain
-torch.nn model loads unchanged. They only add the activation (and pooling) that the kernel fuses.
+They subclass nn.Conv2d / nn.Linear and call their __init__ with the same positional parameters, so
+constructor arguments, initialisation, parameter names, state_dict and repr are PyTorch's own: a
+checkpoint of a plain torch.nn model loads unchanged. What the kernel fuses after the layer is
+keyword-only and off by default (activation="identity", pool=None), so ConvActPool2d(*args) computes
+what nn.Conv2d(*args) computes, and LinearAct(*args) what nn.Linear(*args) computes.
 """
 from __future__ import annotations
 
@@ -15,61 +17,92 @@ __all__ = ["ConvActPool2d", "LinearAct"]
 
 
 def _square(name: str, value) -> int:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"ConvActPool2d supports square {name}s only, got {value}")
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"ConvActPool2d: {name} must be an int, got {value!r}")
+        raise ValueError(f"ConvActPool2d: {name} must be an int or a pair of equal ints, got {value!r}")
     return value
 
 
-class ConvActPool2d(nn.Conv2d):
-    """pool2x2(act(conv2d(x))) as one module: nn.Conv2d's parameters, stride 1, 2x2/2 pooling
-    ("max" or "avg"), or act(conv2d(x)) with pool=None.
+def _padding(padding, k: int) -> int:
+    """nn.Conv2d's padding argument as the one int the kernel takes."""
+    if padding == "valid":
+        return 0
+    if padding == "same":  # stride 1: k // 2 on each side, which is symmetric only for odd k
+        if k % 2 == 0:
+            raise ValueError(f"ConvActPool2d: padding='same' with the even kernel_size {k} pads one side "
+                             "more than the other; the kernel pads symmetrically (use an odd kernel_size)")
+        return k // 2
+    if isinstance(padding, str):
+        raise ValueError(f"ConvActPool2d: padding {padding!r} is not supported (an int, a pair, 'valid' "
+                         "or 'same', as nn.Conv2d)")
+    return _square("padding", padding)
 
-    Unsupported nn.Conv2d arguments (stride != 1, dilation != 1, groups != 1, padding_mode other
-    than "zeros") raise at construction rather than computing something else.
+
+class ConvActPool2d(nn.Conv2d):
+    """pool(act(conv2d(x))): nn.Conv2d's parameters, with the activation and the 2x2/2 pooling
+    after it computed in the same kernel.
+
+    Positional parameters are nn.Conv2d's, in its order and with its defaults. Keyword-only:
+    activation: "identity" (default), "relu", "sigmoid" or "tanh";
+    pool: None (default), "max" or "avg" (window 2, stride 2, odd trailing rows/columns dropped).
+    With both defaults the module computes exactly nn.Conv2d's output. Input (N, C, H, W) or
+    unbatched (C, H, W), as nn.Conv2d.
+
+    What the kernel does not compute (stride != 1, dilation != 1, groups != 1, padding_mode other
+    than "zeros", non-square or larger than 7x7 kernels, padding above 3) raises at construction
+    rather than computing something else.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding=0, bias: bool = True,
-                 activation: str = "relu", pool: str = "max", *, stride=1, dilation=1, groups: int = 1,
-                 padding_mode: str = "zeros", device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+                 *, activation: str = "identity", pool: str | None = None):
         for name, value, default in (("stride", stride, 1), ("dilation", dilation, 1), ("groups", groups, 1),
                                      ("padding_mode", padding_mode, "zeros")):
-            if value not in (default, (default, default)):
+            if value not in (default, (default, default), [default, default]):
                 raise ValueError(f"ConvActPool2d does not support {name}={value!r} (only {default!r}): "
                                  "the fused kernel computes stride-1, undilated, ungrouped, zero-padded "
                                  "convolutions")
-        k, p = _square("kernel_size", kernel_size), _square("padding", padding)
+        k = _square("kernel_size", kernel_size)
         if not 1 <= k <= MAX_KERNEL_SIZE:
             raise ValueError(f"ConvActPool2d: kernel_size {k} is not supported (1..{MAX_KERNEL_SIZE})")
+        p = _padding(padding, k)
         if not 0 <= p <= MAX_PADDING:
             raise ValueError(f"ConvActPool2d: padding {p} is not supported (0..{MAX_PADDING})")
         if activation not in ACTIVATIONS:
             raise ValueError(f"ConvActPool2d: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
         if pool not in POOLS:
             raise ValueError(f"ConvActPool2d: unknown pool {pool!r}; choose one of {POOLS}")
-        super().__init__(in_channels, out_channels, k, stride=1, padding=p, bias=bias,
-                         device=device, dtype=dtype)
+        # nn.Conv2d keeps the arguments as given ("same", (2, 2), ...), so repr and state match it.
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
         self.activation = activation
         self.pool = pool
+        self._kernel_padding = p
 
     def forward(self, x):
-        return F.conv2d_act_pool(x, self.weight, self.bias, self.padding[0], self.activation, self.pool)
+        return F.conv2d_act_pool(x, self.weight, self.bias, self._kernel_padding, self.activation, self.pool)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}, pool={self.pool!r}"
 
 
 class LinearAct(nn.Linear):
-    """act(x @ W.T + b) as one module, with nn.Linear's parameters (weight stays [out, in])."""
+    """act(x @ W.T + b): nn.Linear's parameters (weight stays [out, in]), with the activation
+    computed in the same kernel.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "relu",
-                 *, device=None, dtype=None):
+    Positional parameters are nn.Linear's, in its order and with its defaults. Keyword-only:
+    activation: "identity" (default: exactly nn.Linear's output), "relu", "sigmoid" or "tanh".
+    Input (..., in_features), unbatched (in_features,) included, as nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 *, activation: str = "identity"):
         if activation not in ACTIVATIONS:
             raise ValueError(f"LinearAct: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
 
     def forward(self, x):

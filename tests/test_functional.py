@@ -260,8 +260,10 @@ def test_gradcheck_linear_act_and_cross_entropy():
 def test_conv_errors_name_the_shapes(device):
     x = torch.randn(2, 3, 8, 8, device=device)
     w = torch.randn(4, 3, 3, 3, device=device)
-    with pytest.raises(ValueError, match=r"4-D.*\(3, 8, 8\)"):
-        FF.conv2d_act_pool(x[0], w)
+    with pytest.raises(ValueError, match=r"\(N, C_in, H, W\) or unbatched \(C_in, H, W\).*\(8, 8\)"):
+        FF.conv2d_act_pool(x[0, 0], w)
+    with pytest.raises(ValueError, match=r"input has 2 channels \(shape \(1, 2, 8, 8\)\)"):
+        FF.conv2d_act_pool(x[0, :2], w)  # unbatched, named as the batch of one it runs as
     with pytest.raises(ValueError, match=r"2 channels.*\(4, 3, 3, 3\)"):
         FF.conv2d_act_pool(x[:, :2], w)
     with pytest.raises(ValueError, match=r"kernel 7x7 is larger than the padded input 6x6"):

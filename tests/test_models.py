@@ -169,7 +169,7 @@ def test_conv_module_rejects_what_the_kernel_does_not_compute(kwargs, match):
 
 
 def test_modules_compute_the_functional_op(device):
-    conv = ConvActPool2d(2, 3, 3, padding=1, activation="sigmoid").to(device)
+    conv = ConvActPool2d(2, 3, 3, padding=1, activation="sigmoid", pool="max").to(device)
     x = torch.randn(2, 2, 7, 7, device=device)
     assert torch.equal(conv(x), FF.conv2d_act_pool(x, conv.weight, conv.bias, 1, "sigmoid", "max"))
     lin = LinearAct(6, 4, activation="identity").to(device)

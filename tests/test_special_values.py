@@ -75,3 +75,20 @@ def test_linear_act_nan_and_inf_like_pytorch(activation, device):
     ref.backward(g)
     assert_same_special_values(x.grad, xr.grad, "grad input")
     assert_same_special_values(w.grad, wr.grad, "grad weight")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="numpy computes only under the interpreter")
+def test_the_interpreter_does_not_warn_users_about_nan_and_inf(device):
+    """numpy does the interpreter's arithmetic, on masked-off lanes too: its RuntimeWarnings reach
+    anyone running the kernels under TRITON_INTERPRET=1 unless the launch silences them."""
+    import warnings
+
+    x = special_input(device)
+    weight = torch.randn(2, 1, 3, 3, device=device, requires_grad=True)
+    logits = torch.tensor([[1e30, -float("inf")], [float("nan"), 0.0]], device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over pytest's own filters, inside this block
+        FF.conv2d_act_pool(x, weight, None, 1, "sigmoid", "max").sum().backward()
+        FF.linear_act(x.flatten(1)[:, :8], torch.randn(3, 8, device=device), None, "tanh")
+        FF.cross_entropy(logits, torch.tensor([0, 1], device=device))
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

@@ -20,7 +20,9 @@ device: warm-up calls first (the first call, which compiles, is timed and report
 the ops run synchronously). Reported: median images/s and the 20th..80th percentile range, device
 operations per step (fastlenet.profiling.count_device_ops), FLOPs per image (2 per multiply-add of
 the conv and linear layers; training = forward + weight gradients + input gradients except conv1's),
-and the achieved fraction of the device's peak where the device is in PEAK_TFLOPS.
+and the achieved fraction of the device's peak where the device is in PEAK_TFLOPS. The report ends
+with one line: the fastest provider at each batch size and by how much. (Per-launch floors are not
+measured here: python -m fastlenet.kernels.report derives them from the compiled kernels.)
 
 Without a CUDA GPU, fused and fused-graph are listed as unavailable with the reason; nothing is
 estimated. Under TRITON_INTERPRET=1 a couple of fused steps run through Triton's CPU interpreter at
@@ -53,7 +55,7 @@ INTERPRETER_BATCH = 4  # batch of the interpreter's fused check: a few images, a
 
 # Peak dense (no sparsity) throughput in TFLOP/s from NVIDIA's datasheets, as (FP32, TF32 tensor
 # core). The first entry whose key occurs in torch.cuda.get_device_name() applies, so the more
-# specific names come first. A device not listed reports its fraction of peak as "unknown".
+# specific names come first. A device not listed gets no fraction of peak, and the report says why.
 PEAK_TFLOPS = (
     ("H200 NVL", 60.0, 417.5),
     ("H200", 67.0, 494.7),       # SXM
@@ -439,8 +441,10 @@ def print_report(results, rats, providers, meta, flops) -> None:
     peak = meta["peak_tflops"]
     print(f"\nFLOPs per image ({meta['variant']}): forward {flops['forward'] / 1e6:.3f} M, "
           f"train {flops['train'] / 1e6:.3f} M ({meta['flops_convention']})")
-    print("best achieved per provider and mode: " + ("" if peak else
-          "peak of this device unknown (not in PEAK_TFLOPS)"))
+    known = ", ".join(sorted({key.split()[0] for key, _, _ in PEAK_TFLOPS}))
+    print("best achieved per provider and mode" + (":" if peak else
+          f" (no fraction of peak: this device is not in the benchmark's table of peak FLOP/s, which lists "
+          f"{known} GPUs):"))
     for provider in providers:
         for mode in MODES:
             rows = [r for r in results if r["provider"] == provider and r["mode"] == mode
@@ -452,6 +456,44 @@ def print_report(results, rats, providers, meta, flops) -> None:
                     f"{best['fraction_of_peak_tf32']:.2%} of TF32 peak" if peak else "")
             print(f"  {provider:>11} {mode:>9}: {best['achieved_tflops'] * 1e3:,.3g} GFLOP/s at batch "
                   f"{best['batch_size']}{frac}")
+    print(f"\nin short: {summary(results)}")
+
+
+def summary(results: list[dict]) -> str:
+    """One line: per mode, the fastest provider at each batch size and how much faster it is than
+    the next fastest there. Only measured speeds count (no interpreter runs, no unavailable providers)."""
+    parts = []
+    for mode in MODES:
+        measured = [r for r in results if r["mode"] == mode and r["images_per_second"]]
+        if len({r["provider"] for r in measured}) == 1:
+            best = max(measured, key=lambda r: r["images_per_second"])
+            parts.append(f"{mode}: only {best['provider']} was measured, at best {best['images_per_second']:,.0f} "
+                         f"images/s (batch {best['batch_size']})")
+            continue
+        sizes = sorted({r["batch_size"] for r in measured})
+        runs = []  # [first batch, last batch, winner, ratios over the next fastest, the next fastest providers]
+        for bs in sizes:
+            ranked = sorted((r for r in measured if r["batch_size"] == bs), key=lambda r: -r["images_per_second"])
+            if len(ranked) < 2:
+                continue
+            first, second = ranked[0], ranked[1]
+            if runs and runs[-1][2] == first["provider"]:
+                runs[-1][1] = bs
+            else:
+                runs.append([bs, bs, first["provider"], [], set()])
+            runs[-1][3].append(first["images_per_second"] / second["images_per_second"])
+            runs[-1][4].add(second["provider"])
+        everywhere = len(runs) == 1 and len(runs[0][3]) == len(sizes) > 1
+        said = []
+        for lo_bs, hi_bs, winner, speedups, runners in runs:
+            where = ("every batch size" if everywhere else
+                     f"batch {lo_bs}" + (f"-{hi_bs}" if hi_bs != lo_bs else ""))
+            lo, hi = f"{min(speedups):.2f}x", f"{max(speedups):.2f}x"
+            than = runners.pop() if len(runners) == 1 else "the next fastest"
+            said.append(f"{winner} at {where} ({lo if lo == hi else f'{lo}-{hi}'} as fast as {than})")
+        if said:
+            parts.append(f"{mode}: fastest " + ", ".join(said))
+    return "; ".join(parts) or "nothing was measured: no provider could run here"
 
 
 def plot(results: list[dict], path: Path, meta: dict) -> None:

@@ -13,13 +13,16 @@ images the checkpoint was trained on before the model sees it:
 4. normalised with the mean and standard deviation of the checkpoint's dataset.
 
 It prints the top class and its probability (softmax of the logits) for each image, or the top K
-with --top K, or one JSON document with --json. The checkpoint is checked as fastlenet.evaluate
-checks it and loaded into the reference model on the CPU unless --fused / --device say otherwise.
+with --top K, or one JSON document with --json; on stderr, a hint for each image whose top
+probability is below 50%. --save-preprocessed DIR writes the 28x28 image the model saw, as a PNG,
+for each input. The checkpoint is checked as fastlenet.evaluate checks it and loaded into the
+reference model on the CPU unless --fused / --device say otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +36,12 @@ if TYPE_CHECKING:
 
 SIZE = 28  # MNIST's and Fashion-MNIST's images are 28x28
 LIGHT_BACKGROUND = 127.5  # --invert auto: a border mean above this is a light background
+LOW_CONFIDENCE = 0.5  # a top probability below this: the model is more likely wrong than right
+# Why an image the model is unsure of often differs from the training images, and what to try.
+HINTS = {"mnist": "the digit may be drawn with thin strokes or cropped tightly; try thicker strokes or a "
+                  "margin around the digit",
+         "fashion-mnist": "the item may be cropped tightly or on a busy background; try one item on a plain "
+                          "background with a margin around it"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images with a checkpoint written by fastlenet.train. Each image is converted "
                     "as MNIST images are: grayscale (transparent pixels as white), inverted if it is "
                     f"dark-on-light (see --invert), fitted into {SIZE}x{SIZE} with its aspect ratio kept "
-                    "and padded with black, and normalised with the mean and std of the checkpoint's dataset.")
+                    "and padded with black, and normalised with the mean and std of the checkpoint's dataset. "
+                    f"A top probability below {LOW_CONFIDENCE:.0%} gets a hint on stderr on what to try.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, or any other format Pillow reads)")
     p.add_argument("--top", type=_cli.positive_int, default=1, metavar="K", help="print the K most likely classes")
@@ -50,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="invert the grayscale image (255 - pixel) to make it light-on-dark like the training "
                         "images; auto: invert when the mean of the image's outermost pixels (its one-pixel "
                         f"frame, on the 0-255 scale) is above {LIGHT_BACKGROUND}, i.e. the background is light")
+    p.add_argument("--save-preprocessed", type=Path, metavar="DIR",
+                   help=f"write each image as the model sees it ({SIZE}x{SIZE}, after the conversion above) as a PNG "
+                        f"in DIR, created if missing: digit.png becomes DIR/digit-{SIZE}x{SIZE}.png")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="auto: CUDA if there is a GPU, else the CPU; a few images need no GPU")
     p.add_argument("--fused", action="store_true",
@@ -83,7 +96,8 @@ def predict(args: argparse.Namespace) -> int:
         pixels, was_inverted = prepare(open_image(Path(name)), args.invert)
         images.append(pixels)
         inverted.append(was_inverted)
-    x = data.normalize(torch.stack(images).to(device), *data.NORMALIZATION[dataset])
+    mean, std = data.NORMALIZATION[dataset]
+    x = data.normalize(torch.stack(images).to(device), mean, std)
     probabilities = torch.softmax(train.predict(model, x).float(), dim=1).cpu()
     top = probabilities.topk(args.top, dim=1)
 
@@ -91,17 +105,85 @@ def predict(args: argparse.Namespace) -> int:
                 "top": [{"class": c, "name": names[c], "probability": p}
                         for c, p in zip(classes.tolist(), probs.tolist())]}
                for name, inv, probs, classes in zip(args.images, inverted, top.values, top.indices)]
+    saved = None
+    if args.save_preprocessed is not None:
+        # Only now that every input has been read: a mistyped image name leaves no empty directory.
+        saved = preprocessed_paths(args.images, output_dir(args.save_preprocessed))
+        save_preprocessed(x, mean, std, saved)
+        for result, written in zip(results, saved):
+            result["preprocessed"] = str(written)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "epoch": checkpoint["epoch"], "variant": model.variant,
                           "dataset": dataset, "device": str(device), "fused": model.fused, "invert": args.invert,
                           "predictions": results}, indent=2))
-        return 0
-    print(f"checkpoint {path}: {model.variant} on {dataset}, epoch {checkpoint['epoch']} | device {device} | "
-          f"{'fused Triton' if model.fused else 'reference torch.nn'} model")
-    for result in results:
-        ranked = ", ".join(f"{t['name']} {t['probability']:.2%}" for t in result["top"])
-        print(f"{result['image']}: {ranked}" + ("  (inverted)" if result["inverted"] else ""))
+    else:
+        print(f"checkpoint {path}: {model.variant} on {dataset}, epoch {checkpoint['epoch']} | device {device} | "
+              f"{'fused Triton' if model.fused else 'reference torch.nn'} model")
+        for result in results:
+            ranked = ", ".join(f"{t['name']} {t['probability']:.2%}" for t in result["top"])
+            print(f"{result['image']}: {ranked}" + ("  (inverted)" if result["inverted"] else ""))
+    # Hints go to stderr: stdout stays one line per image, or one JSON document. Flushed first, so
+    # that a log of both streams has them after the predictions.
+    sys.stdout.flush()
+    for result, probability in zip(results, top.values[:, 0].tolist()):
+        if probability < LOW_CONFIDENCE:
+            print(low_confidence_hint(result["image"], probability, dataset, result.get("preprocessed")),
+                  file=sys.stderr)
+    if saved:
+        print(f"saved the {SIZE}x{SIZE} image{'s' if len(saved) > 1 else ''} the model saw in "
+              f"{args.save_preprocessed}: {', '.join(p.name for p in saved)}",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def low_confidence_hint(image: str, probability: float, dataset: str, preprocessed: str | None) -> str:
+    # Truncated, not rounded: 49.96% must not read "50.0%" in a line that says it is below 50%.
+    percent = f"{math.floor(probability * 1000) / 10:.1f}%"
+    see = (f"{preprocessed} shows what the model sees" if preprocessed else
+           "or --save-preprocessed DIR to see what the model sees")
+    return f"{image}: low confidence ({percent}): {HINTS[dataset]}{'; ' if preprocessed else ', '}{see}"
+
+
+def output_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--save-preprocessed {path}: it is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--save-preprocessed {path}: cannot create the directory ({e.strerror or e})") from None
+    return path
+
+
+def preprocessed_paths(images: list[str], directory: Path) -> list[Path]:
+    """DIR/<name>-28x28.png for each input image, with -2, -3, ... where two inputs share a name
+    (a/digit.png, b/digit.png); never the path of an input, so that no user image is overwritten."""
+    taken = {Path(name).resolve() for name in images}
+    paths = []
+    for name in images:
+        stem = f"{Path(name).stem}-{SIZE}x{SIZE}"
+        path, n = directory / f"{stem}.png", 1
+        while path.resolve() in taken:
+            n += 1
+            path = directory / f"{stem}-{n}.png"
+        taken.add(path.resolve())
+        paths.append(path)
+    return paths
+
+
+def save_preprocessed(x: torch.Tensor, mean: float, std: float, paths: list[Path]) -> None:
+    """Write the model's input x [N, 1, 28, 28] as 8-bit grayscale PNGs, one per path: the
+    normalisation undone (pixel = 255 * (x * std + mean)), so reading one back and normalising it
+    gives the input again."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    pixels = x.detach().float().cpu()[:, 0].mul(std).add(mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    for image, path in zip(pixels, paths):
+        buffer = io.BytesIO()
+        Image.fromarray(image.numpy()).save(buffer, format="PNG")
+        _cli.write_bytes(path, buffer.getvalue())
 
 
 def open_image(path: Path) -> Image.Image:

@@ -5,11 +5,14 @@ machine too). On the CPU it must measure eager, list fused and fused-graph as un
 reason (never a figure), and under TRITON_INTERPRET=1 may run the fused path through the
 interpreter, labelled as such and with no images/s.
 """
+import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "throughput.py"
@@ -58,6 +61,9 @@ def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
     assert payload["ratios"] == [{"batch_size": 8, "mode": m, "fused/eager": None, "fused/compile": None,
                                   "fused-graph/eager": None} for m in ("inference", "train")]
     assert "n/a" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+    assert "PEAK_TFLOPS" not in proc.stdout and "not in the benchmark's table of peak FLOP/s" in proc.stdout
+    report_end = proc.stdout.split("\nwrote ")[0].strip().splitlines()[-1]
+    assert report_end.startswith("in short: train: only eager was measured, at best "), report_end
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -132,3 +138,64 @@ def test_amp_runs_the_reference_and_says_why_fused_bf16_cannot_here(tmp_path):
     rows = {r["provider"]: r for r in payload["results"]}
     assert rows["eager"]["available"] and rows["eager"]["images_per_second"] > 0
     assert not rows["fused"]["available"] and "bfloat16" in rows["fused"]["reason"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The printed report, built in-process from rows of known speeds
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(provider, batch_size, mode, images_per_second, **extra):
+    measured = images_per_second is not None
+    return {"provider": provider, "batch_size": batch_size, "mode": mode, "available": True, "reason": None,
+            "interpreter": False, "images_per_second": images_per_second,
+            "p20": images_per_second and 0.9 * images_per_second, "p80": images_per_second and 1.1 * images_per_second,
+            "launches_per_step": 5 if measured else None, "ops_breakdown": "5 = 5 Triton launches",
+            "achieved_tflops": images_per_second and images_per_second * 1e6 / 1e12, **extra}
+
+
+def report(bench, capsys, results, providers, peak=None) -> list[str]:
+    meta = {"peak_tflops": peak, "variant": "lenet5", "flops_convention": "2 per multiply-add"}
+    capsys.readouterr()
+    bench.print_report(results, bench.ratios(results), providers, meta, {"forward": 1e6, "train": 3e6})
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def test_report_ends_with_the_fastest_provider_per_batch_size(bench, capsys):
+    results = [row("eager", 64, "train", 1000.0), row("compile", 64, "train", 1250.0), row("fused", 64, "train", 2500.0),
+               row("eager", 256, "train", 4000.0), row("compile", 256, "train", 1000.0), row("fused", 256, "train", 3000.0),
+               row("eager", 64, "inference", 8000.0), row("fused", 64, "inference", 9000.0),
+               row("eager", 256, "inference", 20000.0), row("fused", 256, "inference", 30000.0),
+               {**row("fused-graph", 4, "train", None), "interpreter": True, "interpreter_seconds_per_step": 2.0},
+               {**row("fused-graph", 64, "inference", None), "available": False, "reason": "needs a GPU"}]
+    lines = report(bench, capsys, results, ["eager", "compile", "fused", "fused-graph"])
+    assert lines[-1] == ("in short: train: fastest fused at batch 64 (2.00x as fast as compile), eager at batch 256 "
+                         "(1.33x as fast as fused); inference: fastest fused at every batch size "
+                         "(1.12x-1.50x as fast as eager)")
+    assert sum(line.startswith("in short:") for line in lines) == 1
+
+
+def test_report_with_one_provider_or_none(bench, capsys):
+    lines = report(bench, capsys, [row("eager", 8, "train", 1234.4), row("eager", 16, "train", 2000.0)], ["eager"])
+    assert lines[-1] == "in short: train: only eager was measured, at best 2,000 images/s (batch 16)"
+    unavailable = {**row("fused", 8, "train", None), "available": False, "reason": "needs a GPU"}
+    lines = report(bench, capsys, [unavailable], ["fused"])
+    assert lines[-1] == "in short: nothing was measured: no provider could run here"
+
+
+def test_report_says_why_there_is_no_fraction_of_peak(bench, capsys):
+    results = [row("eager", 8, "train", 1000.0)]
+    text = "\n".join(report(bench, capsys, results, ["eager"]))
+    assert "PEAK_TFLOPS" not in text  # a name in the code, which a reader of the report does not know
+    assert ("best achieved per provider and mode (no fraction of peak: this device is not in the benchmark's "
+            "table of peak FLOP/s, which lists A100, H100, H200 GPUs):") in text
+    known = [{**r, "fraction_of_peak_fp32": 0.01, "fraction_of_peak_tf32": 0.001} for r in results]
+    text = "\n".join(report(bench, capsys, known, ["eager"], peak={"fp32": 67.0, "tf32": 494.7, "matched": "H100"}))
+    assert "best achieved per provider and mode:\n" in text and "1.00% of FP32 peak" in text

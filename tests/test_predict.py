@@ -94,11 +94,14 @@ def test_mnist_pngs_give_the_models_own_probabilities(run_dir, digits, tmp_path,
         assert_matches(prediction, probs)
 
     status, out, err = run(capsys, run_dir / "checkpoint.pt", *paths)
-    assert status == 0 and err == ""
     header, *lines = out.strip().splitlines()
     assert header.startswith(f"checkpoint {run_dir / 'checkpoint.pt'}: lenet5 on mnist, epoch 2")
     assert "reference torch.nn model" in header
     expected = probabilities(run_dir / "checkpoint.pt", digits)
+    # stderr: a hint for each image the short run's model is unsure of, nothing else.
+    unsure = [f"{path}: low confidence (" for path, probs in zip(paths, expected) if probs.max() < 0.5]
+    assert status == 0 and len(err.splitlines()) == len(unsure)
+    assert all(line.startswith(start) for line, start in zip(err.splitlines(), unsure)), err
     assert len(lines) == len(paths)
     for line, path, probs in zip(lines, paths, expected):
         name, percent = re.fullmatch(rf"{re.escape(str(path))}: (\S+) ([\d.]+)%", line).groups()
@@ -126,6 +129,120 @@ def test_json_is_one_document(run_dir, digits, tmp_path, capsys):
         "checkpoint": str(run_dir / "best.pt"), "epoch": best_epoch, "variant": "lenet5", "dataset": "mnist",
         "device": "cpu", "fused": False, "invert": "auto"}
     assert len(document["predictions"]) == 2
+
+
+def checkpoint_with_top_probability(run_dir, path, probability: float) -> pathlib.Path:
+    """The short run's checkpoint with its last layer replaced by constant logits: for every input,
+    class 7 has `probability` and the other nine share the rest equally."""
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    probs = torch.full((10,), (1 - probability) / 9, dtype=torch.float64)
+    probs[7] = probability
+    checkpoint["model"]["fc3.weight"] = torch.zeros_like(checkpoint["model"]["fc3.weight"])
+    checkpoint["model"]["fc3.bias"] = probs.log().float()
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_low_confidence_gets_one_hint_per_image_on_stderr(run_dir, digits, tmp_path, capsys):
+    paths = [save_png(tmp_path / f"digit{i}.png", image) for i, image in enumerate(digits[:2])]
+    unsure = checkpoint_with_top_probability(run_dir, tmp_path / "unsure.pt", 0.3849)
+    status, out, err = run(capsys, unsure, *paths)
+    assert status == 0 and len(out.strip().splitlines()) == 1 + len(paths)  # stdout as without hints
+    hints = err.strip().splitlines()
+    assert len(hints) == len(paths)
+    for hint, path in zip(hints, paths):
+        assert hint.startswith(f"{path}: low confidence (38.4%): ")
+        assert "thicker strokes" in hint and hint.endswith("or --save-preprocessed DIR to see what the model sees")
+
+    # --json: stdout stays one document; the hints are still on stderr.
+    status, out, err = run(capsys, unsure, *paths, "--json")
+    assert status == 0 and len(json.loads(out)["predictions"]) == len(paths)
+    assert len(err.strip().splitlines()) == len(paths)
+
+    # Just under 50% is low, and says so: the percentage is truncated, never rounded up to 50.0%.
+    status, _, err = run(capsys, checkpoint_with_top_probability(run_dir, tmp_path / "edge.pt", 0.49996), paths[0])
+    assert status == 0 and err.startswith(f"{paths[0]}: low confidence (49.9%): ")
+
+    # With --save-preprocessed the hint points at the picture of what the model saw.
+    saved = tmp_path / "seen"
+    status, _, err = run(capsys, unsure, paths[0], "--save-preprocessed", saved)
+    assert status == 0 and err.strip().endswith(f"; {saved / 'digit0-28x28.png'} shows what the model sees")
+
+
+def test_high_confidence_gets_no_hint(run_dir, digits, tmp_path, capsys):
+    sure = checkpoint_with_top_probability(run_dir, tmp_path / "sure.pt", 0.9)
+    paths = [save_png(tmp_path / f"digit{i}.png", image) for i, image in enumerate(digits[:2])]
+    status, out, err = run(capsys, sure, *paths)
+    assert status == 0 and err == ""
+    assert out.strip().splitlines()[1] == f"{paths[0]}: 7 90.00%"  # the constant logits did reach the output
+    status, _, err = run(capsys, checkpoint_with_top_probability(run_dir, tmp_path / "half.pt", 0.5001), paths[0])
+    assert status == 0 and err == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# --save-preprocessed: a picture of what the model sees
+# --------------------------------------------------------------------------------------------------
+
+def test_saved_images_are_the_models_input(run_dir, digits, tmp_path, capsys, monkeypatch):
+    """Read back and normalised, each saved PNG is the tensor the model got, within rounding; two
+    inputs of the same name get two files; the directory is created."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [save_png(tmp_path / "a" / "digit.png", digits[0]),
+             save_png(tmp_path / "b" / "digit.png", 255 - digits[1]),  # inverted by the tool
+             tmp_path / "photo.jpg"]  # colour, not square, resized by the tool
+    ink = Image.fromarray(255 - digits[2].numpy()).resize((60, 90), Image.Resampling.BICUBIC)
+    ImageOps.colorize(ink, black=(20, 20, 80), white=(250, 245, 220)).save(paths[2], quality=95)
+    inputs = []
+    real_predict = train.predict
+    monkeypatch.setattr(train, "predict", lambda model, x: inputs.append(x.clone()) or real_predict(model, x))
+    out_dir = tmp_path / "out" / "seen"  # two levels that do not exist yet
+
+    status, out, err = run(capsys, run_dir / "best.pt", *paths, "--save-preprocessed", out_dir)
+    assert status == 0, err
+    names = ["digit-28x28.png", "digit-28x28-2.png", "photo-28x28.png"]
+    assert out.strip().splitlines()[-1] == f"saved the 28x28 images the model saw in {out_dir}: {', '.join(names)}"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(names)  # no temporary files left
+    (x,) = inputs
+    mean, std = data.NORMALIZATION["mnist"]
+    saved = []
+    for i, name in enumerate(names):
+        with Image.open(out_dir / name) as image:
+            assert image.format == "PNG" and image.mode == "L" and image.size == (28, 28)
+            saved.append(torch.from_numpy(np.array(image)))
+        again = data.normalize(saved[-1][None], mean, std)[0]
+        assert (again - x[i]).abs().max() <= 0.5 / 255 / std, name  # half a grey level
+    assert torch.equal(saved[0], digits[0]) and torch.equal(saved[1], digits[1])  # known exactly
+    # 60x90 scaled to 19x28 and centred: the columns beside it are black, the ink is there.
+    assert saved[2][:, :4].eq(0).all() and saved[2][:, 23:].eq(0).all() and saved[2][:, 4:23].max() > 200
+
+    # --json: stdout stays one document that names each file; the line saying where goes to stderr.
+    predictions = json.loads(run(capsys, run_dir / "best.pt", *paths, "--save-preprocessed", out_dir, "--json")[1])
+    assert [p["preprocessed"] for p in predictions["predictions"]] == [str(out_dir / n) for n in names]
+    assert capsys.readouterr() == ("", "")  # run() already took both streams
+    status, _, err = run(capsys, run_dir / "best.pt", paths[0], "--save-preprocessed", out_dir, "--json")
+    assert status == 0 and err.strip().splitlines()[-1].startswith(f"saved the 28x28 image the model saw in {out_dir}")
+
+
+def test_saving_into_the_inputs_folder_overwrites_no_input(run_dir, digits, tmp_path, capsys):
+    first = save_png(tmp_path / "digit.png", digits[0])
+    second = save_png(tmp_path / "digit-28x28.png", digits[1])  # the name the first one's picture would take
+    before = second.read_bytes()
+    status, out, err = run(capsys, run_dir / "best.pt", first, second, "--save-preprocessed", tmp_path)
+    assert status == 0, err
+    assert second.read_bytes() == before
+    assert out.strip().endswith(": digit-28x28-2.png, digit-28x28-28x28.png")
+    with Image.open(tmp_path / "digit-28x28-2.png") as image:
+        assert np.array_equal(np.array(image), digits[0].numpy())
+
+
+def test_save_preprocessed_into_a_file(run_dir, digits, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a directory")
+    status, out, err = run(capsys, run_dir / "best.pt", save_png(tmp_path / "d.png", digits[0]),
+                           "--save-preprocessed", a_file)
+    assert_one_line_error(status, err, f"--save-preprocessed {a_file}", "not a directory")
+    assert out == ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,6 +487,7 @@ def test_help_says_how_images_are_converted_without_importing_torch_or_pillow():
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = " ".join(proc.stdout.split())
     for needed in ("--top K", "--json", "--invert {auto,yes,no}", "--device {auto,cpu,cuda}", "--fused",
+                   "--save-preprocessed DIR", "below 50%",
                    "outermost pixels", "above 127.5", "aspect ratio", "(default: cpu)"):
         assert needed in text, needed
     imported = re.findall(r"^import time:.*\|\s*([\w.]+)\s*$", proc.stderr, re.M)

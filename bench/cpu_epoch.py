@@ -44,7 +44,7 @@ def commands(data_dir: str, out_dir: str) -> dict[str, list[str]]:
         "dataloader": [sys.executable, str(REPO / "bench" / "dataloader_mnist.py"), "--data-dir", data_dir],
         "fastlenet": [sys.executable, "-m", "fastlenet.train", "--device", "cpu", "--epochs", "1",
                       "--batch-size", "64", "--optimizer", "adam", "--lr", "1e-3", "--schedule", "none",
-                      "--data-dir", data_dir, "--out", out_dir],
+                      "--data-dir", data_dir, "--out", out_dir, "--overwrite"],  # one --out, every repeat
         "floor": [sys.executable, str(REPO / "bench" / "cpu_floor.py"), "--data-dir", data_dir],
     }
 

@@ -28,11 +28,19 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-# The choices of --model and --dataset: the names of fastlenet.models.MODEL_NAMES (LeNet-5's variants,
-# then the tutorial networks) and fastlenet.data.DATASETS, spelled out because both modules import
-# PyTorch. tests/test_cli.py holds them equal.
-MODEL_NAMES = ("lenet5", "lenet5-classic", "lenet5-nopad", "cnn", "convnet-bn", "alexnet")
+# The choices of --model and --dataset: the names of fastlenet.models.VARIANTS (LeNet-5's variants)
+# and NETWORKS (the tutorial networks), and fastlenet.data.DATASETS, spelled out because those
+# modules import PyTorch. tests/test_cli.py holds them equal.
+LENET5_NAMES = ("lenet5", "lenet5-classic", "lenet5-nopad")
+TUTORIAL_NAMES = ("cnn", "convnet-bn", "alexnet")
+MODEL_NAMES = LENET5_NAMES + TUTORIAL_NAMES
 DATASET_NAMES = ("mnist", "fashion-mnist")
+DEFAULT_DATA_DIR = "./data"
+
+# The files a run leaves in its --out directory: fastlenet.train's, then fastlenet.evaluate's. A
+# directory holding any of them holds a run, which train --overwrite removes (and nothing else).
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.json", "curves.png",
+             "evaluation.json", "confusion_matrix.png", "misclassified.png")
 
 # Test images evaluated under Triton's interpreter unless --limit-test says otherwise: the
 # interpreter takes a good fraction of a second per image, so all 10,000 would take an hour.
@@ -81,12 +89,29 @@ def _run_body(body: Callable[[argparse.Namespace], int | None], args: argparse.N
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults in --help, except the uninformative None and False of optional flags."""
+    """Shows defaults in --help, except the uninformative None and False of optional flags. In a
+    description or epilog, lines indented by two spaces (commands) are kept as they are; the rest
+    is reflowed as argparse does, paragraph by paragraph."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        blocks, prose = [], []
+        for line in text.splitlines() + [""]:
+            if line.startswith("  ") or not line.strip():
+                if prose:
+                    blocks.append(super()._fill_text(" ".join(prose), width, indent))
+                    prose = []
+                if line.strip():
+                    blocks.append(indent + line)
+                elif blocks and blocks[-1]:
+                    blocks.append("")  # a blank line between paragraphs, kept once
+            else:
+                prose.append(line)
+        return "\n".join(blocks).rstrip("\n")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

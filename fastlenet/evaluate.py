@@ -2,8 +2,9 @@
 
 Prints the test accuracy and the accuracy of each class, and writes into --out (by default the
 checkpoint's directory): evaluation.json, confusion_matrix.png, and misclassified.png, a grid of
-test images the model gets wrong, each titled with its predicted and true label. Only the test
-split is read: the training files need not be there.
+test images the model gets wrong, each titled with its test-set index and its predicted and true
+label. Only the test split is read, by default from the data directory the run trained from: the
+training files need not be there.
 
 As in fastlenet.train, PyTorch is imported only once the flags are good, so --help answers at once.
 """
@@ -27,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_cli.HelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
     p.add_argument("--dataset", choices=_cli.DATASET_NAMES, help="default: the dataset the checkpoint was trained on")
-    p.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the dataset is kept (default: the data directory of the checkpoint's run if it "
+                        f"still holds the test files, else {_cli.DEFAULT_DATA_DIR})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA if there is a GPU, else the CPU")
     p.add_argument("--fused", action="store_true", help="run the fused Triton model (any checkpoint loads into it)")
@@ -63,7 +66,7 @@ def evaluate(args: argparse.Namespace) -> int:
     variant = model.variant
     print(f"checkpoint {path}: {variant}, epoch {checkpoint['epoch']} | device {device} "
           f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
-    dataset = data.load(dataset_name, args.data_dir, splits=("test",))
+    dataset = data.load(dataset_name, args.data_dir or _run_data_dir(checkpoint, dataset_name), splits=("test",))
     test = dataset.test.first(args.limit_test)
     mean, std = data.NORMALIZATION[dataset_name]
     x, y = data.to_device(test, device, mean, std)
@@ -95,9 +98,45 @@ def evaluate(args: argparse.Namespace) -> int:
         "misclassified": [{"index": int(i), "predicted": int(predicted[i]), "true": int(truth[i])} for i in wrong],
     })
     plot_confusion(confusion, names, out / "confusion_matrix.png", title=f"{variant} on {dataset_name}: {accuracy:.2%}")
-    plot_misclassified(test.images, truth, predicted, wrong[:args.max_images], names, out / "misclassified.png")
+    plot_misclassified(test.images, truth, predicted, wrong[:args.max_images], names, out / "misclassified.png",
+                       total=len(wrong))
     print(f"wrote evaluation.json, confusion_matrix.png, misclassified.png ({len(wrong)} misclassified) to {out}")
     return 0
+
+
+def _run_data_dir(checkpoint: dict, dataset_name: str) -> str:
+    """The data directory the checkpoint's run trained from, if it still holds the test files of
+    `dataset_name`; else the default one, saying so. Checkpoints record it as an absolute path
+    (`data_dir`) and as the flag was given (config's: a relative one is tried from here, which is
+    all that checkpoints from before the absolute one can offer)."""
+    recorded = [d for d in (checkpoint.get("data_dir"), checkpoint["config"].get("data_dir")) if isinstance(d, str)]
+    for candidate in recorded:
+        if _holds_test_files(Path(candidate), dataset_name):
+            return candidate
+    default = _cli.DEFAULT_DATA_DIR
+    if recorded and not _same_dir(recorded[0], default):
+        print(f"the run's data directory {_cli.short_repr(recorded[0], 200)} no longer holds the {dataset_name} "
+              f"test files; using {default}")
+    return default
+
+
+def _holds_test_files(data_dir: Path, dataset_name: str) -> bool:
+    """Whether data_dir holds the test files of `dataset_name` (or their .gz) where data.load looks;
+    data.load verifies them."""
+    from fastlenet import data
+
+    raw = data_dir / data._FOLDER[dataset_name] / "raw"
+    try:
+        return all((raw / f).is_file() or (raw / f"{f}.gz").is_file() for f in data.SPLITS["test"])
+    except (OSError, ValueError):  # unreadable, or a path no file system takes (a NUL byte)
+        return False
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title: str) -> None:
@@ -121,9 +160,11 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title:
 
 
 def plot_misclassified(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor, which: torch.Tensor,
-                       names: list[str], path: Path) -> None:
-    """A grid of the misclassified images `which`, each titled 'pred X / true Y'."""
+                       names: list[str], path: Path, total: int | None = None) -> None:
+    """A grid of the misclassified images `which` (test-set indices), each titled '#index: pred X /
+    true Y', under a title saying how many of the `total` misclassified images (default: all) it shows."""
     n = len(which)
+    total = n if total is None else total
     cols = min(8, max(n, 1))
     rows = max(1, -(-n // cols))
     fig = _cli.new_figure(figsize=(1.5 * cols, 1.7 * rows), layout="constrained")
@@ -132,10 +173,11 @@ def plot_misclassified(images: torch.Tensor, truth: torch.Tensor, predicted: tor
         ax.axis("off")
     for ax, i in zip(axes, which.tolist()):
         ax.imshow(images[i].numpy(), cmap="gray_r")
-        ax.set_title(f"pred {names[predicted[i]]}\ntrue {names[truth[i]]}", fontsize=8, color="firebrick")
+        ax.set_title(f"#{i}: pred {names[predicted[i]]}\ntrue {names[truth[i]]}", fontsize=8, color="firebrick")
     if n == 0:
         axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.suptitle(f"misclassified test images ({n} shown)")
+    fig.suptitle(f"misclassified test images: {n:,} of {total:,} shown" if total else
+                 "misclassified test images: none")
     _cli.save_figure(path, fig)
 
 

@@ -4,9 +4,11 @@ The whole dataset sits on the training device as one normalised tensor and batch
 random permutation there: no DataLoader, no per-sample Python. The loop never waits for the device
 inside an epoch; running loss and accuracy stay on the device and reach the progress bar every
 POSTFIX_EVERY steps. Each epoch writes metrics.json and checkpoint.pt atomically into --out, so
---resume picks up after the last finished epoch; curves.png is drawn at the end. With --val-split, a
-seeded fraction of the training images is held out, evaluated after every epoch, and the weights of
-the epoch that does best on it are kept as best.pt (the test set never takes part in that choice).
+--resume picks up after the last finished epoch; curves.png is drawn at the end. An --out that holds
+an earlier run is refused, unless --resume continues it there or --overwrite replaces it. With
+--val-split, a seeded fraction of the training images is held out, evaluated after every epoch, and
+the weights of the epoch that does best on it are kept as best.pt (the test set never takes part in
+that choice).
 
 PyTorch is imported inside the functions that use it, not at the top, so that --help and a bad flag
 are answered at once instead of after the seconds that importing PyTorch takes.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,14 +45,30 @@ RUN_SETTINGS = ("variant", "dataset", "batch_size", "optimizer", "lr", "momentum
 LATER_SETTINGS = {"val_split": None}
 
 
+DESCRIPTION = (
+    f"Train a network (--model NAME) on MNIST or Fashion-MNIST: one of the LeNet-5 variants "
+    f"{', '.join(_cli.LENET5_NAMES)}, or one of the PyTorch MNIST tutorials' CNNs "
+    f"{', '.join(_cli.TUTORIAL_NAMES)}; with stock torch.nn layers, or fastlenet's fused Triton layers (--fused).")
+EPILOG = """\
+examples:
+  python -m fastlenet.train --out runs/lenet5
+  python -m fastlenet.train --model cnn --optimizer sgd --lr 0.1 --momentum 0 --schedule none --out runs/cnn
+  python -m fastlenet.train --resume runs/lenet5/checkpoint.pt --epochs 12
+
+next:
+  python -m fastlenet.evaluate RUN/checkpoint.pt
+  python -m fastlenet.predict RUN/checkpoint.pt IMAGE..."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fastlenet.train", description="Train LeNet-5 on MNIST or Fashion-MNIST.",
-        formatter_class=_cli.HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m fastlenet.train", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=_cli.HelpFormatter)
     model = p.add_argument_group("model")
+    # A metavar, so that argparse does not list the six names in the usage and twice more here.
     model.add_argument("--model", "--variant", dest="variant", choices=_cli.MODEL_NAMES, default="lenet5",
-                       help="the network: a LeNet-5 variant, or one of the PyTorch MNIST tutorials' CNNs "
-                            "(cnn, convnet-bn, alexnet; with --fused, their layers are fused by fastlenet.fuse)")
+                       metavar="NAME",
+                       help="the network, one of those named above; with --fused, a tutorial network's layers "
+                            "are fused by fastlenet.fuse")
     model.add_argument("--fused", action="store_true",
                        help="use the fused Triton layers and loss (CUDA; CPU only under TRITON_INTERPRET=1)")
     model.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off",
@@ -60,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the reference model (not with --fused), to compare like with like")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=_cli.DATASET_NAMES, default="mnist", help="dataset to train and test on")
-    d.add_argument("--data-dir", default="./data", metavar="DIR", help="where the dataset is kept (fetched there if missing)")
+    d.add_argument("--data-dir", default=_cli.DEFAULT_DATA_DIR, metavar="DIR", help="where the dataset is kept (fetched there if missing)")
     d.add_argument("--limit-train", type=_cli.positive_int, metavar="N", help="train on the first N images only")
     d.add_argument("--limit-test", type=_cli.positive_int, metavar="N",
                    help=f"test on the first N images only (default: all; {_cli.INTERPRETER_TEST_IMAGES} for --fused "
@@ -98,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="DIR",
                    help="output directory (default: a fresh runs/<timestamp>/; with --resume, the checkpoint's)")
     r.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (a checkpoint.pt)")
+    r.add_argument("--overwrite", action="store_true",
+                   help=f"replace the run that --out holds: remove its files ({', '.join(_cli.RUN_FILES)}) "
+                        "before training; without it, an --out that holds a run is an error, unless it is "
+                        "the --resume checkpoint's own directory")
     r.add_argument("--target-accuracy", type=_fraction, metavar="A",
                    help="exit with status 1 if the final test accuracy (a fraction, e.g. 0.99) is below A")
     r.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
@@ -147,6 +171,7 @@ def train(args: argparse.Namespace) -> int:
         graph = False
     if args.out is None:  # a resumed run goes on writing beside its checkpoint
         args.out = str(Path(args.resume).parent) if args.resume else str(_fresh_run_dir())
+    earlier_run = _earlier_run(Path(args.out), args)
     out = _cli.prepare_out_dir(Path(args.out))
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
@@ -194,7 +219,12 @@ def train(args: argparse.Namespace) -> int:
     if done >= args.epochs:
         print(f"checkpoint is at epoch {done}, which already reaches --epochs {args.epochs}: nothing to train")
 
+    if earlier_run:  # --overwrite: only now, when nothing that can stop the run is left before training
+        _remove_run(out, earlier_run)
     saved = []  # epochs whose checkpoint is on disk in `out`
+    # Where the data was, as an absolute path (config's data_dir is the flag as given, relative to
+    # wherever the run started): fastlenet.evaluate reads the test files from there.
+    data_dir = os.path.abspath(args.data_dir)
 
     def save(epoch: int) -> None:
         metrics = {"config": config, "device": str(device), "device_name": _cli.device_name(device),
@@ -204,11 +234,13 @@ def train(args: argparse.Namespace) -> int:
         if best is not None:  # before checkpoint.pt, which must never name a best epoch best.pt lacks
             _cli.save_torch(out / "best.pt", {
                 "model": best_weights, "config": config, "epoch": best["epoch"],
-                "epochs": [h for h in history if h["epoch"] <= best["epoch"]], "fastlenet": fastlenet.__version__})
+                "epochs": [h for h in history if h["epoch"] <= best["epoch"]], "data_dir": data_dir,
+                "fastlenet": fastlenet.__version__})
         _cli.save_torch(out / "checkpoint.pt", {
             "model": model.state_dict(), "optimizer": _plain_numbers(optimizer.state_dict()),
             "scheduler": _plain_numbers(scheduler.state_dict()) if scheduler else None, "epoch": epoch, "config": config,
-            "epochs": history, "generator": generator.get_state(), "fastlenet": fastlenet.__version__,
+            "epochs": history, "generator": generator.get_state(), "data_dir": data_dir,
+            "fastlenet": fastlenet.__version__,
             "best": {"epoch": best["epoch"], "model": best_weights} if best is not None else None})
         _cli.write_json(out / "metrics.json", metrics)
         saved.append(epoch)
@@ -263,6 +295,44 @@ def _fresh_run_dir() -> Path:
     while path.exists():
         path, n = Path("runs") / f"{stamp}-{n}", n + 1
     return path
+
+
+def _earlier_run(out: Path, args: argparse.Namespace) -> list[str]:
+    """The files of an earlier run in `out` that --overwrite is to remove (none without it).
+
+    Training into a directory that holds a run would replace its checkpoint and leave its other files
+    (an evaluation of the old weights) beside the new ones; so that is an error, except for --resume
+    into the checkpoint's own directory, which continues that run.
+    """
+    try:
+        found = [name for name in _cli.RUN_FILES if (out / name).is_file()]
+    except OSError:  # not a directory one can look into: prepare_out_dir says why
+        return []
+    continuing = args.resume is not None and out.resolve() == Path(args.resume).resolve().parent
+    if continuing:
+        if args.overwrite:
+            raise CLIError(f"--overwrite with --resume {args.resume}: --out {out} is the checkpoint's own "
+                           "directory, whose run this continues; drop --overwrite, or choose another --out")
+        return []
+    if not found or args.overwrite:
+        return found
+    resume = (f"continue it with --resume {out / 'checkpoint.pt'}, "
+              if "checkpoint.pt" in found and args.resume is None else "")
+    raise CLIError(f"--out {out} already holds a run ({', '.join(found)}): {resume}replace it with --overwrite, "
+                   "or choose another --out")
+
+
+def _remove_run(out: Path, names: list[str]) -> None:
+    """Remove the run files `names` from `out`, and the temporary files an interrupted write of one
+    of them may have left (see data.atomic_write_bytes); nothing else."""
+    paths = [out / name for name in names]
+    paths += [p for name in _cli.RUN_FILES for p in out.glob(f".{name}.*.tmp")]
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise CLIError(f"--overwrite: cannot remove {path} ({e.strerror or e})") from None
+    print(f"--overwrite: removed the earlier run's {', '.join(names)} from {out}")
 
 
 def _adopt_run_settings(args: argparse.Namespace, saved: dict) -> None:
@@ -648,13 +718,27 @@ def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE) -> tuple[f
     return loss.item(), correct.item() / len(y)
 
 
+TRAIN_LABEL = "train (running mean over the epoch)"  # measured while the weights changed, not after
+
+
+def epoch_ticks(epochs: list[int], most: int = 10) -> list[int]:
+    """Whole-number x ticks for `epochs`: the multiples of 1, 2, 5, 10, 20, 50, ... (the smallest step
+    that gives at most `most` ticks) from the first epoch to the last. matplotlib's own locator puts
+    0.8, 1.0, 1.2 under a single epoch."""
+    if not epochs:
+        return []
+    first, last = min(epochs), max(epochs)
+    step = next(m * 10 ** e for e in itertools.count() for m in (1, 2, 5) if (last - first) // (m * 10 ** e) < most)
+    return list(range(-(-first // step) * step, last + 1, step))
+
+
 def plot_curves(history: list[dict], path: Path, title: str = "", best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, train vs test (and validation, with --val-split, marking the epoch
     kept as best.pt), side by side."""
     fig = _cli.new_figure(figsize=(10, 4), layout="constrained")
     epochs = [h["epoch"] for h in history]
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for split, label, style in (("train", "train", "o-"), ("val", "validation", "^-."), ("test", "test", "s--")):
+    for split, label, style in (("train", TRAIN_LABEL, "o-"), ("val", "validation", "^-."), ("test", "test", "s--")):
         if not all(f"{split}_loss" in h for h in history):
             continue
         loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=label)
@@ -664,10 +748,13 @@ def plot_curves(history: list[dict], path: Path, title: str = "", best_epoch: in
             ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best.pt (epoch {best_epoch})")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss", yscale="log")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ticks = epoch_ticks(epochs)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xticks(ticks)
+        if len(ticks) == 1:  # a single epoch: some room on either side instead of a zero-width axis
+            ax.set_xlim(ticks[0] - 0.5, ticks[0] + 0.5)
     if title:
         fig.suptitle(title)
     _cli.save_figure(path, fig)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastlenet import _cli, data, evaluate, predict, train
-from fastlenet.models import MODEL_NAMES, VARIANTS, LeNet5
+from fastlenet.models import MODEL_NAMES, NETWORKS, VARIANTS, LeNet5
 
 from conftest import assert_one_line_error
 
@@ -134,7 +134,7 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--fused", "--variant", "--dataset", "--data-dir", "--epochs", "--batch-size", "--optimizer",
                  "--lr", "--momentum", "--weight-decay", "--schedule", "--seed", "--device", "--limit-train",
                  "--out", "--resume", "--target-accuracy", "--augment", "--limit-test", "--compile",
-                 "--cuda-graph", "--no-cuda-graph", "--val-split"):
+                 "--cuda-graph", "--no-cuda-graph", "--val-split", "--overwrite"):
         assert flag in out
     assert "(default: 128)" in out  # defaults are shown
 
@@ -634,6 +634,7 @@ def test_bad_best_record_is_one_line_of_ours(case, val_run, mnist_dir, tmp_path,
 
 def test_parser_choices_are_the_library_names():
     assert _cli.MODEL_NAMES == MODEL_NAMES and MODEL_NAMES[:3] == tuple(sorted(VARIANTS))
+    assert _cli.LENET5_NAMES == tuple(VARIANTS) and _cli.TUTORIAL_NAMES == tuple(NETWORKS)
     assert _cli.DATASET_NAMES == data.DATASETS
     assert tuple(data.CLASS_NAMES) == data.DATASETS and all(len(names) == 10 for names in data.CLASS_NAMES.values())
 

@@ -30,6 +30,8 @@ from fastlenet.kernels.gpu_build import describe, describe_result, failures, mer
 from fastlenet.kernels.launch import record_launches
 from fastlenet.models import NETWORKS, VARIANTS, LeNet5, build_model
 
+pytestmark = pytest.mark.build
+
 TARGETS = (80, 90)
 LENET_BATCHES = (1, 3, 128, 4096, 65536)
 # The tutorial networks' stock layers (BatchNorm, dropout, AlexNet's 3x3 pools) run for real while

@@ -22,13 +22,15 @@ How the data flow is known: torch.fx traces the model's forward. Where every abs
 module used once, the modules are swapped in the model itself (its class and methods are kept).
 Where an absorbed operation is a function call (F.relu(self.conv1(x))) or a module used in several
 places, the traced graph is rewritten and a torch.fx.GraphModule is returned, with the same
-submodules, parameters and state_dict keys; like any fx graph it runs the operations the trace saw,
-so a model whose forward branches on Python values should be fused where it is built from
-nn.Sequential, which is what happens when tracing fails: then only runs of modules inside
-nn.Sequential containers are fused (a Sequential passes each output to the next module and nowhere
-else). A traced graph that calls a train/eval-dependent function (F.dropout(x, training=...),
-F.batch_norm) would freeze the mode it was traced in, so then no graph is rewritten either: only
-module swaps are made.
+submodules, parameters and state_dict keys; like any fx graph it runs the operations the trace saw.
+Checks on the input's shape trace when they live in a function registered with torch.fx.wrap (as
+LeNet5's does): the graph calls it. When tracing fails (control flow on tensor values), only runs
+of modules inside nn.Sequential containers are fused (a Sequential passes each output to the next
+module and nowhere else). A traced graph that calls a train/eval-dependent function
+(F.dropout(x, training=...), F.batch_norm) would freeze the mode it was traced in, so then no graph
+is rewritten either: only module swaps are made. Either way the report lists every Conv2d / Linear
+left stock, including those outside nn.Sequential when tracing failed and those the traced forward
+never calls.
 """
 from __future__ import annotations
 
@@ -380,6 +382,45 @@ def _module_uses(model: nn.Module, graph: fx.Graph | None) -> dict[str, int]:
     return uses
 
 
+def _unchained_layers(model: nn.Module, graph: fx.Graph | None, chains: list[_Chain],
+                      trace_error: str | None) -> list[tuple[str, str]]:
+    """(label, reason) for each Conv2d / Linear that no chain starts at, so that the report names
+    every layer left stock: without a graph, those outside nn.Sequential; with one, those it never
+    calls (or calls inside a leaf module, which the trace does not enter)."""
+    from fastlenet.nn import ConvActPool2d, LinearAct
+
+    chained = {id(model.get_submodule(chain.layer.name)) for chain in chains}
+    called = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
+    stock = []
+    for name, m in model.named_modules():
+        if (not isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(m, (ConvActPool2d, LinearAct))
+                or id(m) in chained):
+            continue
+        leaf = next((c for c in called if name.startswith(f"{c}.")), None)
+        if graph is None:
+            why = f"forward could not be traced: {trace_error}"
+        elif leaf is not None:
+            why = f"called inside {leaf} ({type(model.get_submodule(leaf)).__name__}), which the trace does not enter"
+        else:
+            why = "not called in the traced forward"
+        stock.append((f"{name} ({type(m).__name__})", why))
+    return stock
+
+
+def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    # fx copies into a GraphModule only what the graph uses, into new containers; put the model's
+    # own back, so that modules the forward never calls stay and the state_dict keeps its keys.
+    for attr in ("_modules", "_parameters", "_buffers"):
+        ours, theirs = getattr(model, attr), getattr(gm, attr)
+        merged = {**ours, **{k: v for k, v in theirs.items() if k not in ours}}
+        theirs.clear()
+        theirs.update(merged)
+    gm._non_persistent_buffers_set |= model._non_persistent_buffers_set
+    gm.training = model.training  # a new Module starts in training mode; its submodules keep theirs
+    return gm
+
+
 def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionReport]:
     """Replace every Conv2d / Linear (and the activation and 2x2 pooling after it) that fastlenet's
     kernels compute exactly by a fused layer. Returns (fused model, report); print(report) says what
@@ -394,12 +435,12 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionRepo
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
-    graph, how = None, "data flow traced with torch.fx"
+    graph, how, trace_error = None, "data flow traced with torch.fx", None
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: use the Sequential structure
-        how = (f"could not trace the forward ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
-               "fused inside nn.Sequential containers only")
+        trace_error = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        how = f"forward could not be traced ({trace_error}); fused inside nn.Sequential containers only"
     chains = _chains_from_graph(graph, modules) if graph is not None else _chains_from_sequentials(model)
     uses = _module_uses(model, graph)
     frozen_mode = graph is not None and any(
@@ -436,10 +477,9 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionRepo
         if chain.why_stopped:  # what comes next stays stock; without a next op, the output's other uses
             where = chain.stopped_at.label if chain.stopped_at is not None else f"the output of {layer.label}"
             report.stock.append((where, chain.why_stopped))
+    report.stock += _unchained_layers(model, graph, chains, trace_error)
     if rewrite_graph:
         graph.lint()
-        training = model.training
-        model = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        model.training = training  # a new Module starts in training mode; its submodules keep theirs
+        model = _graph_module(model, graph)
         report.returns = "returned a torch.fx.GraphModule (function calls were absorbed)"
     return model, report

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
@@ -35,6 +36,15 @@ VARIANTS: dict[str, Variant] = {
 
 _ACT = {"relu": F.relu, "sigmoid": torch.sigmoid}
 _POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+
+
+@torch.fx.wrap  # torch.fx records a call instead of tracing into it: a proxy has no shape to check
+def _check_lenet5_input(x: torch.Tensor) -> torch.Tensor:
+    """x itself, once its shape is LeNet-5's (N, 1, 28, 28). It returns x so that the check sits in
+    the data flow of a traced graph, where no pass that drops unused nodes can remove it."""
+    if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
+        raise ValueError(f"LeNet5 expects input of shape (N, 1, 28, 28), got {tuple(x.shape)}")
+    return x
 
 
 class LeNet5(nn.Module):
@@ -68,8 +78,7 @@ class LeNet5(nn.Module):
             self.fc3 = nn.Linear(84, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
-            raise ValueError(f"LeNet5 expects input of shape (N, 1, 28, 28), got {tuple(x.shape)}")
+        x = _check_lenet5_input(x)
         if self.fused:
             x = self.conv2(self.conv1(x))
             x = x.flatten(1)

@@ -8,6 +8,8 @@ test_functional.py. Dropout and BatchNorm run in training mode with the RNG rese
 forward, so both models draw the same dropout masks.
 """
 import copy
+import functools
+import re
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ from torch import nn
 
 from fastlenet import fuse
 from fastlenet.kernels.launch import interpreting
-from fastlenet.models import AlexNetMNIST, ConvNetBN, TutorialCNN, TutorialLeNet5
+from fastlenet.models import (MODEL_NAMES, AlexNetMNIST, ConvNetBN, LeNet5, TutorialCNN, TutorialLeNet5,
+                              build_model)
 from fastlenet.nn import ConvActPool2d, LinearAct
 from conftest import rel_err
 
@@ -32,13 +35,27 @@ def sequential_lenet5():
         nn.Linear(400, 120), nn.Sigmoid(), nn.Linear(120, 84), nn.Sigmoid(), nn.Linear(84, 10))
 
 
+# Every network of fastlenet.models, stock (full-width AlexNet only where nothing runs: the
+# interpreter is slow), and two LeNet-5s written as users write them.
 NETWORKS = {
-    "cnn": TutorialCNN,
-    "convnet-bn": ConvNetBN,
+    **{name: functools.partial(build_model, name) for name in MODEL_NAMES if name != "alexnet"},
     "alexnet-narrow": lambda: AlexNetMNIST(width=1 / 16),
     "lenet5-tutorial": TutorialLeNet5,
     "lenet5-sequential": sequential_lenet5,
 }
+
+
+def layer_names(model, kind=(nn.Conv2d, nn.Linear)):
+    return [name for name, m in model.named_modules() if isinstance(m, kind)]
+
+
+def assert_fused_whole(original, fused, report):
+    """Each of the original's Conv2d / Linear layers is a fused module now, under its own name, and
+    the report says so."""
+    layers = layer_names(original)
+    assert layers and layer_names(fused, (ConvActPool2d, LinearAct)) == layers
+    assert sorted(names[0] for names, _ in report.fused) == sorted(layers)
+    assert not [label for label, _ in report.stock if label.split(" ")[0] in layers]
 
 
 def run(model, x, seed=0):
@@ -55,7 +72,8 @@ def test_fused_network_matches_the_original(name, mode, device):
     torch.manual_seed(0)
     original = NETWORKS[name]().to(device=device, dtype=DTYPE).train(mode == "train")
     fused, report = fuse(original)
-    assert report.fused and not any(isinstance(m, (ConvActPool2d, LinearAct)) for m in original.modules())
+    assert_fused_whole(original, fused, report)
+    assert not any(isinstance(m, (ConvActPool2d, LinearAct)) for m in original.modules())
     assert fused.training == (mode == "train")
     x = torch.randn(3, 1, 28, 28, device=device, dtype=DTYPE)
     ref, ref_grads = run(original, x)
@@ -68,13 +86,35 @@ def test_fused_network_matches_the_original(name, mode, device):
 
 @pytest.mark.parametrize("name", [*NETWORKS, "alexnet"])
 def test_checkpoints_load_both_ways(name):
-    original = (AlexNetMNIST if name == "alexnet" else NETWORKS[name])()
+    original = build_model("alexnet") if name == "alexnet" else NETWORKS[name]()
     fused, _ = fuse(original)
     assert list(fused.state_dict()) == list(original.state_dict())
     fused.load_state_dict(original.state_dict(), strict=True)
     copy.deepcopy(original).load_state_dict(fused.state_dict(), strict=True)
     for key, value in fused.state_dict().items():
         assert torch.equal(value, original.state_dict()[key])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_of_fastlenet_traces_and_fuses_whole(name):
+    # Structure only (test_fused_network_matches_the_original runs them): full-width AlexNet too.
+    original = build_model(name, fused=False)
+    fused, report = fuse(original)
+    assert report.how == "data flow traced with torch.fx"
+    assert_fused_whole(original, fused, report)
+    # The fused form (fastlenet's own layers, or fuse's result) is traceable and has nothing left to fuse.
+    _, report = fuse(build_model(name, fused=True))
+    assert report.how == "data flow traced with torch.fx" and report.fused == [] and report.stock == []
+
+
+def test_lenet5_input_check_survives_fuse():
+    fused, report = fuse(LeNet5())
+    assert isinstance(fused, torch.fx.GraphModule) and len(report.fused) == 5  # the rewritten graph
+    for model in (fused, copy.deepcopy(fused)):
+        for shape in ((2, 3, 28, 28), (1, 28, 28)):
+            message = f"LeNet5 expects input of shape (N, 1, 28, 28), got {shape}"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                model(torch.randn(shape))
 
 
 def fused_names(report):
@@ -197,10 +237,67 @@ def test_data_flow_decides(device):
 
     # Untraceable: only the Sequential's run of modules is fused, the rest stays as it was.
     fused, report = fuse(Untraceable())
-    assert "could not trace" in report.how
+    assert "could not be traced" in report.how
     assert isinstance(fused.body[0], ConvActPool2d) and (fused.body[0].activation, fused.body[0].pool) == ("relu", "max")
     assert isinstance(fused.body[1], nn.Identity) and isinstance(fused.body[2], nn.Identity)
     assert type(fused.head) is nn.Linear and type(fused.act) is nn.ReLU
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class Branching(nn.Module):
+    """Untraceable, with layers inside and outside an nn.Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(2, 2, 3, stride=2))  # strided: stock for its own reason
+        self.side = nn.Conv2d(1, 4, 3)
+        self.head = Head()
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # control flow on a value: torch.fx cannot trace it
+            return self.body(x).flatten(1)
+        return self.head(torch.relu(self.side(x)))
+
+
+def test_untraceable_model_lists_every_layer_it_leaves_stock():
+    fused, report = fuse(Branching())
+    assert "could not be traced (TraceError: " in report.how
+    conv = fused.body[0]
+    assert isinstance(conv, ConvActPool2d) and (conv.activation, conv.pool) == ("relu", "max")
+    stock = dict(report.stock)
+    assert "stride (2, 2)" in stock["body.3 (Conv2d)"]
+    for label in ("side (Conv2d)", "head.fc (Linear)"):
+        assert stock[label].startswith("forward could not be traced: TraceError: "), stock[label]
+    left = [name for name, m in fused.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    assert sorted(label.split(" ")[0] for label in stock) == sorted(left) == ["body.3", "head.fc", "side"]
+    assert "1 layer(s) fused, 3 left stock" in str(report)
+
+
+class UnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.spare = nn.Linear(4, 2)  # registered, never called
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+def test_a_layer_the_traced_forward_never_calls_is_listed_and_kept():
+    original = UnusedLayer()
+    fused, report = fuse(original)
+    assert isinstance(fused, torch.fx.GraphModule) and isinstance(fused.fc, LinearAct)
+    assert report.stock == [("spare (Linear)", "not called in the traced forward")]
+    assert type(fused.spare) is nn.Linear and list(fused.state_dict()) == list(original.state_dict())
 
 
 def test_inplace_and_copy():

@@ -6,8 +6,9 @@ TorchDispatchMode; fastlenet's custom ops are counted by their launches, not as 
 any device, so the CPU tests can check the fused path's budget through Triton's interpreter.
 model_flops(model) is the arithmetic of one image through the model, computed from the layer shapes,
 which the benchmark sets against the device's peak.
-step_launches(variant, batch) records the Triton launches of one fused training step without running
-them, labelled by layer, for the static report of the compiled kernels (fastlenet.kernels.report).
+step_launches(variant, batch) records the Triton launches of one fused training step
+(fastlenet.engine.training_step) without running them, labelled by layer, for the static report of
+the compiled kernels (fastlenet.analysis.report).
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCount", "count_device_ops", "training_step", "Amp", "capture", "model_flops", "step_launches",
-           "NOT_COUNTED"]
+__all__ = ["OpCount", "count_device_ops", "model_flops", "step_launches", "NOT_COUNTED"]
 
 # ATen ops that compute nothing: allocation, views and other metadata, autograd bookkeeping and
 # profiler markers. lift_fresh wraps a Python constant as a tensor; _local_scalar_dense is
@@ -110,87 +110,10 @@ def count_device_ops(fn: Callable[[], object], *, warmup: int = 1) -> OpCount:
     return count
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: torch.Tensor,
-                  y: torch.Tensor, loss_sum: torch.Tensor | None = None,
-                  correct: torch.Tensor | None = None, amp: "Amp | None" = None) -> torch.Tensor:
-    """One full step: clear gradients (set to None: no zeroing kernels), forward, loss, backward,
-    optimizer step, and, given the running sums, loss_sum += loss * len(y) and correct += the right
-    predictions, in place on the device. Returns the loss tensor (not .item(): that would
-    synchronise the device).
-
-    The one step of the project: the training CLI runs it (eagerly, or captured in a CUDA graph by
-    capture()), and so do the benchmark's providers and the tests. Nothing in it reads a value back to
-    the host or depends on one, which is what lets a CUDA graph capture it.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    if amp is None:
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        loss.backward()
-        optimizer.step()
-    else:
-        with torch.autocast(amp.device_type, dtype=amp.dtype):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        if amp.scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(optimizer)
-            amp.scaler.update()
-    if loss_sum is not None:
-        with torch.no_grad():
-            loss_sum.add_(loss.detach(), alpha=len(y))
-            correct.add_((logits.argmax(1) == y).sum())
-    return loss
-
-
-@dataclass
-class Amp:
-    """Automatic mixed precision for training_step: forward and loss under
-    torch.autocast(device_type, dtype); for float16 a GradScaler scales the loss (float16's range
-    loses small gradients otherwise), bfloat16 needs none. The parameters stay float32."""
-    device_type: str
-    dtype: torch.dtype
-    scaler: "torch.amp.GradScaler | None" = None
-
-    @classmethod
-    def of(cls, name: str, device_type: str) -> "Amp | None":
-        """From the CLI's --amp: "off" (None), "fp16" or "bf16"."""
-        if name == "off":
-            return None
-        if name == "fp16":
-            return cls(device_type, torch.float16, torch.amp.GradScaler(device_type))
-        return cls(device_type, torch.bfloat16)
-
-
-def capture(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
-    """Capture step() in a CUDA graph and return the graph's replay. CUDA only.
-
-    As in PyTorch's whole-network capture recipe: `warmup` calls on a side stream first (they compile
-    the kernels and create the optimizer state and the split-reduction counters; they are real steps),
-    then the capture, which records the step without running it. step() sets the gradients to None
-    first, so backward allocates them from the graph's private pool, and every replay rewrites them
-    in place before the captured optimizer step reads them. Whatever the step reads (inputs, the
-    learning rate) must live in tensors that are updated in place between replays.
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | dict[str, str] | None = None,
                   device="cpu") -> list[dict]:
     """The Triton launches of one fused LeNet-5 training_step (SGD), recorded without running a
-    kernel, as gpu_build.describe dicts whose one origin says which layer and direction launched it:
+    kernel, as launch.describe dicts whose one origin says which layer and direction launched it:
     "conv1 forward", ..., "loss forward", "loss backward", "fc3 backward", ..., "conv1 backward".
 
     precision: float32 dots as launch.record_precision takes it; None reads PyTorch's switches as a
@@ -198,8 +121,8 @@ def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | di
     the CPU this needs the interpreter (TRITON_INTERPRET=1): the fused layers refuse CPU tensors
     otherwise. The optimizer's ATen op is part of the step but launches no Triton kernel."""
     from fastlenet import functional as FF
-    from fastlenet.kernels.gpu_build import describe, record
-    from fastlenet.kernels.launch import pytorch_precisions
+    from fastlenet.engine import training_step
+    from fastlenet.kernels.launch import describe, pytorch_precisions, record
     from fastlenet.models import LeNet5
 
     model = LeNet5(variant, fused=True).to(device)

@@ -5,10 +5,11 @@
     linear_act.py     linear + bias + activation, forward and backward
     cross_entropy.py  log-softmax + mean NLL, forward and backward
     split_reduce.py   deterministic single-launch reduction of weight-gradient partials
-    launch.py         the one launch path (counting, recording, poisoned allocation)
-    gpu_build.py      compile recorded launches for sm_80 / sm_90 and read their resource usage
-    report.py         what the compiled kernels of a training step say: fill, MMA replication, padded
-                      work, bytes and roofline floors (static analysis, nothing measured)
+    launch.py         the one launch path (counting, recording, poisoned allocation) and the launch
+                      descriptions it hands the layers above
+    accounting.py     FLOPs and bytes of a launch: Job / Work and the registry each kernel file fills
 
-Nothing here knows autograd: fastlenet.functional wraps these in autograd Functions.
+Each kernel file opens with its trade-off; the reasons at length are in docs/design.md. Nothing here
+knows autograd (fastlenet.functional wraps these in autograd Functions) or imports any of fastlenet
+outside fastlenet.kernels: the tools that compile and read these kernels are fastlenet.analysis.
 """

@@ -1,11 +1,8 @@
 """Activation functions and their derivatives, as @triton.jit helpers chosen by a constexpr name.
 
-Every derivative is written in terms of the activation's *output* y = act(z), not its input z. That is
-the whole trick that lets the fused layers save nothing extra for backward: relu'(z) = [y > 0],
-sigmoid'(z) = y (1 - y), tanh'(z) = 1 - y^2. The output is what the next layer keeps anyway.
-act_backward applies the derivative to the upstream gradient the way PyTorch's backward ops do.
-Both compute in float32 (float64 for float64 tensors), whatever the storage dtype: act runs on the
-GEMM accumulator, act_backward upcasts a half-precision g and y first (to_acc).
+Each derivative is written in terms of the activation's *output* y = act(z) (relu' = [y > 0], sigmoid'
+= y (1 - y), tanh' = 1 - y^2), so the fused layers save nothing extra for backward. Both compute in
+float32 (float64 for float64 tensors). Why: docs/design.md, "Activations".
 """
 import triton
 import triton.language as tl

@@ -1,33 +1,22 @@
 """conv2d (stride 1) + bias + activation [+ 2x2/2 pooling]: forward and backward as implicit GEMMs.
 
-Forward: GEMM rows are *pooled* output positions (n, ph, pw), columns are output channels, the
-reduction runs over C_in*k*k. Each program keeps four accumulators, one per position of the pooling
-window, so pooling happens in registers and only the pooled map is written. What backward needs is
-kept as small as we can defend: max pooling saves a 1-byte window index (the first maximum, as in
-PyTorch) and nothing else, because the activation derivative is recovered from the pooled output
-itself (act_backward, see activations.py). Average pooling needs act' at all four positions, so with a
-non-identity activation it saves the pre-pool activations (what eager PyTorch keeps); identity saves
-nothing. Recomputing the convolution in backward would save that memory at the cost of a second
-forward GEMM, a poor trade for LeNet where that map is small. Without pooling (POOL "none") a row is
-a conv position, one accumulator replaces the four, and nothing but the output is saved.
-
-Backward is ONE launch: programs [0, NUM_DW) compute the weight gradient, split over batch x
-positions and reduced deterministically (split_reduce.py), the rest grad input tiles (a GEMM over
-output channels x kernel taps, i.e. a transposed convolution). The weight-gradient programs come
-first: they are the ones that end in a reduction, so they should not be the last to start. The bias
-gradient is summed beside the weight-gradient GEMM, in full precision even when the GEMM runs in
-TF32. The gradient with respect to the pre-activation (pool and activation derivatives) is never
-materialised: both GEMMs gather it on the fly from grad_output, the pooled output and the window
-index.
+Forward rows are pooled positions with four accumulators (one per window position): pooling happens in
+registers, only the pooled map is stored. act' comes from the output, so backward needs only a 1-byte
+window index (max) or the pre-pool activations (avg), in one launch. Why: docs/design.md, "conv_act_pool".
 """
+import math
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from .accounting import Job, Work, accounts, tensor_bytes
 from .activations import ACTIVATIONS, act, act_backward, to_acc
-from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, counter_capacity, finish_weight_grad, plan_weight_grad,
-                           weight_grad_program, weight_grad_sizes, zero_counters)
+from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2, round_up
+from .split_reduce import (WeightGradSizes, arrival_counters, counter_capacity, finish_weight_grad,
+                           plan_weight_grad, weight_grad_job, weight_grad_program, weight_grad_sizes,
+                           weight_grad_traffic, zero_counters)
 
 # The pools the Python API takes; None is no pooling, spelled "none" as the kernels' POOL constexpr.
 POOLS = ("max", "avg", None)
@@ -362,8 +351,8 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
 
 
 def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
-    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs (BLOCK_DW_R: see
-    _backward_dots)."""
+    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs (BLOCK_DW_R 16: see
+    docs/design.md, "Compiler configurations")."""
     return min(max(next_pow2(C_out), 16), 32), 32, 16
 
 
@@ -388,11 +377,23 @@ def counters_needed(w_shape, has_bias: bool) -> int:
     return counter_capacity(C_out, C_in * ksize * ksize, has_bias, block_co, block_k, block_r, max_split=None)
 
 
+class ForwardPlan(NamedTuple):
+    """What conv2d_act_pool_forward derives from shapes and settings alone (cached in _FWD)."""
+    N: int
+    C_in: int
+    C_out: int
+    PH: int  # the output's size: pooled, or the conv map's without pooling
+    PW: int
+    save_win: bool  # keeps the int8 window index (max pooling, saving for backward)
+    save_prepool: bool  # keeps the pre-pool activations (avg pooling with an activation, saving)
+    num_counters: int  # arrival counters zeroed for the backward (0 when not saving)
+    grid: tuple[int, int]
+    meta: dict  # constexprs and launch options; DOT_PRECISION, BLOCK_K, num_warps, num_stages per call
+
+
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
-                    save_for_backward: bool):
-    """Everything conv2d_act_pool_forward derives from shapes and settings alone: output shapes,
-    counter count, grid and constexprs (DOT_PRECISION, BLOCK_K and num_warps are filled per call).
-    Cached in _FWD."""
+                    save_for_backward: bool) -> ForwardPlan:
+    """The ForwardPlan of a call's shapes and settings."""
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = pooled_size(H, W, ksize, padding, pool)
@@ -410,48 +411,26 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
                 POOL=_pool_constexpr(pool), HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
                 DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
                 num_warps=None, num_stages=None)
-    return (N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
+    return ForwardPlan(N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
 
-def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, pooled: bool) -> tuple[int, int, int]:
-    """(BLOCK_K, num_warps, num_stages) of the forward for its operand dtype, dot precision,
-    reduction length K = C_in*k*k and tile.
-
-    TF32: Triton lays out the forward's MMAs (with pooling four, sharing the weight operand) with
-    every warp along the rows, 16 rows a warp, so BLOCK_M // 16 warps cover the tile once: 2 for
-    the 32 pooled rows (8 covered 128, computing each product 4 times), 8 for the 128 rows without
-    pooling. With pooling each thread then holds a 64th of four gathered 32 x BLOCK_K patch tiles
-    and four accumulators: BLOCK_K 32 only where it covers K in one step with 16 channels (conv1's
-    25 taps: ~100 registers), else 16, and no software pipelining (one stage): at 32, or with the
-    next step's tiles in flight, ptxas needed more than 255 registers and spilled.
-    IEEE dots lower to FMAs on CUDA cores, whose layouts never repeat work, with every operand in
-    registers: 8 warps, BLOCK_K 16 (at 32 ptxas kept a value or two on the stack), 2 stages with
-    pooling; without, one (its single accumulator covers 4x the rows: with the next step's tiles
-    in flight too, Triton 3.9's build kept 8-16 bytes on the stack at every register budget).
-    float16 / bfloat16: tensor-core dots laid out as TF32's, at TF32's BLOCK_K 16 (at 32, 2 warps
-    held four 32 x 32 half tiles a step and ptxas spilled 8-240 bytes)."""
+def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, pooled: bool) -> dict:
+    """BLOCK_K and launch options of the forward for its operand dtype, dot precision, reduction
+    length K = C_in*k*k and tile: tensor-core dots get BLOCK_M // 16 warps (16 rows a warp covers
+    the tile once), IEEE dots (FMA) 8. Each choice, and what spilled instead: docs/design.md,
+    "Compiler configurations"."""
     if dtype in (torch.float16, torch.bfloat16):
-        return 16, BLOCK_M // 16, 1
+        return dict(BLOCK_K=16, num_warps=BLOCK_M // 16, num_stages=1)
     if precision == "tf32":
-        return (32 if K <= 32 and BLOCK_N <= 16 else 16), BLOCK_M // 16, 1
-    return 16, 8, 2 if pooled else 1
+        return dict(BLOCK_K=32 if K <= 32 and BLOCK_N <= 16 else 16, num_warps=BLOCK_M // 16, num_stages=1)
+    return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
 def _backward_dots(precision: str, block_dx_n: int) -> dict:
-    """BLOCK_DX_K and launch options of the backward for its dot precision.
-
-    TF32: 4 warps, as the 32x16 (dx) and 16x32 (dw) MMA tiles are four 16x8 instructions, one a warp
-    (8 warps computed each product twice). IEEE dots are FMAs, which repeat nothing at any warp
-    count: 8 warps. One stage and BLOCK_DW_R 16 in both: with 2 or 3 stages, BLOCK_DW_R 32, or
-    BLOCK_DX_K 32 at 4 warps, ptxas kept 4 to 24 bytes of some configurations on the stack at
-    64-128 registers (tests/test_gpu_build.py builds every configuration).
-    A register budget in both (maxnreg): left to itself ptxas picks one by its own occupancy
-    heuristics, and that pick moves between releases: Triton 3.8's build capped some IEEE
-    configurations at 64 registers, 3.9's some TF32 ones at 72-80, each keeping 8-16 bytes on the
-    stack. Given a budget ptxas mostly fills it, so it is the least that builds spill-free on both
-    releases and both targets: IEEE, 8 warps, 128 (2 programs an SM); TF32, 4 warps, 96 for the
-    16-channel grad-input tile (LeNet's layers: 5 programs an SM), 168 for wider ones (32 channels
-    kept 24-80 bytes on the stack at 96, 64 channels 48-80 at 128)."""
+    """BLOCK_DX_K and launch options of the backward for its dot precision and grad-input tile
+    width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
+    register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
+    Each choice, and what spilled instead: docs/design.md, "Compiler configurations"."""
     if precision == "tf32":
         return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1, maxnreg=96 if block_dx_n <= 16 else 168)
     return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
@@ -467,33 +446,66 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
     non-identity activation, when saving) or None; counters the weight-gradient arrival counters
     this launch zeroes for the backward (when saving) or None. Inputs must already be validated."""
     key = (x.shape, weight.shape, padding, activation, pool, bias is not None, save_for_backward)
-    cfg = _FWD.get_or_build(key, _forward_config)
-    N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, cached_meta = cfg
+    plan = _FWD.get_or_build(key, _forward_config)
+    N, C_out, PH, PW = plan.N, plan.C_out, plan.PH, plan.PW
     device, dtype = x.device, x.dtype
     y = empty((N, C_out, PH, PW), device=device, dtype=dtype)
-    win = empty((N, C_out, PH, PW), device=device, dtype=torch.int8) if save_win else None
+    win = empty((N, C_out, PH, PW), device=device, dtype=torch.int8) if plan.save_win else None
     prepool = (empty((N, C_out, 2 * PH, 2 * PW), device=device, dtype=dtype)
-               if save_prepool else None)
-    counters = arrival_counters(num_counters, x, N * PH * PW) if save_for_backward else None
-    meta = dict(cached_meta)
+               if plan.save_prepool else None)
+    counters = arrival_counters(plan.num_counters, x, N * PH * PW) if save_for_backward else None
+    meta = dict(plan.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta["BLOCK_K"], meta["num_warps"], meta["num_stages"] = _forward_dots(
-        dtype, meta["DOT_PRECISION"], C_in * weight.shape[2] ** 2, meta["BLOCK_M"], meta["BLOCK_N"], pool is not None)
+    meta.update(_forward_dots(dtype, meta["DOT_PRECISION"], plan.C_in * weight.shape[2] ** 2, meta["BLOCK_M"],
+                              meta["BLOCK_N"], pool is not None))
     sx, sw = x.stride(), weight.stride()
-    launch(conv2d_act_pool_fwd_kernel, grid,
+    launch(conv2d_act_pool_fwd_kernel, plan.grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
-                win_ptr=win if save_win else y, a_ptr=prepool if save_prepool else y,
+                win_ptr=win if plan.save_win else y, a_ptr=prepool if plan.save_prepool else y,
                 counter_ptr=counters if save_for_backward else y,
-                N=N, C_in=C_in, C_out=C_out, NUM_COUNTERS=num_counters,
+                N=N, C_in=plan.C_in, C_out=C_out, NUM_COUNTERS=plan.num_counters,
                 stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
                 stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
            meta)
     return y, win, prepool, counters
 
 
-def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, pool: str,
-                     saved_prepool: bool, has_bias: bool, need_dx: bool, need_dw: bool):
+@accounts(conv2d_act_pool_fwd_kernel)
+def _forward_work(d: dict) -> Work:
+    """GEMM rows are the N*PH*PW pooled positions (BLOCK_M a program), columns the C_out channels
+    (BLOCK_N a program), the reduction K = C_in*k*k (BLOCK_K a step). Every program runs four dots,
+    one per position of the pooling window:
+        executed = programs * 4 * 2 * BLOCK_M * BLOCK_N * ceil(K / BLOCK_K) * BLOCK_K
+        useful   = 2 * (N * 4*PH*PW) * C_out * K   (the conv positions the pooling windows cover)
+    Reads x, w (and b); writes y, the window index (max pooling), the pre-pool activations (avg
+    pooling with an activation) and the backward's arrival counters (zeroed)."""
+    a, m = d["args"], d["meta"]
+    K = a["C_in"] * m["KSIZE"] ** 2
+    programs = math.prod(d["grid"])
+    executed = programs * 4 * 2 * m["BLOCK_M"] * m["BLOCK_N"] * round_up(K, m["BLOCK_K"])
+    useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
+    reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
+    writes = (["y_ptr"] + ["win_ptr"] * m["SAVE_WIN"] + ["a_ptr"] * m["SAVE_PREPOOL"]
+              + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0))
+    return Work((Job("", "conv2d_act_pool_fwd_kernel", programs, executed, useful,
+                     (m["BLOCK_M"], m["BLOCK_N"]), dots=4),),
+                tensor_bytes(d, *reads), tensor_bytes(d, *writes))
+
+
+class BackwardPlan(NamedTuple):
     """What conv2d_act_pool_backward derives from shapes and settings alone (cached in _BWD)."""
+    N: int
+    C_in: int
+    C_out: int
+    ksize: int
+    num_dx: int  # grad-input programs, after the weight-gradient ones (0 without dx)
+    sizes: WeightGradSizes  # the weight-gradient reduction's split
+    meta: dict  # constexprs and launch options; DOT_PRECISION and _backward_dots' per call
+
+
+def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, pool: str,
+                     saved_prepool: bool, has_bias: bool, need_dx: bool, need_dw: bool) -> BackwardPlan:
+    """The BackwardPlan of a call's shapes and settings."""
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = y_shape[2], y_shape[3]
@@ -507,7 +519,7 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots
-    return (N, C_in, C_out, ksize, num_dx, plan_sizes, meta)
+    return BackwardPlan(N, C_in, C_out, ksize, num_dx, plan_sizes, meta)
 
 
 _BWD = PlanCache()
@@ -521,31 +533,55 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     key = (x.shape, weight.shape, y.shape, padding, activation, pool, prepool is not None, has_bias,
            need_dx, need_dw)
     cfg = _BWD.get_or_build(key, _backward_config)
-    N, C_in, C_out, ksize, num_dx, plan_sizes, cached_meta = cfg
+    C_in, C_out, ksize = cfg.C_in, cfg.C_out, cfg.ksize
     device, dtype = x.device, x.dtype
     dx = empty(x.shape, dtype=dtype, device=device) if need_dx else None
     dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype) if need_dw else None
     db = empty((C_out,), device=device, dtype=dtype) if need_dw and has_bias else None
-    plan = plan_weight_grad(plan_sizes, x, counters)
-    meta = dict(cached_meta)
+    plan = plan_weight_grad(cfg.sizes, x, counters)
+    meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
     meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"]))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
-    grid = (plan.programs + num_dx,)
+    grid = (plan.programs + cfg.num_dx,)
     launch(conv2d_act_pool_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
                 db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
-                N=N, C_in=C_in, C_out=C_out, NUM_DW=plan.programs,
+                N=cfg.N, C_in=C_in, C_out=C_out, NUM_DW=plan.programs,
                 SPLIT=plan.sizes.split, ROWS_PER_SPLIT=plan.sizes.rows_per_split, GROUP=plan.sizes.group,
                 stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
                 stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
            meta)
     return dx, dw, db
 
+
+@accounts(conv2d_act_pool_bwd_kernel)
+def _backward_work(d: dict) -> Work:
+    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_CO x BLOCK_DW_K tiles (see
+    split_reduce.weight_grad_job). dx: the remaining NUM_DX programs, BLOCK_DX_M input positions x
+    BLOCK_DX_N input channels, reducing over C_out*k*k taps in steps of BLOCK_DX_K:
+        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * ceil(C_out*k*k / BLOCK_DX_K) * BLOCK_DX_K
+    Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
+    Reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), w
+    (dx) and x (dw); writes dx, dw and db, and the reduction's workspace and counters."""
+    a, m = d["args"], d["meta"]
+    K = a["C_in"] * m["KSIZE"] ** 2
+    useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
+    dw_programs = a["NUM_DW"]
+    num_dx = d["grid"][0] - dw_programs
+    dx = Job("dx", "_grad_input_tile", num_dx,
+             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
+    dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
+    extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
+    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["a_ptr"] * m["SAVED_PREPOOL"]
+             + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads)
+    writes = ["dx_ptr"] * (num_dx > 0) + extra_writes
+    return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))
 
 
 __all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward", "conv2d_act_pool_backward",

@@ -1,45 +1,8 @@
 """Cross-entropy (log-softmax + mean NLL over the targets kept) of class logits, forward and backward.
 
-Forward walks the batch in row blocks and sums the mean in a fixed order (reproducible, no
-atomics), in one launch. It saves the per-row log-sum-exp and the number of targets kept, so
-backward is one elementwise launch over row blocks, dlogits = (softmax - onehot) * grad / kept,
-reading the upstream gradient from device memory.
-
-How many programs share the forward depends on what zeroed memory it has. Summing the mean over
-several programs needs an arrival counter at zero, and none may be left over from another call
-(fastlenet's kernels never depend on what an earlier launch left in memory) nor cost a memset (a
-device operation more per training step). So:
-- logits that come from fastlenet's linear layer (linear_act_forward, while saving for backward)
-  carry a counter its forward kernel zeroed for the loss: from SPLIT_MIN_BLOCKS row blocks on
-  (1024 rows at 10 classes) the forward runs one program a row block, each writes its partial sums
-  to a workspace, and the last to arrive sums them in a fixed order (split_reduce.arrive);
-- any other logits get one program walking the batch, and so does a second loss on the same
-  logits: a counter serves one call.
-
-Tiles are BLOCK_B rows x BLOCK_C classes, at most TILE = 2048 elements, 8 a thread at 8 warps (each
-element holds a 64-bit load and a 64-bit store address: 32 a thread spilled at 100 classes); rows
-wider than MAX_BLOCK_C = 512 loop over class blocks with an online log-sum-exp (running max,
-rescaled running sum, as flash-attention and Liger's cross-entropy). 10 classes run as 128 x 16
-tiles, 100 as 16 x 128, 1000 as 4 x 512 twice; none spills on sm_80 or sm_90 (gpu_build).
-
-Targets follow F.cross_entropy: ignore_index rows (-100 by default) leave the mean and get a zero
-gradient (all rows ignored: 0 / 0 = NaN, as PyTorch); any other target outside [0, C) is an error,
-never a silent NaN. The forward finds such rows in its pass and writes the first to `rows`, and
-makes the loss NaN. How that becomes an error depends on what reading `rows` costs:
-- on the CPU (interpreter) nothing: fastlenet.functional reads it after the launch and raises an
-  IndexError naming the value and the number of classes;
-- on CUDA a host synchronisation per step, so instead the forward asserts on the device, as
-  PyTorch's nll_loss kernel does: the step fails asynchronously, "device-side assert triggered" at
-  the next synchronisation, and the CUDA context is unusable afterwards (PyTorch's behaviour too).
-  This Triton compiles tl.device_assert only in debug mode, so the forward kernel is
-  @triton.jit(debug=True); debug mode adds nothing else here (its int32 overflow checks find no
-  int32 add/sub/mul: the index arithmetic is int64); compiled with and without it, the forward
-  differs by under 5% in SASS instructions and -16..+16 in registers (ptxas's allocation; at 10,
-  100, 1000 classes on sm_80 and sm_90), neither spilling. The alternatives cost more:
-  torch._assert_async is one more device op in a fused step already at its budget of 15, and an
-  error flag in device memory raises only where the training loop remembers to read it.
-The interpreter never runs a device assert (its options say debug=False); the tests switch that
-on to run the CUDA path on the CPU.
+Forward sums the mean in a fixed order (one program, or one a row block over logits whose linear layer
+zeroed a counter for it) and saves the per-row log-sum-exp and kept count, so backward is one
+elementwise launch. Bad targets assert on CUDA (debug=True). Why: docs/design.md, "cross_entropy".
 """
 import functools
 
@@ -47,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .accounting import Work, accounts, tensor_bytes
 from .launch import accumulator_dtype, cdiv, empty, launch, next_pow2
 from .split_reduce import arrive
 
@@ -121,7 +85,7 @@ def _store_loss(loss_ptr, rows_ptr, total, kept, first_bad):
     tl.store(rows_ptr + 1, first_bad)
 
 
-@triton.jit(debug=True)  # compiles the tl.device_assert in _loss_rows (see the module docstring)
+@triton.jit(debug=True)  # compiles the tl.device_assert in _loss_rows (docs/design.md, "cross_entropy")
 def cross_entropy_fwd_kernel(
     # pointers
     logits_ptr, target_ptr, lse_ptr, loss_ptr, rows_ptr, ws_ptr, counter_ptr,
@@ -258,3 +222,21 @@ def cross_entropy_backward(grad_loss, logits, target, lse, rows, ignore_index: i
                 stride_lb=logits.stride(0), stride_lc=logits.stride(1), stride_tb=target.stride(0)),
            dict(BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS))
     return dlogits
+
+
+@accounts(cross_entropy_fwd_kernel)
+def _forward_work(d: dict) -> Work:
+    """No dot (its exp, log and sums are not counted, as in model_flops). Reads the logits and
+    targets; writes the per-row log-sum-exp, the loss and the row counts; split over several
+    programs (SPLIT), also writes their partials to the workspace and reads them back once."""
+    split = ["ws_ptr"] if d["meta"].get("SPLIT") else []
+    return Work((), tensor_bytes(d, "logits_ptr", "target_ptr", *split),
+                tensor_bytes(d, "lse_ptr", "loss_ptr", "rows_ptr", *split))
+
+
+@accounts(cross_entropy_bwd_kernel)
+def _backward_work(d: dict) -> Work:
+    """No dot. Reads the logits, targets, log-sum-exp, row counts and the upstream gradient;
+    writes dlogits."""
+    return Work((), tensor_bytes(d, "logits_ptr", "target_ptr", "lse_ptr", "rows_ptr", "grad_loss_ptr"),
+                tensor_bytes(d, "dlogits_ptr"))

@@ -1,11 +1,8 @@
-"""The one place every fastlenet kernel is launched from.
+"""The one place every fastlenet kernel is launched from, and what a launch leaves on record.
 
-Routing every launch through `launch` gives the tests and the benchmark two things without touching
-the kernels: a count of launches per training step, and a record of each launch's grid, arguments
-and constexprs, which tests/test_gpu_build.py compiles for real GPU targets with ptxas. A record
-keeps what Triton's JIT specialises on (integer values, pointer alignment), so the build compiles
-exactly the kernel a GPU run would; `record_launches(execute=False)` records without running, so
-the launches of a 65536-image step are known in seconds.
+Every launch goes through `launch`, so tests can count a step's launches and record each one's grid,
+arguments and constexprs, without running it if asked (`record_launches(execute=False)`), as the
+`describe` dicts that fastlenet.analysis compiles for GPU targets. Why: docs/design.md, "The launch path".
 """
 from __future__ import annotations
 
@@ -226,6 +223,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def round_up(x: int, multiple: int) -> int:
+    """x rounded up to a multiple of `multiple`."""
+    return cdiv(x, multiple) * multiple
+
+
 class PlanCache(dict):
     """Launch configurations (grids, block sizes, constexpr dicts, plan sizes: plain ints and
     strings, never tensors) keyed by the shapes and settings they are computed from. Strides,
@@ -242,3 +244,40 @@ class PlanCache(dict):
                 self.clear()
             value = self[key] = build(*key)
         return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Recorded launch -> description (JSON): what the launch passed, nothing Triton-specific yet. This
+# is what the kernels hand the layers above them (fastlenet.analysis compiles and reads these).
+# --------------------------------------------------------------------------------------------------
+
+def describe(launch: Launch, origin: str = "") -> dict:
+    """A JSON-able description of a recorded Launch: its kernel, grid, arguments (tensors as dtype,
+    shape and alignment) and meta-parameters. `origin` says which user-level call launched it."""
+    args = {}
+    for name, value in launch.args.items():
+        if isinstance(value, TensorSpec):
+            args[name] = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
+                          "data_ptr_mod16": value.data_ptr_mod16}
+        elif isinstance(value, (bool, int, float)):
+            args[name] = value
+        else:
+            raise TypeError(f"{launch.name}: unsupported argument {name}={value!r}")
+    return {"module": launch.kernel.fn.__module__, "kernel": launch.kernel.fn.__name__,
+            "grid": list(launch.grid), "args": args, "meta": dict(launch.meta),
+            "origins": [origin] if origin else []}
+
+
+def record(fn: Callable[[], object], precision: str | dict[str, str]) -> list[Launch]:
+    """The Launches fn() makes, recorded without running a kernel, with float32 dots as a GPU run
+    with `precision` would launch them (see record_precision): tile sizes may differ by
+    precision, so a build that must cover both records both."""
+    with record_launches(execute=False) as launches, record_precision(precision):
+        try:
+            fn()
+        except Exception as e:
+            raise RuntimeError(
+                "recording launches without running their kernels failed: host code read a kernel "
+                "output that was never written? Guard such reads with "
+                "fastlenet.kernels.launch.executing()") from e
+    return launches

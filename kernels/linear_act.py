@@ -1,22 +1,21 @@
 """linear + bias + activation, y = act(x W^T + b): forward and backward.
 
-Forward is a plain tiled GEMM with bias and activation applied to the fp32 accumulator before the
-single store (float16/bfloat16 operands go to the dot as they are, accumulating in fp32). Backward saves nothing beyond x, W and the output y: the activation derivative comes
-from y (activations.py), and the upstream gradient times it, dz, is never materialised: both
-backward GEMMs recompute their dz tile from grad_output and y as they load it.
-
-Backward is ONE launch: programs [0, NUM_DW) compute dz^T @ x and the bias gradient (the column
-sums of dz, in full precision beside the dot), split over the batch and reduced deterministically
-(split_reduce.py); the rest compute grad-input tiles dz @ W. The weight-gradient programs come first:
-they end in a reduction, so they should not be the last to start.
+Forward is a tiled GEMM with bias and activation on the fp32 accumulator before the single store.
+Backward saves nothing beyond x, W and y (act' comes from y) and never materialises dz; it is one
+launch, split weight-gradient programs first, then grad input. Why: docs/design.md, "linear_act".
 """
+import math
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
+from .accounting import Job, Work, accounts, tensor_bytes
 from .activations import act, act_backward
-from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2
-from .split_reduce import (arrival_counters, counter_capacity, finish_weight_grad, plan_weight_grad,
-                           weight_grad_program, weight_grad_sizes, zero_counters)
+from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2, round_up
+from .split_reduce import (WeightGradSizes, arrival_counters, counter_capacity, finish_weight_grad,
+                           plan_weight_grad, weight_grad_job, weight_grad_program, weight_grad_sizes,
+                           weight_grad_traffic, zero_counters)
 
 
 @triton.jit
@@ -178,38 +177,51 @@ def counters_needed(N: int, K: int, has_bias: bool) -> int:
 LOSS_COUNTER_ATTR = "_fastlenet_loss_counters"
 
 
-# Forward tiles (BLOCK_M, widest BLOCK_N, num_warps, num_stages), largest first, and the programs a
-# launch should have: about two per SM of an H100 (132 SMs). A layer takes the largest tile that
-# still gives that many programs, or else the smallest: at large batch big tiles reuse each loaded
-# W and x element most, at small batch more, smaller programs spread the layer over more SMs. Each
-# has at most 16 accumulator elements a thread and covers its tile once as a TF32 MMA (16 rows x 8
-# columns a warp: [4, 2], [2, 2] and [1, 2] warps) and as an FMA layout. The 4- and 2-warp tiles
-# load one K step at a time: with the next in flight, Triton 3.8's and 3.9's builds each kept 8
-# bytes of some of their configurations on the stack (at any register budget up to 128); the
-# 8-warp tile keeps two stages, as at one 3.9's build kept 16 bytes of an IEEE configuration there.
-_FORWARD_TILES = ((64, 64, 8, 2), (32, 32, 4, 1), (16, 32, 2, 1))
+class ForwardTile(NamedTuple):
+    block_m: int
+    block_n: int  # the widest: narrower layers take next_pow2(N), at least 16
+    num_warps: int
+    num_stages: int
+
+
+# Forward tiles, largest first, and the programs a launch should have: about two per SM of an H100
+# (132 SMs). A layer takes the largest tile that still gives that many programs, or else the
+# smallest. Each covers its tile once as a TF32 MMA and as an FMA layout; why these and not others
+# (what spilled): docs/design.md, "Compiler configurations".
+_FORWARD_TILES = (ForwardTile(64, 64, 8, 2), ForwardTile(32, 32, 4, 1), ForwardTile(16, 32, 2, 1))
 _FORWARD_PROGRAMS = 2 * 132
 
 
-def _forward_tile(M: int, N: int) -> tuple[int, int, int, int]:
-    for block_m, block_n, warps, stages in _FORWARD_TILES:
-        block_n = min(max(next_pow2(N), 16), block_n)
-        if cdiv(M, block_m) * cdiv(N, block_n) >= _FORWARD_PROGRAMS:
+def _forward_tile(M: int, N: int) -> ForwardTile:
+    for tile in _FORWARD_TILES:
+        tile = tile._replace(block_n=min(max(next_pow2(N), 16), tile.block_n))
+        if cdiv(M, tile.block_m) * cdiv(N, tile.block_n) >= _FORWARD_PROGRAMS:
             break
-    return block_m, block_n, warps, stages
+    return tile
 
 
-def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_backward: bool):
+class ForwardPlan(NamedTuple):
     """What linear_act_forward derives from shapes and settings alone (cached in _FWD)."""
+    M: int
+    N: int
+    K: int
+    num_counters: int  # arrival counters zeroed for the backward and the loss (0 when not saving)
+    grid: tuple[int, int]
+    meta: dict  # constexprs and launch options; DOT_PRECISION per call
+
+
+def _forward_config(x_shape, w_shape, activation: str, has_bias: bool, save_for_backward: bool) -> ForwardPlan:
+    """The ForwardPlan of a call's shapes and settings."""
     M, K = x_shape
     N = w_shape[0]
     num_counters = counters_needed(N, K, has_bias) if save_for_backward else 0
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _forward_tile(M, N)
+    tile = _forward_tile(M, N)
     # grid: (row tiles of the batch, tiles of output features)
-    grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
+    grid = (cdiv(M, tile.block_m), cdiv(N, tile.block_n))
     meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, DOT_PRECISION=None,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=32, num_warps=num_warps, num_stages=num_stages)
-    return M, N, K, num_counters, grid, meta
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=32, num_warps=tile.num_warps,
+                num_stages=tile.num_stages)
+    return ForwardPlan(M, N, K, num_counters, grid, meta)
 
 
 _FWD = PlanCache()
@@ -220,17 +232,17 @@ def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool
     [M, N]; counters the weight-gradient arrival counters this launch zeroes for the backward (when
     saving for backward) or None."""
     key = (x.shape, weight.shape, activation, bias is not None, save_for_backward)
-    cfg = _FWD.get_or_build(key, _forward_config)
-    M, N, K, num_counters, grid, cached_meta = cfg
+    plan = _FWD.get_or_build(key, _forward_config)
+    M, N = plan.M, plan.N
     y = empty((M, N), device=x.device, dtype=x.dtype)
-    counters = arrival_counters(num_counters, x, M * N) if save_for_backward else None
-    meta = dict(cached_meta)
+    counters = arrival_counters(plan.num_counters, x, M * N) if save_for_backward else None
+    meta = dict(plan.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "matmul")
     sx, sw = x.stride(), weight.stride()
-    launch(linear_act_fwd_kernel, grid,
+    launch(linear_act_fwd_kernel, plan.grid,
            dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
                 counter_ptr=counters if save_for_backward else y,
-                M=M, N=N, K=K, NUM_COUNTERS=num_counters, stride_xm=sx[0], stride_xk=sx[1],
+                M=M, N=N, K=plan.K, NUM_COUNTERS=plan.num_counters, stride_xm=sx[0], stride_xk=sx[1],
                 stride_wn=sw[0], stride_wk=sw[1]),
            meta)
     if counters is not None:
@@ -238,8 +250,35 @@ def linear_act_forward(x, weight, bias, activation: str, save_for_backward: bool
     return y, counters
 
 
-def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx: bool, need_dw: bool):
+@accounts(linear_act_fwd_kernel)
+def _forward_work(d: dict) -> Work:
+    """A BLOCK_M x BLOCK_N tile of y = x W^T a program, K in steps of BLOCK_K:
+        executed = programs * 2 * BLOCK_M * BLOCK_N * ceil(K / BLOCK_K) * BLOCK_K
+        useful   = 2 * M * N * K
+    Reads x, W (and b); writes y and the backward's arrival counters (zeroed)."""
+    a, m = d["args"], d["meta"]
+    programs = math.prod(d["grid"])
+    executed = programs * 2 * m["BLOCK_M"] * m["BLOCK_N"] * round_up(a["K"], m["BLOCK_K"])
+    reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
+    writes = ["y_ptr"] + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0)
+    return Work((Job("", "linear_act_fwd_kernel", programs, executed, 2 * a["M"] * a["N"] * a["K"],
+                     (m["BLOCK_M"], m["BLOCK_N"])),),
+                tensor_bytes(d, *reads), tensor_bytes(d, *writes))
+
+
+class BackwardPlan(NamedTuple):
     """What linear_act_backward derives from shapes and settings alone (cached in _BWD)."""
+    M: int
+    N: int
+    K: int
+    num_dx: int  # grad-input programs, after the weight-gradient ones (0 without dx)
+    sizes: WeightGradSizes  # the weight-gradient reduction's split
+    meta: dict  # constexprs and launch options; DOT_PRECISION per call
+
+
+def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx: bool,
+                     need_dw: bool) -> BackwardPlan:
+    """The BackwardPlan of a call's shapes and settings."""
     M, K = x_shape
     N = w_shape[0]
     BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K = 32, 32, 64
@@ -249,12 +288,10 @@ def _backward_config(x_shape, w_shape, activation: str, has_bias: bool, need_dx:
     meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, LEVELS=plan_sizes.levels, DOT_PRECISION=None,
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=BLOCK_DX_K,
                 BLOCK_DW_N=BLOCK_DW_N, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                # One stage: with two, ptxas kept 8 bytes of the two-level finishing sum on the stack.
-                # maxnreg 128: left to its own occupancy heuristics ptxas capped a TF32 backward
-                # (3072 -> 1000 features) at 48 registers (Triton 3.8) and IEEE ones with the
-                # two-level sum at 80 (3.9), and spilled; with room for 128 neither spills.
+                # One stage and a register budget of 128, or ptxas spills: docs/design.md,
+                # "Compiler configurations".
                 num_warps=8, num_stages=1, maxnreg=128)
-    return M, N, K, num_dx, plan_sizes, meta
+    return BackwardPlan(M, N, K, num_dx, plan_sizes, meta)
 
 
 _BWD = PlanCache()
@@ -266,18 +303,18 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
     `counters` are those the forward returned (zeroed by it); None allocates zeroed ones."""
     key = (x.shape, weight.shape, activation, has_bias, need_dx, need_dw)
     cfg = _BWD.get_or_build(key, _backward_config)
-    M, N, K, num_dx, plan_sizes, cached_meta = cfg
+    M, N, K = cfg.M, cfg.N, cfg.K
     device, dtype = x.device, x.dtype
     dx = empty((M, K), device=device, dtype=dtype) if need_dx else None
     dw = empty((N, K), device=device, dtype=dtype) if need_dw else None
     db = empty((N,), device=device, dtype=dtype) if need_dw and has_bias else None
-    plan = plan_weight_grad(plan_sizes, x, counters)
-    meta = dict(cached_meta)
+    plan = plan_weight_grad(cfg.sizes, x, counters)
+    meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "matmul")
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
-    grid = (plan.programs + num_dx,)
+    grid = (plan.programs + cfg.num_dx,)
     launch(linear_act_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
@@ -287,3 +324,25 @@ def linear_act_backward(grad_y, x, weight, y, activation: str, has_bias: bool,
                 stride_xm=sx[0], stride_xk=sx[1], stride_wn=sw[0], stride_wk=sw[1]),
            meta)
     return dx, dw, db
+
+
+@accounts(linear_act_bwd_kernel)
+def _backward_work(d: dict) -> Work:
+    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_N x BLOCK_DW_K tiles (see
+    split_reduce.weight_grad_job). dx: the remaining NUM_DX programs of BLOCK_DX_M rows x BLOCK_DX_K
+    input features, reducing over the N outputs in steps of BLOCK_DX_N:
+        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_K * ceil(N / BLOCK_DX_N) * BLOCK_DX_N
+    Useful: 2 * M * N * K each. Reads grad_y and y, W (dx) and x (dw); writes dx, dW and db, and the
+    reduction's workspace and counters."""
+    a, m = d["args"], d["meta"]
+    useful = 2 * a["M"] * a["N"] * a["K"]
+    dw_programs = a["NUM_DW"]
+    num_dx = d["grid"][0] - dw_programs
+    dx = Job("dx", "_grad_input_tile", num_dx,
+             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_K"] * round_up(a["N"], m["BLOCK_DX_N"]),
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_K"]))
+    dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_N"], m["BLOCK_DW_K"], useful)
+    extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
+    reads = ["g_ptr", "y_ptr"] + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads
+    writes = ["dx_ptr"] * (num_dx > 0) + extra_writes
+    return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))

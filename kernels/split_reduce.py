@@ -1,26 +1,8 @@
-"""Deterministic cross-program reduction in a single launch ("last program reduces").
+"""Deterministic cross-program reduction in one launch: the last program to arrive sums the partials.
 
-A weight gradient is a sum over batch x positions, so its few output tiles are split across SPLIT
-programs for parallelism. Float atomics would make training irreproducible, and a second reduction
-launch costs a launch per layer. Instead each program writes its partial tile to a workspace, then
-bumps an arrival counter; the program that arrives last sums the partials in a fixed order. The
-sum order never depends on which program finished first: results are bit-reproducible.
-
-The splits of a tile form groups of GROUP consecutive splits, a counter each, and the tile has one
-counter more: the last arriver of a group sums the group's partials into the group's first slot and
-arrives at the tile's counter, whose last arriver sums the group sums. A finisher's loads are
-dependent L2 round trips, one per block of partials, so two levels of about sqrt(SPLIT) each keep
-that chain short where one level of SPLIT would make the last program of a wide split the longest
-(GROUP = SPLIT: one level, a counter a tile). A tile summed by one program (SPLIT == 1, which
-Triton compiles as a constant) stores its result directly: no workspace, no atomics.
-
-Who zeroes the counters decides what can go wrong. They belong to one forward call: its launch
-helper allocates them (no memset) and the forward kernel zeroes them, next to the outputs the
-backward reads anyway. So a backward depends only on its own forward, never on counts another
-launch left behind: two models, streams or threads never share a counter, a stray count cannot
-outlive its step, and a CUDA graph that captures forward and backward re-zeroes on every replay,
-with no extra device operation. The last arriver still re-arms its counter, so a second backward
-through the same graph (retain_graph=True) finds it at zero.
+SPLIT programs each write a partial tile to a workspace and bump an arrival counter; the last arriver
+sums them in a fixed order (in two levels for a wide split): bit-reproducible gradients, no float
+atomics, no second launch; the forward zeroes the counters. Why: docs/design.md, "Split reduction".
 """
 import functools
 import math
@@ -30,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .accounting import Job
 from .launch import accumulator_dtype, cdiv, empty
 
 
@@ -185,8 +168,8 @@ def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, off
 
 @triton.jit
 def zero_counters(counter_ptr, NUM_COUNTERS, pid, BLOCK: tl.constexpr = 256):
-    """Program 0 of a forward launch zeroes the arrival counters of its backward (see the top of
-    this file); NUM_COUNTERS is 0 when no backward will follow. The other programs' stores are
+    """Program 0 of a forward launch zeroes the arrival counters of its backward (docs/design.md,
+    "Split reduction"); NUM_COUNTERS is 0 when no backward will follow. The other programs' stores are
     masked off rather than branched around: a LeNet layer has at most a few dozen counters."""
     for i in range(0, NUM_COUNTERS, BLOCK):
         offs = i + tl.arange(0, BLOCK)
@@ -219,8 +202,8 @@ def arrival_counters(num_counters: int, like, forward_rows: int):
 @dataclass(frozen=True)
 class WeightGradSizes:
     """How a weight-gradient reduction splits, from shapes alone: num_tiles output tiles, each summed
-    by `split` programs over rows_per_split rows, in groups of `group` splits (see the top of this
-    file); num_counters arrival counters and `workspace` elements of partials."""
+    by `split` programs over rows_per_split rows, in groups of `group` splits (docs/design.md,
+    "Split reduction"); num_counters arrival counters and `workspace` elements of partials."""
     num_tiles: int
     split: int
     rows_per_split: int
@@ -304,3 +287,29 @@ def counter_capacity(out_features: int, k: int, has_bias: bool, block_out: int, 
     split = max(1, min(max_split or MAX_WORKSPACE, MAX_WORKSPACE // per_split))
     groups = math.isqrt(split - 1) + 1 if split > ONE_LEVEL_SPLIT else 0
     return max(num_tiles * (groups + 1 if groups > 1 else 1), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Accounting (accounting.py): the weight-gradient job of both backward kernels, and the reduction's
+# traffic beyond the GEMM's operands.
+# --------------------------------------------------------------------------------------------------
+
+def weight_grad_job(d: dict, programs: int, block_out: int, block_k: int, useful: int) -> Job:
+    """The weight-gradient programs: (output tile x split) pairs, each summing ROWS_PER_SPLIT rows
+    (the last split's rows past the end included) into a block_out x block_k tile:
+        executed = programs * 2 * block_out * block_k * ROWS_PER_SPLIT"""
+    executed = programs * 2 * block_out * block_k * d["args"]["ROWS_PER_SPLIT"]
+    return Job("dw", "_grad_weight_tile", programs, executed, useful if programs else 0, (block_out, block_k))
+
+
+def weight_grad_traffic(d: dict, dw_programs: int) -> tuple[list[str], list[str]]:
+    """What the weight-gradient reduction reads and writes beyond the GEMM's operands: every
+    partial is written to the workspace and read back once by a finishing program, and each
+    program counts itself in with one atomic on a counter. A tile summed by one program (SPLIT 1)
+    stores its result directly."""
+    if not dw_programs:
+        return [], []
+    results = ["dw_ptr"] + ["db_ptr"] * d["meta"]["HAS_BIAS"]
+    if d["args"]["SPLIT"] == 1:
+        return [], results
+    return ["ws_ptr", "counter_ptr"], results + ["ws_ptr", "counter_ptr"]

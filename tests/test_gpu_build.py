@@ -26,8 +26,8 @@ import torch
 from fastlenet import functional as FF
 from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
-from fastlenet.kernels.gpu_build import describe, describe_result, failures, merge_descriptions, record
-from fastlenet.kernels.launch import record_launches
+from fastlenet.analysis.gpu_build import describe_result, failures, merge_descriptions
+from fastlenet.kernels.launch import describe, record, record_launches
 from fastlenet.models import NETWORKS, VARIANTS, LeNet5, build_model
 
 pytestmark = pytest.mark.build
@@ -188,7 +188,7 @@ def build_results(tmp_path_factory, device, request):
     (tmp / "launches.json").write_text(json.dumps(descs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "fastlenet.kernels.gpu_build", str(tmp / "launches.json"),
+    proc = subprocess.run([sys.executable, "-m", "fastlenet.analysis.gpu_build", str(tmp / "launches.json"),
                            "--cc", *map(str, TARGETS), "--report", str(REPORT), "--stats", str(tmp / "stats.json")],
                           capture_output=True, text=True, env=env, timeout=1500)
     # 1 means "built, but some configuration fails": the tests below say which.
@@ -265,7 +265,7 @@ def test_a_second_build_comes_from_the_cache(tmp_path, device):
     env["FASTLENET_CACHE_DIR"] = str(tmp_path / "cache")
     stats = []
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "fastlenet.kernels.gpu_build", str(tmp_path / "launches.json"),
+        proc = subprocess.run([sys.executable, "-m", "fastlenet.analysis.gpu_build", str(tmp_path / "launches.json"),
                                "--stats", str(tmp_path / "stats.json")], capture_output=True, text=True, env=env,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -275,7 +275,7 @@ def test_a_second_build_comes_from_the_cache(tmp_path, device):
 
 _SAME_AS_JIT = """
 import json, sys
-from fastlenet.kernels.gpu_build import compile_for, jit_compile, specialize
+from fastlenet.analysis.gpu_build import compile_for, jit_compile, specialize
 for desc in json.load(open(sys.argv[1])):
     for cc in (80, 90):
         jit, ours = jit_compile(desc, cc), compile_for(specialize(desc, cc))
@@ -303,7 +303,7 @@ def test_build_compiles_what_the_jit_launch_path_compiles(tmp_path, device):
 def test_build_compiles_exactly_what_the_jit_compiled():
     """After real launches on this GPU, each kernel the JIT compiled (found in its own cache under
     the key our specialisation predicts) has the same Triton hash and TTGIR as compile_for's."""
-    from fastlenet.kernels.gpu_build import compile_for, jit_function, specialize
+    from fastlenet.analysis.gpu_build import compile_for, jit_function, specialize
 
     cc = int("".join(map(str, torch.cuda.get_device_capability())))
     descs = []

@@ -1,4 +1,4 @@
-"""The static report of a training step's compiled kernels (fastlenet.kernels.report): its occupancy
+"""The static report of a training step's compiled kernels (fastlenet.analysis.report): its occupancy
 arithmetic against hand-computed cases, its reading of TTGIR layouts (literal snippets and a really
 compiled tiny dot), its FLOP and byte formulas against one layer worked by hand and against
 model_flops, and its command line (one row per launch; the second run compiles nothing)."""
@@ -11,8 +11,9 @@ import textwrap
 
 import pytest
 
-from fastlenet.kernels.gpu_build import SM_LIMITS
-from fastlenet.kernels.report import GPUS, analyse, dot_sites, occupancy, record_step, work
+from fastlenet.analysis.gpu_build import SM_LIMITS
+from fastlenet.analysis.report import GPUS, analyse, dot_sites, occupancy, record_step
+from fastlenet.kernels.accounting import work
 from fastlenet.models import LeNet5
 from fastlenet.profiling import model_flops, step_launches
 
@@ -165,8 +166,8 @@ def tiny_dot(a_ptr, b_ptr, c_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 _COMPILE_TINY = '''
 import dataclasses, json, pathlib, sys
-from fastlenet.kernels.gpu_build import compile_for, specialize
-from fastlenet.kernels.report import dot_sites
+from fastlenet.analysis.gpu_build import compile_for, specialize
+from fastlenet.analysis.report import dot_sites
 tensor = lambda *shape: {"dtype": "float32", "shape": list(shape), "data_ptr_mod16": 0}
 for m, n, k, precision, warps in json.loads(sys.argv[1]):
     desc = {"module": "tiny_dot", "kernel": "tiny_dot", "grid": [1], "origins": [],
@@ -317,7 +318,7 @@ def cli_runs(tmp_path_factory):
     env = {**_compile_env(), "FASTLENET_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     runs = []
     for extra in ([], ["--json"]):
-        proc = subprocess.run([sys.executable, "-m", "fastlenet.kernels.report", "--batch", "64", "--arch", "90",
+        proc = subprocess.run([sys.executable, "-m", "fastlenet.analysis.report", "--batch", "64", "--arch", "90",
                                *extra], capture_output=True, text=True, env=env, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs.append(proc.stdout)

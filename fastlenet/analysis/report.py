@@ -1,7 +1,7 @@
 """What the compiled kernels of one training step say, read statically: how they fill the GPU, how
 their dots lowered, how much of their arithmetic is padding, and the floor under each one's time.
 
-    python -m fastlenet.kernels.report --batch 4096 --arch 90 [--variant lenet5] [--json]
+    python -m fastlenet.analysis.report --batch 4096 --arch 90 [--variant lenet5] [--json]
 
 Every Triton launch of one fused LeNet-5 training step is recorded without running it (float32
 dots as PyTorch's switches choose them on a GPU: TF32 convolutions, IEEE matmuls by default) and
@@ -16,7 +16,8 @@ nothing). Per launch this reads
   (replication: a layout that covers more than the tile repeats it across warps);
 - from the launch's sizes and block sizes: useful FLOPs (2 per multiply-add of the layer, as
   fastlenet.profiling.model_flops counts them), executed FLOPs (what the tiles compute, padding
-  included) and issued FLOPs (executed x replication); formulas per kernel in the WORK functions;
+  included) and issued FLOPs (executed x replication); each kernel's formulas sit beside its launch
+  helper (fastlenet.kernels.accounting.work finds them);
 - the compulsory bytes (each tensor the kernel reads or writes, once) and the roofline floor
   max(bytes / HBM bandwidth, useful FLOPs / peak), with the GPU's published figures (GPUS).
 
@@ -36,14 +37,11 @@ import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable
+
+from fastlenet.kernels.accounting import work
+from fastlenet.kernels.launch import DOT_KINDS, round_up
 
 from .gpu_build import SM_LIMITS, SmLimits, build, default_cache_dir
-from .launch import DOT_KINDS
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,8 +86,8 @@ def occupancy(registers: int, num_warps: int, shared: int, sm: SmLimits) -> Occu
     - shared memory: shared + the 1 KiB the driver reserves per block, rounded up to 128 bytes,
       into the SM's shared memory at its largest carveout (228 KiB on sm_90, 164 KiB on sm_80);
     - threads: 2048 per SM; blocks: 32 per SM."""
-    warp_registers = _round_up(registers * 32, sm.register_granularity)
-    if warp_registers * _round_up(num_warps, sm.sub_partitions) > sm.registers:
+    warp_registers = round_up(registers * 32, sm.register_granularity)
+    if warp_registers * round_up(num_warps, sm.sub_partitions) > sm.registers:
         by_registers = 0
     elif warp_registers == 0:
         by_registers = sm.max_blocks
@@ -97,7 +95,7 @@ def occupancy(registers: int, num_warps: int, shared: int, sm: SmLimits) -> Occu
         warps = sm.registers // sm.sub_partitions // warp_registers * sm.sub_partitions
         by_registers = warps // num_warps
     limits = {"registers": by_registers,
-              "shared memory": sm.shared // _round_up(shared + sm.reserved_shared, sm.shared_granularity),
+              "shared memory": sm.shared // round_up(shared + sm.reserved_shared, sm.shared_granularity),
               "threads": sm.max_threads // (32 * num_warps),
               "blocks": sm.max_blocks}
     programs = min(limits.values())
@@ -232,181 +230,6 @@ def source_dir(module: str) -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Work: FLOPs and bytes of a launch, from its sizes and block sizes. One function per kernel.
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Job:
-    """The programs of a launch that run one tl.dot body."""
-    name: str  # "" for a kernel with one job; "dx" / "dw" for a backward's two
-    function: str  # the @triton.jit function whose tl.dot does the work (matched in the TTGIR)
-    programs: int
-    executed: int  # FLOPs its tiles compute, 2 per multiply-add, padding included
-    useful: int  # FLOPs of the layer's multiply-adds it computes
-    tile: tuple[int, int]  # M x N of the result tile each of its dots computes (checked against the TTGIR)
-    dots: int = 1  # tl.dot calls in its body (checked against the TTGIR)
-
-
-@dataclass(frozen=True)
-class Work:
-    jobs: tuple[Job, ...]
-    reads: dict[str, int]  # pointer argument -> bytes read (each tensor once)
-    writes: dict[str, int]  # pointer argument -> bytes written
-
-
-WORK: dict[str, Callable[[dict], Work]] = {}
-
-
-def _formula(kernel: str):
-    def register(fn):
-        WORK[kernel] = fn
-        return fn
-    return register
-
-
-def _bytes(desc: dict, *names: str) -> dict[str, int]:
-    """Bytes of the named tensor arguments of a launch description."""
-    import torch
-
-    out = {}
-    for name in names:
-        arg = desc["args"][name]
-        out[name] = math.prod(arg["shape"]) * getattr(torch, arg["dtype"]).itemsize
-    return out
-
-
-@_formula("conv2d_act_pool_fwd_kernel")
-def _conv_forward(d: dict) -> Work:
-    """GEMM rows are the N*PH*PW pooled positions (BLOCK_M a program), columns the C_out channels
-    (BLOCK_N a program), the reduction K = C_in*k*k (BLOCK_K a step). Every program runs four dots,
-    one per position of the pooling window:
-        executed = programs * 4 * 2 * BLOCK_M * BLOCK_N * ceil(K / BLOCK_K) * BLOCK_K
-        useful   = 2 * (N * 4*PH*PW) * C_out * K   (the conv positions the pooling windows cover)
-    Reads x, w (and b); writes y, the window index (max pooling), the pre-pool activations (avg
-    pooling with an activation) and the backward's arrival counters (zeroed)."""
-    a, m = d["args"], d["meta"]
-    K = a["C_in"] * m["KSIZE"] ** 2
-    programs = math.prod(d["grid"])
-    executed = programs * 4 * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _round_up(K, m["BLOCK_K"])
-    useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
-    reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
-    writes = (["y_ptr"] + ["win_ptr"] * m["SAVE_WIN"] + ["a_ptr"] * m["SAVE_PREPOOL"]
-              + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0))
-    return Work((Job("", "conv2d_act_pool_fwd_kernel", programs, executed, useful,
-                     (m["BLOCK_M"], m["BLOCK_N"]), dots=4),),
-                _bytes(d, *reads), _bytes(d, *writes))
-
-
-def _weight_grad_job(d: dict, programs: int, block_out: int, block_k: int, useful: int) -> Job:
-    """The weight-gradient programs: (output tile x split) pairs, each summing ROWS_PER_SPLIT rows
-    (the last split's rows past the end included) into a block_out x block_k tile:
-        executed = programs * 2 * block_out * block_k * ROWS_PER_SPLIT"""
-    executed = programs * 2 * block_out * block_k * d["args"]["ROWS_PER_SPLIT"]
-    return Job("dw", "_grad_weight_tile", programs, executed, useful if programs else 0, (block_out, block_k))
-
-
-def _weight_grad_traffic(d: dict, dw_programs: int) -> tuple[list[str], list[str]]:
-    """What the weight-gradient reduction reads and writes beyond the GEMM's operands: every
-    partial is written to the workspace and read back once by a finishing program, and each
-    program counts itself in with one atomic on a counter. A tile summed by one program (SPLIT 1)
-    stores its result directly."""
-    if not dw_programs:
-        return [], []
-    results = ["dw_ptr"] + ["db_ptr"] * d["meta"]["HAS_BIAS"]
-    if d["args"]["SPLIT"] == 1:
-        return [], results
-    return ["ws_ptr", "counter_ptr"], results + ["ws_ptr", "counter_ptr"]
-
-
-@_formula("conv2d_act_pool_bwd_kernel")
-def _conv_backward(d: dict) -> Work:
-    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_CO x BLOCK_DW_K tiles (see
-    _weight_grad_job). dx: the remaining NUM_DX programs, BLOCK_DX_M input positions x BLOCK_DX_N
-    input channels, reducing over C_out*k*k taps in steps of BLOCK_DX_K:
-        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * ceil(C_out*k*k / BLOCK_DX_K) * BLOCK_DX_K
-    Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
-    Reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), w
-    (dx) and x (dw); writes dx, dw and db, and the reduction's workspace and counters."""
-    a, m = d["args"], d["meta"]
-    K = a["C_in"] * m["KSIZE"] ** 2
-    useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
-    dw_programs = a["NUM_DW"]
-    num_dx = d["grid"][0] - dw_programs
-    dx = Job("dx", "_grad_input_tile", num_dx,
-             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * _round_up(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
-             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
-    dw = _weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
-    extra_reads, extra_writes = _weight_grad_traffic(d, dw_programs)
-    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["a_ptr"] * m["SAVED_PREPOOL"]
-             + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads)
-    writes = ["dx_ptr"] * (num_dx > 0) + extra_writes
-    return Work((dx, dw), _bytes(d, *reads), _bytes(d, *writes))
-
-
-@_formula("linear_act_fwd_kernel")
-def _linear_forward(d: dict) -> Work:
-    """A BLOCK_M x BLOCK_N tile of y = x W^T a program, K in steps of BLOCK_K:
-        executed = programs * 2 * BLOCK_M * BLOCK_N * ceil(K / BLOCK_K) * BLOCK_K
-        useful   = 2 * M * N * K
-    Reads x, W (and b); writes y and the backward's arrival counters (zeroed)."""
-    a, m = d["args"], d["meta"]
-    programs = math.prod(d["grid"])
-    executed = programs * 2 * m["BLOCK_M"] * m["BLOCK_N"] * _round_up(a["K"], m["BLOCK_K"])
-    reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
-    writes = ["y_ptr"] + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0)
-    return Work((Job("", "linear_act_fwd_kernel", programs, executed, 2 * a["M"] * a["N"] * a["K"],
-                     (m["BLOCK_M"], m["BLOCK_N"])),),
-                _bytes(d, *reads), _bytes(d, *writes))
-
-
-@_formula("linear_act_bwd_kernel")
-def _linear_backward(d: dict) -> Work:
-    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_N x BLOCK_DW_K tiles (see
-    _weight_grad_job). dx: the remaining NUM_DX programs of BLOCK_DX_M rows x BLOCK_DX_K input
-    features, reducing over the N outputs in steps of BLOCK_DX_N:
-        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_K * ceil(N / BLOCK_DX_N) * BLOCK_DX_N
-    Useful:
-    2 * M * N * K each. Reads grad_y and y, W (dx) and x (dw); writes dx, dW and db, and the
-    reduction's workspace and counters."""
-    a, m = d["args"], d["meta"]
-    useful = 2 * a["M"] * a["N"] * a["K"]
-    dw_programs = a["NUM_DW"]
-    num_dx = d["grid"][0] - dw_programs
-    dx = Job("dx", "_grad_input_tile", num_dx,
-             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_K"] * _round_up(a["N"], m["BLOCK_DX_N"]),
-             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_K"]))
-    dw = _weight_grad_job(d, dw_programs, m["BLOCK_DW_N"], m["BLOCK_DW_K"], useful)
-    extra_reads, extra_writes = _weight_grad_traffic(d, dw_programs)
-    reads = ["g_ptr", "y_ptr"] + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads
-    writes = ["dx_ptr"] * (num_dx > 0) + extra_writes
-    return Work((dx, dw), _bytes(d, *reads), _bytes(d, *writes))
-
-
-@_formula("cross_entropy_fwd_kernel")
-def _cross_entropy_forward(d: dict) -> Work:
-    """No dot (its exp, log and sums are not counted, as in model_flops). Reads the logits and
-    targets; writes the per-row log-sum-exp, the loss and the row counts; split over several
-    programs (SPLIT), also writes their partials to the workspace and reads them back once."""
-    split = ["ws_ptr"] if d["meta"].get("SPLIT") else []
-    return Work((), _bytes(d, "logits_ptr", "target_ptr", *split),
-                _bytes(d, "lse_ptr", "loss_ptr", "rows_ptr", *split))
-
-
-@_formula("cross_entropy_bwd_kernel")
-def _cross_entropy_backward(d: dict) -> Work:
-    """No dot. Reads the logits, targets, log-sum-exp, row counts and the upstream gradient;
-    writes dlogits."""
-    return Work((), _bytes(d, "logits_ptr", "target_ptr", "lse_ptr", "rows_ptr", "grad_loss_ptr"),
-                _bytes(d, "dlogits_ptr"))
-
-
-def work(desc: dict) -> Work:
-    if desc["kernel"] not in WORK:
-        raise KeyError(f"no FLOP/byte formulas for {desc['kernel']}: add one to fastlenet.kernels.report.WORK")
-    return WORK[desc["kernel"]](desc)
-
-
-# --------------------------------------------------------------------------------------------------
 # One launch, one step.
 # --------------------------------------------------------------------------------------------------
 
@@ -459,8 +282,8 @@ def _peak(gpu: Gpu, sites: list[DotSite]) -> float:
 
 
 def analyse(desc: dict, result: dict, cc: int) -> LaunchReport:
-    """The report of one recorded launch (gpu_build.describe) from its compiled kernel (a
-    gpu_build.build result with its TTGIR) for target `cc`."""
+    """The report of one recorded launch (a fastlenet.kernels.launch.describe dict) from its compiled
+    kernel (a gpu_build.build result with its TTGIR) for target `cc`."""
     if "error" in result:
         raise RuntimeError(f"{desc['kernel']} ({', '.join(desc['origins'])}) did not build for sm_{cc}: "
                            f"{result['error'].splitlines()[-1]}")
@@ -471,13 +294,13 @@ def analyse(desc: dict, result: dict, cc: int) -> LaunchReport:
     stray = [s for s in sites if s.function not in known]
     if stray:
         raise ValueError(f"{desc['kernel']}: a dot in {stray[0].function} (line {stray[0].line}) belongs to no "
-                         f"job of fastlenet.kernels.report's formulas ({sorted(known) or 'none'})")
+                         f"job of {desc['module']}'s accounting ({sorted(known) or 'none'})")
     jobs, issued, compute_s = [], 0, 0.0
     for job in w.jobs:
         mine = [s for s in sites if s.function == job.function]
         # The formulas' tiles must be the compiled ones, or their FLOP counts describe another kernel.
         if len(mine) != job.dots or any(s.tile != job.tile for s in mine):
-            raise ValueError(f"{desc['kernel']}: fastlenet.kernels.report's formula expects {job.dots} dot(s) of "
+            raise ValueError(f"{desc['kernel']}: {desc['module']}'s accounting expects {job.dots} dot(s) of "
                              f"{job.tile[0]}x{job.tile[1]} in {job.function}; the TTGIR has "
                              f"{[f'{s.tile[0]}x{s.tile[1]} at line {s.line}' for s in mine]}")
         replication = max((s.replication for s in mine), default=1)
@@ -580,8 +403,22 @@ class StepReport:
 _SHORT = {"registers": "regs", "shared memory": "smem", "threads": "threads", "blocks": "blocks"}
 
 
+def step_report(recorded: dict, cc: int, *, jobs: int = 2, cache_dir: pathlib.Path | None = None,
+                log=None) -> StepReport:
+    """Compile the launches of a recorded step (record_step's dict) for sm_`cc` (gpu_build's cache
+    first) and analyse each."""
+    descs = recorded["launches"]
+    results, stats = build(descs, [cc], jobs=jobs, cache_dir=cache_dir, ttgir=True, log=log)
+    by_origin = {origin: r for r in results for origin in r["origins"]}
+    return StepReport(recorded["variant"], recorded["batch"], cc, recorded["precision"],
+                      {k: stats[k] for k in ("triton", "ptxas")},
+                      [analyse(d, by_origin[d["origins"][0]], cc) for d in descs],
+                      {k: stats[k] for k in ("compiled_kernels", "from_cache", "built")})
+
+
 # --------------------------------------------------------------------------------------------------
-# The command line.
+# Recording a training step: the one part of the analysis that builds a model (fastlenet.profiling);
+# everything above takes launch descriptions as data.
 # --------------------------------------------------------------------------------------------------
 
 _RECORD = """
@@ -595,10 +432,10 @@ json.dump({"precision": precision or pytorch_precisions(),
 
 
 def record_step(variant: str, batch: int, precision: str | None = None) -> dict:
-    """{"precision": ..., "launches": [describe dicts]} of one fused training step, recorded in a
-    child process through Triton's interpreter on the CPU: this process compiles the kernels, and
-    @triton.jit picks interpreter or compiler once, when a kernel is defined. precision None: as
-    PyTorch's switches choose in a fresh process (its defaults); "tf32" or "ieee": every dot."""
+    """{"variant", "batch", "precision", "launches": [describe dicts]} of one fused training step,
+    recorded in a child process through Triton's interpreter on the CPU: this process compiles the
+    kernels, and @triton.jit picks interpreter or compiler once, when a kernel is defined. precision
+    None: as PyTorch's switches choose in a fresh process (its defaults); "tf32" or "ieee": every dot."""
     if isinstance(precision, str):
         precision = {kind: precision for kind in DOT_KINDS}
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -606,26 +443,17 @@ def record_step(variant: str, batch: int, precision: str | None = None) -> dict:
                           env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"recording the {variant} step at batch {batch} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout)
+    return {"variant": variant, "batch": batch, **json.loads(proc.stdout)}
 
 
-def step_report(variant: str, batch: int, cc: int, precision: str | None = None, *, jobs: int = 2,
-                cache_dir: pathlib.Path | None = None, log=None) -> StepReport:
-    """Record one training step, compile its launches for sm_`cc` (gpu_build's cache first) and
-    analyse each."""
-    recorded = record_step(variant, batch, precision)
-    descs = recorded["launches"]
-    results, stats = build(descs, [cc], jobs=jobs, cache_dir=cache_dir, ttgir=True, log=log)
-    by_origin = {origin: r for r in results for origin in r["origins"]}
-    return StepReport(variant, batch, cc, recorded["precision"], {k: stats[k] for k in ("triton", "ptxas")},
-                      [analyse(d, by_origin[d["origins"][0]], cc) for d in descs],
-                      {k: stats[k] for k in ("compiled_kernels", "from_cache", "built")})
-
+# --------------------------------------------------------------------------------------------------
+# The command line.
+# --------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     from fastlenet.models import VARIANTS
 
-    parser = argparse.ArgumentParser(prog="python -m fastlenet.kernels.report",
+    parser = argparse.ArgumentParser(prog="python -m fastlenet.analysis.report",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variant", choices=list(VARIANTS), default="lenet5", help="LeNet-5 variant")
@@ -645,8 +473,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET: the report reads compiled, not interpreted, kernels", file=sys.stderr)
         return 2
-    report = step_report(args.variant, args.batch, args.arch, None if args.precision == "pytorch" else args.precision,
-                         jobs=args.jobs, cache_dir=args.cache_dir,
+    recorded = record_step(args.variant, args.batch, None if args.precision == "pytorch" else args.precision)
+    report = step_report(recorded, args.arch, jobs=args.jobs, cache_dir=args.cache_dir,
                          log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report.to_json(), indent=1) if args.json else report)
     return 0

@@ -5,10 +5,11 @@ This runs Triton's full pipeline down to ptxas for an explicit target (sm_80, sm
 registers, spill (LOCAL/STACK) bytes and shared memory with cuobjdump, both shipped in the triton
 wheel. Run it where TRITON_INTERPRET is unset (the kernels must be JITFunctions, not interpreted):
 
-    python -m fastlenet.kernels.gpu_build launches.json [--cc 80 90] [--jobs 2] [--report FILE]
+    python -m fastlenet.analysis.gpu_build launches.json [--cc 80 90] [--jobs 2] [--report FILE]
 
-launches.json holds a list of `describe(launch)` dicts (kernel, grid, arguments, constexprs) of
-recorded Launches. Each result (one JSON line on stdout) is one distinct compiled kernel per target.
+launches.json holds a list of fastlenet.kernels.launch.describe(launch) dicts (kernel, grid,
+arguments, constexprs) of recorded Launches. Each result (one JSON line on stdout) is one distinct
+compiled kernel per target.
 
 What is compiled is what the JIT would compile, because the JIT itself decides it: `specialize`
 hands the recorded arguments to the kernel's own launch path (JITFunction.run with warmup=True)
@@ -39,9 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
-
-from .launch import TensorSpec, record_launches, record_precision
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -67,40 +66,8 @@ _CACHE_FORMAT = 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Recorded launch -> description (JSON): what the launch passed, nothing Triton-specific yet.
+# Descriptions (fastlenet.kernels.launch.describe): what a launch passed, nothing Triton-specific yet.
 # --------------------------------------------------------------------------------------------------
-
-def describe(launch, origin: str = "") -> dict:
-    """A JSON-able description of a recorded Launch: its kernel, grid, arguments (tensors as dtype,
-    shape and alignment) and meta-parameters. `origin` says which user-level call launched it."""
-    args = {}
-    for name, value in launch.args.items():
-        if isinstance(value, TensorSpec):
-            args[name] = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
-                          "data_ptr_mod16": value.data_ptr_mod16}
-        elif isinstance(value, (bool, int, float)):
-            args[name] = value
-        else:
-            raise TypeError(f"{launch.name}: unsupported argument {name}={value!r}")
-    return {"module": launch.kernel.fn.__module__, "kernel": launch.kernel.fn.__name__,
-            "grid": list(launch.grid), "args": args, "meta": dict(launch.meta),
-            "origins": [origin] if origin else []}
-
-
-def record(fn: Callable[[], object], precision: str | dict[str, str]) -> list:
-    """The Launches fn() makes, recorded without running a kernel, with float32 dots as a GPU run
-    with `precision` would launch them (see launch.record_precision): tile sizes may differ by
-    precision, so a build that must cover both records both."""
-    with record_launches(execute=False) as launches, record_precision(precision):
-        try:
-            fn()
-        except Exception as e:
-            raise RuntimeError(
-                "recording launches without running their kernels failed: host code read a kernel "
-                "output that was never written? Guard such reads with "
-                "fastlenet.kernels.launch.executing()") from e
-    return launches
-
 
 def merge_descriptions(descs: Iterable[dict]) -> list[dict]:
     """Equal descriptions once, with the origins of all of them."""
@@ -517,10 +484,10 @@ def report(results: list[dict], stats: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastlenet.kernels.gpu_build",
+    parser = argparse.ArgumentParser(prog="python -m fastlenet.analysis.gpu_build",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("launches", help="JSON list of describe(launch) dicts")
+    parser.add_argument("launches", help="JSON list of fastlenet.kernels.launch.describe(launch) dicts")
     parser.add_argument("--cc", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="compile processes (each holds torch and Triton: about 1 GB of memory)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -98,6 +97,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from fastlenet import data
+    from fastlenet.files import write_json
 
     data.load("mnist", args.data_dir)  # fetch and verify now, so no timed run downloads anything
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -144,7 +144,7 @@ def main() -> int:
         print(f"the floor takes {floor:.2f} s of the {budget:.2f} s budget, leaving {budget - floor:.2f} s for "
               f"the optimizer, the metrics and the outputs")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": info, "runs": runs, "summary": summary}, indent=2) + "\n")
+        write_json(Path(args.json), {"meta": info, "runs": runs, "summary": summary})
     return 0
 
 

@@ -4,12 +4,13 @@
 
 The process does the computation that one CPU epoch at the tutorial setting (batch 64, one epoch,
 then the test set) cannot do without, the way fastlenet.train does it, and nothing more: import
-torch; read, verify and normalise MNIST (fastlenet.data); the reference LeNet-5's forward pass, loss and backward pass for the epoch's 938
-shuffled batches of 64, in fastlenet.train's CPU layout (channels-last); the forward pass over the
-10,000 test images (fastlenet.train.predict). What it leaves out, every real run adds on top: the
-optimizer (and the import of torch._dynamo that torch.optim brings), the running metrics and
-progress bar, the metrics file, checkpoint and plot. So its time from interpreter start to exit
-bounds fastlenet.train's from below, and any other run built on PyTorch's CPU kernels as well.
+torch; read, verify and normalise MNIST (fastlenet.data); the reference LeNet-5's forward pass, loss
+and backward pass for the epoch's 938 shuffled batches of 64 (fastlenet.engine.training_step without
+an optimizer), in fastlenet.train's CPU layout (engine.channels_last); the forward pass over the
+10,000 test images (engine.predict). What it leaves out, every real run adds on top: the optimizer
+(and the import of torch._dynamo that torch.optim brings), the running metrics and progress bar, the
+metrics file, checkpoint and plot. So its time from interpreter start to exit bounds
+fastlenet.train's from below, and any other run built on PyTorch's CPU kernels as well.
 bench/cpu_epoch.py runs it beside the two processes it compares and sets it against the time budget.
 """
 import argparse
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import data
+from fastlenet.engine import channels_last, predict, training_step
 from fastlenet.models import LeNet5
-from fastlenet.train import channels_last, predict
+from fastlenet.names import DEFAULT_DATA_DIR
 
 BATCH_SIZE = 64
 
@@ -31,7 +33,7 @@ BATCH_SIZE = 64
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default="./data", help="where fastlenet keeps MNIST")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where fastlenet keeps MNIST")
     parser.add_argument("--limit-train", type=int, help="first N training images only (for a quick check)")
     args = parser.parse_args()
     marks = {"import": time.perf_counter()}
@@ -47,7 +49,7 @@ def main() -> None:
 
     steps = 0
     for xb, yb in data.batches(x, y, BATCH_SIZE, generator=torch.Generator().manual_seed(0)):
-        F.cross_entropy(model(xb), yb).backward()  # gradients accumulate: no optimizer here
+        training_step(model, None, F.cross_entropy, xb, yb)  # no optimizer: no update
         steps += 1
     marks["epoch"] = time.perf_counter()
 

@@ -4,7 +4,8 @@
     TRITON_INTERPRET=1 python bench/host_overhead.py --adam --json out.json
 
 At LeNet's size a GPU training step is bound by host work, not by the device. This bench times the
-fused training step (LeNet5(fused=True), fastlenet.functional.cross_entropy, backward; with --adam
+fused training step (fastlenet.engine.training_step, the step fastlenet.train runs, of
+LeNet5(fused=True) with fastlenet.functional.cross_entropy: forward, loss, backward; with --adam
 also an Adam(fused=True) step) on CPU tensors with every Triton launch replaced by a no-op
 (fastlenet.kernels.launch.skip_launches): what remains is validation, autograd, output and workspace
 allocation, planning and launch-argument assembly, i.e. everything fastlenet's host code does.
@@ -40,7 +41,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -50,10 +50,10 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from fastlenet import functional as FF  # noqa: E402
+from fastlenet import engine  # noqa: E402
+from fastlenet.files import write_json  # noqa: E402
 from fastlenet.kernels import launch as _launch  # noqa: E402
 from fastlenet.models import LeNet5  # noqa: E402
 
@@ -61,25 +61,19 @@ LEFT_OUT = ("Triton's own launcher (~10 us per launch in current Triton releases
             "time; CPU allocation stands in for the CUDA caching allocator")
 
 
-def _step_fn(fused: bool, batch: int, adam: bool):
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    model = LeNet5(fused=fused).to(device)
-    x = torch.randn(batch, 1, 28, 28).to(device)
-    target = torch.randint(0, 10, (batch,)).to(device)
-    loss_fn = FF.cross_entropy if fused else F.cross_entropy
-    opt = None
-    if adam:
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+def _adam(model: torch.nn.Module, adam: bool):
+    """Adam(fused=True) over the model's parameters, or None (no update) without --adam."""
+    return engine.build_optimizer(model, engine.OptimizerSettings("adam", 1e-3, 0.0, 0.0)) if adam else None
 
-    def step():
-        for p in model.parameters():
-            p.grad = None
-        loss = loss_fn(model(x), target)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-    return step
+
+def _step_fn(fused: bool, batch: int, adam: bool):
+    """engine.training_step of LeNet5(fused=fused), fastlenet.train's step, on a fixed CPU batch."""
+    torch.manual_seed(0)
+    model = LeNet5(fused=fused)
+    x = torch.randn(batch, 1, 28, 28)
+    target = torch.randint(0, 10, (batch,))
+    loss_fn, opt = engine.loss_function(fused), _adam(model, adam)
+    return lambda: engine.training_step(model, opt, loss_fn, x, target)
 
 
 class _Shell(torch.autograd.Function):
@@ -141,20 +135,14 @@ class _ShellLeNet5(torch.nn.Module):
 
 
 def _floor_step_fn(batch: int, adam: bool):
+    """The same engine.training_step through _ShellLeNet5 and _ShellLoss."""
     torch.manual_seed(0)
     model = _ShellLeNet5()
     x = torch.randn(batch, 1, 28, 28)
     target = torch.randint(0, 10, (batch,))
     # The same optimizer as the fused step: Adam is PyTorch's work, not fastlenet's.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if adam else None
-
-    def step():
-        for p in model.parameters():
-            p.grad = None
-        _ShellLoss.apply(model(x), target).backward()
-        if opt is not None:
-            opt.step()
-    return step
+    opt = _adam(model, adam)
+    return lambda: engine.training_step(model, opt, _ShellLoss.apply, x, target)
 
 
 BLOCK = 20
@@ -264,8 +252,7 @@ def main(argv=None) -> dict:
           f"({c['us_per_step_p10']:.1f}..{c['us_per_step_p90']:.1f})  (CPU compute included; scale only)")
     print(f"  NOT included: {LEFT_OUT}.")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)
         print(f"  wrote {args.json}")
     return res
 

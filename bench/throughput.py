@@ -22,7 +22,7 @@ operations per step (fastlenet.profiling.count_device_ops), FLOPs per image (2 p
 the conv and linear layers; training = forward + weight gradients + input gradients except conv1's),
 and the achieved fraction of the device's peak where the device is in PEAK_TFLOPS. The report ends
 with one line: the fastest provider at each batch size and by how much. (Per-launch floors are not
-measured here: python -m fastlenet.kernels.report derives them from the compiled kernels.)
+measured here: python -m fastlenet.analysis.report derives them from the compiled kernels.)
 
 Without a CUDA GPU, fused and fused-graph are listed as unavailable with the reason; nothing is
 estimated. Under TRITON_INTERPRET=1 a couple of fused steps run through Triton's CPU interpreter at
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import logging
 import os
 import platform
@@ -43,11 +42,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from fastlenet._cli import HelpFormatter, quiet_interpreter_warnings
-from fastlenet.models import MODEL_NAMES, build_model
-from fastlenet.profiling import Amp, capture, count_device_ops, model_flops, training_step
+from fastlenet import engine
+from fastlenet.cli import DEVICE_CHOICES, CLIError, HelpFormatter, choose_device, quiet_interpreter_warnings
+from fastlenet.files import write_json
+from fastlenet.models import build_model
+from fastlenet.names import DATASET_NAMES, DEFAULT_DATA_DIR, MODEL_NAMES
+from fastlenet.plots import new_figure, save_figure
+from fastlenet.profiling import count_device_ops, model_flops
 
 PROVIDERS = ("eager", "compile", "fused", "fused-graph")
 MODES = ("train", "inference")
@@ -76,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="providers to measure, in this order")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128, 256, 512, 1024, 4096])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="auto: cuda when available, else cpu")
     p.add_argument("--repeats", type=int, default=50, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps before timing (the first "
@@ -98,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tta.add_argument("--tta-batch-size", type=int, default=128)
     tta.add_argument("--tta-lr", type=float, default=2e-3)
     tta.add_argument("--tta-max-epochs", type=int, default=20)
-    tta.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
-    tta.add_argument("--data-dir", default="./data")
+    tta.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
+    tta.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
@@ -109,14 +111,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 # Devices and what they are
 # --------------------------------------------------------------------------------------------------
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda, but PyTorch sees no CUDA GPU here")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
 
 def interpreting() -> bool:
     from fastlenet.kernels.launch import interpreting as triton_interpreting
@@ -202,6 +196,11 @@ def fused_unavailable(device: torch.device) -> str | None:
             "through Triton's interpreter, for checking, not for speed")
 
 
+def adam(lr: float) -> engine.OptimizerSettings:
+    """Every provider's optimizer: Adam(fused=True), torch's betas, no weight decay."""
+    return engine.OptimizerSettings("adam", lr, momentum=0.0, weight_decay=0.0)
+
+
 def build(provider: str, variant: str, init: dict, device: torch.device, lr: float = 1e-3):
     """(model, optimizer, loss_fn) for the provider, weights from `init`, on `device`."""
     fused = provider in ("fused", "fused-graph")
@@ -212,12 +211,8 @@ def build(provider: str, variant: str, init: dict, device: torch.device, lr: flo
     model = build_model(variant, fused=fused).to(device)
     model.load_state_dict(init)
     # capturable keeps Adam's step counters on the device, which a CUDA graph requires.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True,
-                                 capturable=provider == "fused-graph")
-    if fused:
-        from fastlenet.functional import cross_entropy as loss_fn
-    else:
-        loss_fn = F.cross_entropy
+    optimizer = engine.build_optimizer(model, adam(lr), capturable=provider == "fused-graph")
+    loss_fn = engine.loss_function(fused)
     if provider == "compile":
         from torch import _dynamo
 
@@ -237,17 +232,17 @@ def amp_unavailable(provider: str, amp: str, device: torch.device) -> str | None
 
 
 def step_function(provider, model, optimizer, loss_fn, x, y, mode, amp: str = "off"):
-    mixed = Amp.of(amp, x.device.type)
+    mixed = engine.Amp.of(amp, x.device.type)
     if mode == "train":
         def step():
-            training_step(model, optimizer, loss_fn, x, y, amp=mixed)
-    else:
+            engine.training_step(model, optimizer, loss_fn, x, y, amp=mixed)
+    else:  # the forward alone, on one batch (engine.predict would add eval() and its batching)
         def step():
             with torch.inference_mode(), torch.autocast(x.device.type, dtype=mixed.dtype if mixed else None,
                                                         enabled=mixed is not None):
                 model(x)
     if provider == "fused-graph":
-        return capture(step)  # the same step and capture as `python -m fastlenet.train --fused` on CUDA
+        return engine.capture(step)  # the same step and capture as `python -m fastlenet.train --fused` on CUDA
     return step
 
 
@@ -497,12 +492,8 @@ def summary(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = new_figure(figsize=(11, 4.2), layout="tight")
+    axes = fig.subplots(1, 2)
     for ax, mode in zip(axes, MODES):
         for provider in PROVIDERS:
             rows = sorted((r for r in results if r["provider"] == provider and r["mode"] == mode
@@ -519,37 +510,21 @@ def plot(results: list[dict], path: Path, meta: dict) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.suptitle(f"LeNet-5 throughput on {meta['device_name']} (median, band p20-p80)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(path, fig, dpi=120)
 
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
 # Time to accuracy
 # --------------------------------------------------------------------------------------------------
 
-def evaluate(model, x, y, batch_size=10000) -> float:
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
-            logits = model(x[start:start + batch_size])
-            correct += (logits.argmax(1) == y[start:start + batch_size]).sum()
-    return correct.item() / len(x)
-
-
 def time_to_accuracy(args, device: torch.device) -> list[dict]:
     """Train eager and fused from the same weights and batch order until the test accuracy reaches
     the target. Timed: from the first step to the evaluation that reached it, per-epoch evaluations
     included; the data sits on the device beforehand. Each provider first warms up on a throwaway
-    copy with the same shapes (compilation, autotuning, lazy allocations), timed separately."""
+    copy with the same shapes (compilation, autotuning, lazy allocations), timed separately. The
+    epochs and evaluations are fastlenet.train's: engine.train_epoch and engine.evaluate."""
     from fastlenet import data
-    from tqdm import tqdm
 
     ds = data.load(args.dataset, args.data_dir)
     mean, std = data.NORMALIZATION[args.dataset]
@@ -572,23 +547,24 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
 
         # Warm-up on a copy: every shape the run will see (full and last partial batch, evaluation).
         scratch = copy.deepcopy(model)
-        scratch_opt = torch.optim.Adam(scratch.parameters(), lr=args.tta_lr, fused=True)
+        scratch_steps = engine.StepRunner(scratch, engine.build_optimizer(scratch, adam(args.tta_lr)), loss_fn,
+                                          x_train, y_train, bs)
         last = len(x_train) % bs or bs
 
         def warm():
             for n in sorted({bs, last}):
-                training_step(scratch, scratch_opt, loss_fn, x_train[:n], y_train[:n])
-            evaluate(scratch, x_test, y_test)
+                scratch_steps(x_train[:n], y_train[:n])
+            engine.evaluate(scratch, loss_fn, x_test, y_test)
         _, warmup_seconds = timed_call(warm, device)
 
+        steps = engine.StepRunner(model, optimizer, loss_fn, x_train, y_train, bs)
         generator = torch.Generator().manual_seed(args.seed)  # the same batch order for both
         history = []
         synchronize(device)
         t0 = time.perf_counter()
-        for epoch in tqdm(range(1, args.tta_max_epochs + 1), desc=provider, leave=False, disable=None):
-            for xb, yb in data.batches(x_train, y_train, bs, generator=generator):
-                training_step(model, optimizer, loss_fn, xb, yb)
-            accuracy = evaluate(model, x_test, y_test)  # .item() synchronises
+        for epoch in range(1, args.tta_max_epochs + 1):
+            engine.train_epoch(steps, None, x_train, y_train, generator=generator, desc=f"{provider} epoch {epoch}")
+            accuracy = engine.evaluate(model, loss_fn, x_test, y_test).accuracy  # .item() synchronises
             elapsed = time.perf_counter() - t0
             history.append({"epoch": epoch, "seconds": elapsed, "test_accuracy": accuracy})
             print(f"{provider}: epoch {epoch}: test accuracy {accuracy:.4f} at {elapsed:.2f} s")
@@ -624,7 +600,10 @@ def quiet_cuda_home_warning() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = choose_device(args.device)
+    except CLIError as e:
+        sys.exit(f"error: {e}")
     if not torch.cuda.is_available():
         quiet_cuda_home_warning()
     if interpreting():

@@ -19,7 +19,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,15 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-DATASETS = ("mnist", "fashion-mnist")
+from fastlenet.files import atomic_write_bytes
+from fastlenet.names import DATASET_NAMES, DEFAULT_DATA_DIR
+
+DATASETS = DATASET_NAMES  # keyed by them: NORMALIZATION, CLASS_NAMES, MD5
 NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
@@ -81,14 +83,19 @@ class Split:
         return Split(self.images[indices], self.labels[indices])
 
 
-def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
-    """(the rest, n images held out) of split: the first n of a random permutation drawn from a CPU
+class HeldOut(NamedTuple):
+    train: Split  # the images to train on
+    held: Split | None  # the images held out (to validate on), or None where none are
+
+
+def hold_out(split: Split, n: int, seed: int) -> HeldOut:
+    """The rest, and n images held out, of split: the first n of a random permutation drawn from a CPU
     generator seeded with `seed`, so the same seed and split size give the same choice on any device
     and in any run. Both parts keep the split's order."""
     if not 0 <= n <= len(split):
         raise ValueError(f"cannot hold out {n} of {len(split)} images")
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    return split.subset(order[n:].sort().values), split.subset(order[:n].sort().values)
+    return HeldOut(split.subset(order[n:].sort().values), split.subset(order[:n].sort().values))
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class Dataset:
 SPLITS = {"train": FILES[:2], "test": FILES[2:]}
 
 
-def load(name: str = "mnist", data_dir="./data", *, splits=("train", "test"),
+def load(name: str = "mnist", data_dir=DEFAULT_DATA_DIR, *, splits=("train", "test"),
          log: Callable[[str], None] = print) -> Dataset:
     """The `splits` of `name` as CPU tensors, from verified files, fetching what is missing or corrupt.
 
@@ -306,27 +313,6 @@ def md5sum(path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one, never part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file sits beside the target: os.replace is atomic only within one filesystem.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make shared data dirs unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def to_device(split: Split, device, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,73 +7,72 @@ label. Only the test split is read, by default from the data directory the run t
 training files need not be there.
 
 As in fastlenet.train, PyTorch is imported only once the flags are good, so --help answers at once.
+The checkpoint is read by fastlenet.checkpoint, the model run by fastlenet.engine, the pictures drawn
+by fastlenet.plots.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fastlenet import _cli
-from fastlenet.train import EVAL_BATCH_SIZE, loss_function, predict
-
-if TYPE_CHECKING:
-    import torch
+from fastlenet import cli
+from fastlenet.checkpoint import checkpoint_model, load_checkpoint
+from fastlenet.files import write_json
+from fastlenet.names import DATASET_NAMES, DEFAULT_DATA_DIR, EVAL_BATCH_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastlenet.evaluate",
                                 description="Evaluate a fastlenet checkpoint on the test set.",
-                                formatter_class=_cli.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
-    p.add_argument("--dataset", choices=_cli.DATASET_NAMES, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where the dataset is kept (default: the data directory of the checkpoint's run if it "
-                        f"still holds the test files, else {_cli.DEFAULT_DATA_DIR})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        f"still holds the test files, else {DEFAULT_DATA_DIR})")
+    p.add_argument("--device", choices=cli.DEVICE_CHOICES, default="auto",
                    help="auto: CUDA if there is a GPU, else the CPU")
     p.add_argument("--fused", action="store_true", help="run the fused Triton model (any checkpoint loads into it)")
-    p.add_argument("--batch-size", type=_cli.positive_int, default=EVAL_BATCH_SIZE, metavar="N",
+    p.add_argument("--batch-size", type=cli.positive_int, default=EVAL_BATCH_SIZE, metavar="N",
                    help="inference batch size")
-    p.add_argument("--limit-test", type=_cli.positive_int, metavar="N",
-                   help=f"evaluate the first N test images only (default: all; {_cli.INTERPRETER_TEST_IMAGES} for "
+    p.add_argument("--limit-test", type=cli.positive_int, metavar="N",
+                   help=f"evaluate the first N test images only (default: all; {cli.INTERPRETER_TEST_IMAGES} for "
                         "--fused under Triton's interpreter)")
-    p.add_argument("--max-images", type=_cli.positive_int, default=64, metavar="N",
+    p.add_argument("--max-images", type=cli.positive_int, default=64, metavar="N",
                    help="most misclassified images to draw")
     p.add_argument("--out", metavar="DIR", help="output directory (default: the checkpoint's directory)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run(evaluate, build_parser(), argv)
+    return cli.run(evaluate, build_parser(), argv)
 
 
 def evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlenet import data
+    from fastlenet import data, engine, plots
 
     path = Path(args.checkpoint)
-    device = _cli.choose_device(args.device)
-    checkpoint = _cli.load_checkpoint(path)
+    device = cli.choose_device(args.device)
+    checkpoint = load_checkpoint(path)
     dataset_name = args.dataset or checkpoint["config"].get("dataset", "mnist")
     if args.fused:
-        _cli.check_fused(device, args)
-    out = _cli.prepare_out_dir(Path(args.out) if args.out else path.parent)
+        cli.check_fused(device, args)
+    out = cli.prepare_out_dir(Path(args.out) if args.out else path.parent)
 
-    model = _cli.checkpoint_model(checkpoint, path, args.fused, device)
+    model = checkpoint_model(checkpoint, path, args.fused, device)
     variant = model.variant
     print(f"checkpoint {path}: {variant}, epoch {checkpoint['epoch']} | device {device} "
-          f"({_cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
+          f"({cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
     dataset = data.load(dataset_name, args.data_dir or _run_data_dir(checkpoint, dataset_name), splits=("test",))
     test = dataset.test.first(args.limit_test)
     mean, std = data.NORMALIZATION[dataset_name]
     x, y = data.to_device(test, device, mean, std)
 
-    logits = predict(model, x, args.batch_size)
-    with torch.inference_mode():
-        loss = loss_function(args.fused)(logits, y).item()
+    logits = engine.predict(model, x, args.batch_size)
+    loss = engine.score(logits, y, engine.loss_function(args.fused)).loss
     predicted = logits.argmax(1).cpu()
     truth = test.labels
     names = data.CLASS_NAMES[dataset_name]
@@ -90,16 +89,16 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"  {name:>12}  {acc:7.2%}" if acc is not None else f"  {name:>12}  (no test images)")
 
     wrong = (predicted != truth).nonzero().flatten()
-    _cli.write_json(out / "evaluation.json", {
+    write_json(out / "evaluation.json", {
         "checkpoint": str(path), "epoch": checkpoint["epoch"], "variant": variant, "dataset": dataset_name,
         "dataset_source": dataset.source, "device": str(device), "fused": args.fused,
         "test_images": len(truth), "test_accuracy": accuracy, "test_loss": loss,
         "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
         "misclassified": [{"index": int(i), "predicted": int(predicted[i]), "true": int(truth[i])} for i in wrong],
     })
-    plot_confusion(confusion, names, out / "confusion_matrix.png", title=f"{variant} on {dataset_name}: {accuracy:.2%}")
-    plot_misclassified(test.images, truth, predicted, wrong[:args.max_images], names, out / "misclassified.png",
-                       total=len(wrong))
+    plots.plot_confusion(confusion, names, out / "confusion_matrix.png", title=f"{variant} on {dataset_name}: {accuracy:.2%}")
+    plots.plot_misclassified(test.images, truth, predicted, wrong[:args.max_images], names, out / "misclassified.png",
+                             total=len(wrong))
     print(f"wrote evaluation.json, confusion_matrix.png, misclassified.png ({len(wrong)} misclassified) to {out}")
     return 0
 
@@ -113,9 +112,9 @@ def _run_data_dir(checkpoint: dict, dataset_name: str) -> str:
     for candidate in recorded:
         if _holds_test_files(Path(candidate), dataset_name):
             return candidate
-    default = _cli.DEFAULT_DATA_DIR
+    default = DEFAULT_DATA_DIR
     if recorded and not _same_dir(recorded[0], default):
-        print(f"the run's data directory {_cli.short_repr(recorded[0], 200)} no longer holds the {dataset_name} "
+        print(f"the run's data directory {cli.short_repr(recorded[0], 200)} no longer holds the {dataset_name} "
               f"test files; using {default}")
     return default
 
@@ -137,48 +136,6 @@ def _same_dir(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except (OSError, ValueError, RuntimeError):
         return False
-
-
-def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title: str) -> None:
-    k = len(names)
-    fig = _cli.new_figure(figsize=(7.5, 6.5), layout="constrained")
-    ax = fig.subplots()
-    # log colour scale: the diagonal holds ~1000 per class, the errors a handful
-    image = ax.imshow(confusion.float().add(1).log10().numpy(), cmap="Blues")
-    fig.colorbar(image, ax=ax, label="log10(1 + count)")
-    brightest = confusion.max().item()
-    for t in range(k):
-        for p in range(k):
-            n = int(confusion[t, p])
-            if n:
-                ax.text(p, t, str(n), ha="center", va="center", fontsize=8,
-                        color="white" if n > brightest ** 0.5 * 4 else "black")
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if max(map(len, names)) > 2 else "center")
-    ax.set_yticklabels(names)
-    _cli.save_figure(path, fig)
-
-
-def plot_misclassified(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor, which: torch.Tensor,
-                       names: list[str], path: Path, total: int | None = None) -> None:
-    """A grid of the misclassified images `which` (test-set indices), each titled '#index: pred X /
-    true Y', under a title saying how many of the `total` misclassified images (default: all) it shows."""
-    n = len(which)
-    total = n if total is None else total
-    cols = min(8, max(n, 1))
-    rows = max(1, -(-n // cols))
-    fig = _cli.new_figure(figsize=(1.5 * cols, 1.7 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
-    for ax in axes:
-        ax.axis("off")
-    for ax, i in zip(axes, which.tolist()):
-        ax.imshow(images[i].numpy(), cmap="gray_r")
-        ax.set_title(f"#{i}: pred {names[predicted[i]]}\ntrue {names[truth[i]]}", fontsize=8, color="firebrick")
-    if n == 0:
-        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.suptitle(f"misclassified test images: {n:,} of {total:,} shown" if total else
-                 "misclassified test images: none")
-    _cli.save_figure(path, fig)
 
 
 if __name__ == "__main__":

@@ -174,10 +174,6 @@ def _grad_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                         or (bias is not None and bias.requires_grad))
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 # --------------------------------------------------------------------------------------------------
 # conv2d + bias + activation + 2x2 pooling
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
+from fastlenet.names import MODEL_NAMES
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -193,7 +195,8 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "convnet-bn": ConvNetBN,
     "alexnet": AlexNetMNIST,
 }
-MODEL_NAMES = (*VARIANTS, *NETWORKS)
+# MODEL_NAMES (fastlenet.names, which the command-line tools read without importing PyTorch) lists
+# VARIANTS' names, then NETWORKS'; tests/test_cli.py holds them equal.
 
 
 def build_model(name: str, fused: bool = False) -> nn.Module:

@@ -27,8 +27,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastlenet import _cli
-from fastlenet._cli import CLIError
+from fastlenet import cli
+from fastlenet.checkpoint import checkpoint_model, load_checkpoint
+from fastlenet.cli import CLIError
+from fastlenet.files import write_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +48,7 @@ HINTS = {"mnist": "the digit may be drawn with thin strokes or cropped tightly; 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fastlenet.predict", formatter_class=_cli.HelpFormatter,
+        prog="python -m fastlenet.predict", formatter_class=cli.HelpFormatter,
         description="Classify images with a checkpoint written by fastlenet.train. Each image is converted "
                     "as MNIST images are: grayscale (transparent pixels as white), inverted if it is "
                     f"dark-on-light (see --invert), fitted into {SIZE}x{SIZE} with its aspect ratio kept "
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"A top probability below {LOW_CONFIDENCE:.0%} gets a hint on stderr on what to try.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, or any other format Pillow reads)")
-    p.add_argument("--top", type=_cli.positive_int, default=1, metavar="K", help="print the K most likely classes")
+    p.add_argument("--top", type=cli.positive_int, default=1, metavar="K", help="print the K most likely classes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="invert the grayscale image (255 - pixel) to make it light-on-dark like the training "
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-preprocessed", type=Path, metavar="DIR",
                    help=f"write each image as the model sees it ({SIZE}x{SIZE}, after the conversion above) as a PNG "
                         f"in DIR, created if missing: digit.png becomes DIR/digit-{SIZE}x{SIZE}.png")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+    p.add_argument("--device", choices=cli.DEVICE_CHOICES, default="cpu",
                    help="auto: CUDA if there is a GPU, else the CPU; a few images need no GPU")
     p.add_argument("--fused", action="store_true",
                    help="run the fused Triton model (CUDA; CPU only under TRITON_INTERPRET=1); by default any "
@@ -72,24 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run(predict, build_parser(), argv)
+    return cli.run(predict, build_parser(), argv)
 
 
 def predict(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlenet import data, train
+    from fastlenet import data, engine
 
-    device = _cli.choose_device(args.device)
+    device = cli.choose_device(args.device)
     path = Path(args.checkpoint)
-    checkpoint = _cli.load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     dataset = checkpoint["config"].get("dataset", "mnist")
     names = data.CLASS_NAMES[dataset]
     if args.top > len(names):
         raise CLIError(f"--top {args.top}: the model has {len(names)} classes")
     if args.fused:
-        _cli.check_fused_backend(device)
-    model = _cli.checkpoint_model(checkpoint, path, args.fused, device)
+        cli.check_fused_backend(device)
+    model = checkpoint_model(checkpoint, path, args.fused, device)
 
     images, inverted = [], []
     for name in args.images:
@@ -98,7 +100,7 @@ def predict(args: argparse.Namespace) -> int:
         inverted.append(was_inverted)
     mean, std = data.NORMALIZATION[dataset]
     x = data.normalize(torch.stack(images).to(device), mean, std)
-    probabilities = torch.softmax(train.predict(model, x).float(), dim=1).cpu()
+    probabilities = torch.softmax(engine.predict(model, x).float(), dim=1).cpu()
     top = probabilities.topk(args.top, dim=1)
 
     results = [{"image": name, "inverted": inv,
@@ -183,7 +185,7 @@ def save_preprocessed(x: torch.Tensor, mean: float, std: float, paths: list[Path
     for image, path in zip(pixels, paths):
         buffer = io.BytesIO()
         Image.fromarray(image.numpy()).save(buffer, format="PNG")
-        _cli.write_bytes(path, buffer.getvalue())
+        write_bytes(path, buffer.getvalue())
 
 
 def open_image(path: Path) -> Image.Image:
@@ -202,7 +204,7 @@ def open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError:
         raise CLIError(f"image {path} has more pixels than Pillow opens (Image.MAX_IMAGE_PIXELS)") from None
     except OSError as e:
-        why = e.strerror or f"damaged or truncated: {_cli.one_line(e)}"  # Pillow's own have no errno
+        why = e.strerror or f"damaged or truncated: {cli.one_line(e)}"  # Pillow's own have no errno
         raise CLIError(f"cannot read image {path} ({why})") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders fail in many ways on damaged files
         raise CLIError(f"cannot read image {path}: damaged or unsupported ({type(e).__name__})") from None

@@ -19,7 +19,7 @@ import zipfile
 import pytest
 import torch
 
-from fastlenet import _cli, data, evaluate, predict, train
+from fastlenet import data, engine, evaluate, names, predict, train
 from fastlenet.models import MODEL_NAMES, NETWORKS, VARIANTS, LeNet5
 
 from conftest import assert_one_line_error
@@ -81,7 +81,7 @@ def test_checkpoint_loads_weights_only_and_reproduces_accuracy(smoke, mnist_dir)
     model.load_state_dict(checkpoint["model"])
     test = data.load("mnist", mnist_dir).test
     x, y = data.to_device(data.Split(test.images[:1000], test.labels[:1000]), "cpu", *data.NORMALIZATION["mnist"])
-    _, accuracy = train.evaluate(model, torch.nn.functional.cross_entropy, x, y)
+    _, accuracy = engine.evaluate(model, torch.nn.functional.cross_entropy, x, y)
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-3)  # at most one image flips
 
 
@@ -141,7 +141,7 @@ def test_help_lists_every_flag(capsys):
 
 def test_keyboard_interrupt_exits_130(mnist_dir, tmp_path, capsys, monkeypatch):
     """Ctrl-C in epoch 2: status 130, no traceback, and the way to resume epoch 1's checkpoint."""
-    real_epoch, calls = train.train_epoch, []
+    real_epoch, calls = engine.train_epoch, []
 
     def interrupted_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -149,7 +149,7 @@ def test_keyboard_interrupt_exits_130(mnist_dir, tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(engine, "train_epoch", interrupted_in_epoch_2)
     status, _, err = run_train(capsys, *SMALL, "--epochs", 3, "--no-plot", "--data-dir", mnist_dir,
                                "--out", tmp_path)
     assert status == 130
@@ -419,7 +419,7 @@ def test_evaluate_needs_only_the_test_files(smoke, mnist_dir, tmp_path, monkeypa
 
 VAL = ["--limit-train", "512", "--limit-test", "200", "--batch-size", "128", "--val-split", "0.25"]
 VAL_IMAGES, TRAIN_IMAGES, TEST_IMAGES = 128, 384, 200  # round(0.25 x 512), the rest, --limit-test
-REAL_EVALUATE = train.evaluate
+REAL_EVALUATE = engine.evaluate
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +431,7 @@ def val_run(mnist_dir, tmp_path_factory):
 
 
 def scripted_validation(monkeypatch, scores, test_accuracies=None, first_epoch=1):
-    """Make train.evaluate report scores[i] as (loss, accuracy) on the validation images of epoch
+    """Make engine.evaluate report scores[i] as (loss, accuracy) on the validation images of epoch
     first_epoch + i (and test_accuracies[i] on the test images, if given); returns {epoch: the
     weights validated}, filled in as the run goes."""
     weights, scores, tests = {}, iter(scores), iter(test_accuracies or [])
@@ -443,7 +443,7 @@ def scripted_validation(monkeypatch, scores, test_accuracies=None, first_epoch=1
             return next(scores)
         return loss, next(tests) if test_accuracies else accuracy
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     return weights
 
 
@@ -467,7 +467,7 @@ def test_val_split_reports_validation_and_keeps_best_pt(val_run, mnist_dir, tmp_
     model = LeNet5()
     model.load_state_dict(saved["model"])
     held = data.hold_out(data.load("mnist", mnist_dir).train.first(512), VAL_IMAGES, seed=0)[1]
-    loss, accuracy = train.evaluate(model, torch.nn.functional.cross_entropy,
+    loss, accuracy = engine.evaluate(model, torch.nn.functional.cross_entropy,
                                     *data.to_device(held, "cpu", *data.NORMALIZATION["mnist"]))
     assert accuracy == pytest.approx(best["val_accuracy"], abs=1.01 / VAL_IMAGES)  # at most one image flips
     assert loss == pytest.approx(best["val_loss"], rel=1e-4)
@@ -492,8 +492,8 @@ def test_val_split_trains_on_the_rest_and_validates_on_the_held_out_images(mnist
         seen["evaluate"].append(x)
         return 1.0, 0.5
 
-    monkeypatch.setattr(train, "train_epoch", train_epoch)
-    monkeypatch.setattr(train, "evaluate", evaluate_)
+    monkeypatch.setattr(engine, "train_epoch", train_epoch)
+    monkeypatch.setattr(engine, "evaluate", evaluate_)
     status, stdout, _ = run_train(capsys, *VAL, "--seed", 3, "--epochs", 1, "--no-plot", "--data-dir", mnist_dir,
                                   "--out", tmp_path)
     assert status == 0
@@ -632,10 +632,11 @@ def test_bad_best_record_is_one_line_of_ours(case, val_run, mnist_dir, tmp_path,
 # What a user sees first: --help, and the README
 # --------------------------------------------------------------------------------------------------
 
-def test_parser_choices_are_the_library_names():
-    assert _cli.MODEL_NAMES == MODEL_NAMES and MODEL_NAMES[:3] == tuple(sorted(VARIANTS))
-    assert _cli.LENET5_NAMES == tuple(VARIANTS) and _cli.TUTORIAL_NAMES == tuple(NETWORKS)
-    assert _cli.DATASET_NAMES == data.DATASETS
+def test_names_are_the_library_names():
+    """fastlenet.names, which the parsers read without PyTorch, names what models and data hold."""
+    assert tuple(VARIANTS) == names.LENET5_NAMES and tuple(NETWORKS) == names.TUTORIAL_NAMES
+    assert MODEL_NAMES == names.MODEL_NAMES == (*VARIANTS, *NETWORKS) and MODEL_NAMES[:3] == tuple(sorted(VARIANTS))
+    assert data.DATASETS == names.DATASET_NAMES
     assert tuple(data.CLASS_NAMES) == data.DATASETS and all(len(names) == 10 for names in data.CLASS_NAMES.values())
 
 
@@ -659,7 +660,8 @@ PROCESS_WORDS = re.compile(r"\bissue\s*#?\d|\bthe issue\b|\bseed[-_ ]style|\bsee
 def test_user_facing_text_has_no_process_words():
     """The README, --help and the shipped code speak of what a user can know: no issue numbers or
     names for scripts that only the project's history explains."""
-    files = [REPO / "README.md", *sorted(REPO.glob("fastlenet/*.py")), *sorted(REPO.glob("kernels/*.py")),
+    files = [REPO / "README.md", *sorted(REPO.glob("docs/*.md")), REPO / "bench" / "README.md",
+             *sorted(REPO.glob("fastlenet/*.py")), *sorted(REPO.glob("kernels/*.py")),
              *sorted(REPO.glob("bench/*.py"))]
     hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in files
             for n, line in enumerate(path.read_text().splitlines(), 1) if PROCESS_WORDS.search(line)]
@@ -669,8 +671,10 @@ def test_user_facing_text_has_no_process_words():
     assert not (REPO / "bench" / "seed_style_mnist.py").exists()
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+def readme_section(title: str, doc: str = "docs/cli.md") -> str:
+    """The `## title` section of a user document (the command line's is docs/cli.md, which the
+    README links to)."""
+    text = (REPO / doc).read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else None]
@@ -690,7 +694,10 @@ def test_readme_says_what_repeats_a_run():
 
 @pytest.mark.parametrize("module", [train, evaluate, predict], ids=lambda m: m.__name__)
 def test_readme_documents_every_flag(module):
-    section = readme_section("Training CLI")
+    """Each tool's flags in its own section of docs/cli.md, the page the README sends users to."""
+    assert "(docs/cli.md)" in (REPO / "README.md").read_text()
+    titles = {train: "Training CLI", evaluate: "Evaluating a checkpoint", predict: "Classifying your own images"}
+    section = readme_section(titles[module])
     flags = [o for action in module.build_parser()._actions for o in action.option_strings if o.startswith("--")]
     missing = [flag for flag in flags if flag != "--help" and f"`{flag}" not in section]
     assert not missing, missing

@@ -12,7 +12,7 @@ import pytest
 import torch
 from matplotlib.text import Text
 
-from fastlenet import _cli, data, evaluate, predict, train
+from fastlenet import checkpoint, data, evaluate, plots, predict, train
 from fastlenet.models import NETWORKS, VARIANTS
 
 from conftest import assert_one_line_error
@@ -34,13 +34,13 @@ def epoch_of(path) -> int:
 @pytest.fixture
 def figures(monkeypatch):
     """{file name: matplotlib Figure} of every figure the tools save, which are still written."""
-    saved, real = {}, _cli.save_figure
+    saved, real = {}, plots.save_figure
 
     def save_figure(path, figure):
         saved[path.name] = figure
         real(path, figure)
 
-    monkeypatch.setattr(_cli, "save_figure", save_figure)
+    monkeypatch.setattr(plots, "save_figure", save_figure)
     return saved
 
 
@@ -58,7 +58,7 @@ def test_out_holding_a_run_is_refused_and_overwrite_replaces_only_its_files(mnis
     assert run(capsys, train.main, *common, "--epochs", 2, "--val-split", 0.25)[0] == 0
     assert run(capsys, evaluate.main, out / "checkpoint.pt", "--data-dir", mnist_dir, "--limit-test", 16)[0] == 0
     # Every file that train and evaluate write is one that --overwrite knows to remove.
-    assert sorted(p.name for p in out.iterdir()) == sorted(_cli.RUN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(checkpoint.RUN_FILES)
     (out / "notes.txt").write_text("the user's own file")
     (out / ".metrics.json.x1y2.tmp").write_text("left by an interrupted write")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -76,7 +76,7 @@ def test_out_holding_a_run_is_refused_and_overwrite_replaces_only_its_files(mnis
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
 
 
-@pytest.mark.parametrize("name", _cli.RUN_FILES)
+@pytest.mark.parametrize("name", checkpoint.RUN_FILES)
 def test_any_run_file_makes_out_a_run(name, mnist_dir, tmp_path, capsys):
     (tmp_path / name).write_bytes(b"from an earlier run")
     status, _, err = run(capsys, train.main, *TINY, "--epochs", 1, "--data-dir", mnist_dir, "--out", tmp_path)
@@ -207,7 +207,7 @@ def test_curves_have_whole_epoch_ticks_and_say_the_training_figures_are_running_
         epochs, ticks, tmp_path, figures):
     history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.5, "test_loss": 1 / e, "test_accuracy": 0.6}
                for e in range(1, epochs + 1)]
-    train.plot_curves(history, tmp_path / "curves.png")
+    plots.plot_curves(history, tmp_path / "curves.png")
     figure = figures["curves.png"]
     for ax in figure.axes:
         assert list(ax.get_xticks()) == ticks

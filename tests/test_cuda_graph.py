@@ -1,8 +1,8 @@
 """The CUDA-graph training path, everything but the capture, on the CPU.
 
-`python -m fastlenet.train` runs each step through train.StepRunner, which on CUDA captures
-profiling.training_step in a CUDA graph (profiling.capture) at the first full batch and replays it.
-Here profiling.capture is replaced by a stand-in that runs the warm-up call and returns the step
+`python -m fastlenet.train` runs each step through engine.StepRunner, which on CUDA captures
+engine.training_step in a CUDA graph (engine.capture) at the first full batch and replays it.
+Here engine.capture is replaced by a stand-in that runs the warm-up call and returns the step
 itself as the "replay": the same step function, static buffers, in-place running sums and
 learning-rate tensors as on a GPU, run eagerly. It must give the same numbers, bit for bit, as the
 plain loop the CLI used before (written out below as the oracle).
@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from fastlenet import data, profiling, train
+from fastlenet import data, engine, train
 from fastlenet.models import LeNet5
 
 
 class FakeCapture:
-    """profiling.capture without CUDA: the warm-up calls run, the "replay" is the step itself."""
+    """engine.capture without CUDA: the warm-up calls run, the "replay" is the step itself."""
 
     def __init__(self):
         self.captured, self.replays = 0, 0
@@ -42,10 +42,10 @@ def _args(optimizer="adam", schedule="onecycle"):
 def _setup(fused, args, total, graph):
     torch.manual_seed(1)
     model = LeNet5("lenet5", fused=fused)
-    optimizer = train._optimizer(model, args, capturable=graph)
-    scheduler = train._scheduler(optimizer, args.schedule, total, 0, None, cycle_momentum=not graph)
+    optimizer = engine.build_optimizer(model, args, capturable=graph)
+    scheduler = engine.build_scheduler(optimizer, args.schedule, total, 0, None, cycle_momentum=not graph)
     if graph:
-        train.lr_as_tensors(optimizer, torch.device("cpu"))
+        engine.lr_as_tensors(optimizer, torch.device("cpu"))
     return model, optimizer, scheduler
 
 
@@ -70,19 +70,19 @@ def old_loop(model, optimizer, scheduler, loss_fn, x, y, batch_size, generator):
 def compare(monkeypatch, *, fused, n, batch_size, epochs=2, optimizer="adam", schedule="onecycle", graph=True):
     """Train (n random images) both ways for `epochs`; assert identical metrics, weights, lr."""
     fake = FakeCapture()
-    monkeypatch.setattr(profiling, "capture", fake)
+    monkeypatch.setattr(engine, "capture", fake)
     x = torch.randn(n, 1, 28, 28)
     y = torch.randint(0, 10, (n,))
-    loss_fn = train.loss_function(fused)
+    loss_fn = engine.loss_function(fused)
     args = _args(optimizer, schedule)
     total = epochs * math.ceil(n / batch_size)
     ref = _setup(fused, args, total, graph)  # the graph run's settings (lr tensors, fixed momentum)
     new = _setup(fused, args, total, graph)
     ref_gen, new_gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    steps = train.StepRunner(new[0], new[1], loss_fn, x, y, batch_size, graph=graph)
+    steps = engine.StepRunner(new[0], new[1], loss_fn, x, y, batch_size, graph=graph)
     for _ in range(epochs):
         expected = old_loop(*ref[:2], ref[2], loss_fn, x, y, batch_size, ref_gen)
-        got = train.train_epoch(steps, new[2], x, y, generator=new_gen)[:2]
+        got = engine.train_epoch(steps, new[2], x, y, generator=new_gen)[:2]
         assert got == expected
     for (name, a), b in zip(ref[0].state_dict().items(), new[0].state_dict().values()):
         assert torch.equal(a, b), name
@@ -131,9 +131,9 @@ def test_a_failed_capture_is_one_line_and_training_goes_on(monkeypatch, capsys):
     args = _args()
     ref = _setup(False, args, 3, True)
     new = _setup(False, args, 3, True)
-    monkeypatch.setattr(profiling, "capture", broken)
-    steps = train.StepRunner(new[0], new[1], torch.nn.functional.cross_entropy, x, y, batch_size, graph=True)
-    got = train.train_epoch(steps, new[2], x, y, generator=torch.Generator().manual_seed(5))[:2]
+    monkeypatch.setattr(engine, "capture", broken)
+    steps = engine.StepRunner(new[0], new[1], torch.nn.functional.cross_entropy, x, y, batch_size, graph=True)
+    got = engine.train_epoch(steps, new[2], x, y, generator=torch.Generator().manual_seed(5))[:2]
     expected = old_loop(*ref, torch.nn.functional.cross_entropy, x, y, batch_size, torch.Generator().manual_seed(5))
     assert got == expected
     err = capsys.readouterr().err.splitlines()
@@ -148,8 +148,8 @@ def test_cli_graph_path_gives_the_same_metrics(mnist_dir, tmp_path, monkeypatch,
               "--schedule", "cosine", "--no-plot", "--data-dir", str(mnist_dir)]
     assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
     fake = FakeCapture()
-    monkeypatch.setattr(profiling, "capture", fake)
-    monkeypatch.setattr(train, "use_cuda_graph", lambda *a: True)
+    monkeypatch.setattr(engine, "capture", fake)
+    monkeypatch.setattr(engine, "use_cuda_graph", lambda *a: True)
     assert train.main([*common, "--out", str(tmp_path / "graph")]) == 0
     assert fake.captured == 1 and fake.replays == 2  # 100 = 32 captured + 2 x 32 replayed + 4 eager
     assert "cuda graph: each full training step is one graph replay" in capsys.readouterr().out
@@ -181,9 +181,9 @@ def test_flag_errors_are_one_line(flags, fragment, tmp_path, capsys, monkeypatch
 
 def test_graph_auto_and_off():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train.use_cuda_graph("auto", True, cuda) and not train.use_cuda_graph("auto", False, cuda)
-    assert not train.use_cuda_graph("auto", True, cpu) and not train.use_cuda_graph("off", True, cuda)
-    assert train.use_cuda_graph("on", False, cuda)
+    assert engine.use_cuda_graph("auto", True, cuda) and not engine.use_cuda_graph("auto", False, cuda)
+    assert not engine.use_cuda_graph("auto", True, cpu) and not engine.use_cuda_graph("off", True, cuda)
+    assert engine.use_cuda_graph("on", False, cuda)
     assert train.build_parser().parse_args(["--no-cuda-graph"]).cuda_graph == "off"
 
 

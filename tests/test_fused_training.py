@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fastlenet import _cli, train
+from fastlenet import cli, engine, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INTERPRETED = not torch.cuda.is_available()
@@ -63,16 +63,16 @@ def test_the_interpreter_tests_on_a_few_images_unless_told(mnist_dir, tmp_path, 
         return 2.3, 0.1
 
     # Stand-ins for the (interpreted, slow) training and test passes: this is about which images.
-    monkeypatch.setattr(train, "train_epoch", lambda *args, **kwargs: (2.3, 0.1, 1.0))
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(engine, "train_epoch", lambda *args, **kwargs: (2.3, 0.1, 1.0))
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     common = ["--fused", "--limit-train", "8", "--epochs", "1", "--no-plot", "--data-dir", str(mnist_dir)]
     capsys.readouterr()
     assert train.main([*common, "--out", str(tmp_path / "default")]) == 0
     err = capsys.readouterr().err
-    assert tested == [_cli.INTERPRETER_TEST_IMAGES] == [100]
-    assert f"first {_cli.INTERPRETER_TEST_IMAGES} test images only (--limit-test N for more)" in err
+    assert tested == [cli.INTERPRETER_TEST_IMAGES] == [100]
+    assert f"first {cli.INTERPRETER_TEST_IMAGES} test images only (--limit-test N for more)" in err
     metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())
-    assert metrics["config"]["limit_test"] == _cli.INTERPRETER_TEST_IMAGES
+    assert metrics["config"]["limit_test"] == cli.INTERPRETER_TEST_IMAGES
 
     assert train.main([*common, "--limit-test", "300", "--out", str(tmp_path / "asked")]) == 0
     assert tested[-1] == 300 and "test images only" not in capsys.readouterr().err

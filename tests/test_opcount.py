@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.models import LeNet5
 from fastlenet.kernels.launch import record_launches, skip_launches
-from fastlenet.profiling import count_device_ops, model_flops, training_step
+from fastlenet.engine import training_step
+from fastlenet.profiling import count_device_ops, model_flops
 
 FUSED_STEP_BUDGET = 15
 SEED_OP = "ones_like"  # the gradient of the loss w.r.t. itself, filled in by loss.backward()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from fastlenet import data, predict, train
+from fastlenet import data, engine, predict, train
 from fastlenet.models import LeNet5
 
 from conftest import assert_one_line_error
@@ -194,8 +194,8 @@ def test_saved_images_are_the_models_input(run_dir, digits, tmp_path, capsys, mo
     ink = Image.fromarray(255 - digits[2].numpy()).resize((60, 90), Image.Resampling.BICUBIC)
     ImageOps.colorize(ink, black=(20, 20, 80), white=(250, 245, 220)).save(paths[2], quality=95)
     inputs = []
-    real_predict = train.predict
-    monkeypatch.setattr(train, "predict", lambda model, x: inputs.append(x.clone()) or real_predict(model, x))
+    real_predict = engine.predict
+    monkeypatch.setattr(engine, "predict", lambda model, x: inputs.append(x.clone()) or real_predict(model, x))
     out_dir = tmp_path / "out" / "seen"  # two levels that do not exist yet
 
     status, out, err = run(capsys, run_dir / "best.pt", *paths, "--save-preprocessed", out_dir)

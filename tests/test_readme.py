@@ -1,5 +1,5 @@
-"""The README's Python snippets run as written (on a CPU where they say how), and its Tests section
-tells a contributor what they need."""
+"""The Python snippets of the README and of docs/ run as written (on a CPU where they say how), and
+docs/testing.md tells a contributor what they need."""
 import re
 import tomllib
 
@@ -8,12 +8,13 @@ import torch
 
 from conftest import REPO
 
-README = (REPO / "README.md").read_text()
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def snippet(containing: str) -> str:
-    """The README's one ```python block holding `containing`."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if containing in b]
+    """The one ```python block, in README.md and docs/*.md together, holding `containing`."""
+    blocks = [b for path in DOCS for b in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+              if containing in b]
     assert len(blocks) == 1, (containing, len(blocks))
     return blocks[0]
 
@@ -65,8 +66,10 @@ def test_autocast_snippet_casts_on_a_cpu(device):
 
 
 def test_tests_section_says_how_long_and_how_to_go_faster():
-    section = README[README.index("\n## Tests\n"):]
-    section = section[:section.index("\n## ", 1)]
+    """docs/testing.md (the README links to it) says how long the suite takes, how to go faster, and
+    where the tests find MNIST."""
+    assert "(docs/testing.md)" in (REPO / "README.md").read_text()
+    section = (REPO / "docs" / "testing.md").read_text()
     assert "FASTLENET_TEST_DATA" in section
     assert re.search(r"\d+ minutes", section), "how long the whole suite takes on a CPU"
     quick = re.search(r"python -m pytest -m \"([^\"]+)\"", section)

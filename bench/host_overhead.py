@@ -38,24 +38,24 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on the CPU
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch
+import triton
 
-from fastlenet import engine  # noqa: E402
-from fastlenet.files import write_json  # noqa: E402
-from fastlenet.kernels import launch as _launch  # noqa: E402
-from fastlenet.models import LeNet5  # noqa: E402
+from fastlenet import engine
+from fastlenet.files import write_json
+from fastlenet.kernels import launch as _launch
+from fastlenet.models import LeNet5
 
 LEFT_OUT = ("Triton's own launcher (~10 us per launch in current Triton releases) and all device "
             "time; CPU allocation stands in for the CUDA caching allocator")
@@ -232,7 +232,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=300, help="timed steps per path (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
-    parser.add_argument("--adam", action="store_true", help="include an Adam(fused=True) step (in the floor and eager steps too)")
+    parser.add_argument("--adam", action="store_true",
+                        help="include an Adam(fused=True) step (in the floor and eager steps too)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     res = run(args.batch, args.repeats, args.warmup, args.adam)

@@ -551,7 +551,7 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
                                           x_train, y_train, bs)
         last = len(x_train) % bs or bs
 
-        def warm():
+        def warm(scratch=scratch, scratch_steps=scratch_steps, last=last, loss_fn=loss_fn):
             for n in sorted({bs, last}):
                 scratch_steps(x_train[:n], y_train[:n])
             engine.evaluate(scratch, loss_fn, x_test, y_test)

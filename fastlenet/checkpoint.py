@@ -417,14 +417,16 @@ def _check_resumable(checkpoint: dict, path: Path, model, settings, total_steps:
 
 def _optimizer_state_problem(saved, fresh: dict, plain_keys: set) -> str | None:
     """What keeps the saved optimizer state from having the kinds of `fresh` (a state_dict), or None."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
-            or not isinstance(saved.get("param_groups"), list) or len(saved["param_groups"]) != len(fresh["param_groups"]):
+    if (not isinstance(saved, dict) or not isinstance(saved.get("state"), dict)
+            or not isinstance(saved.get("param_groups"), list)
+            or len(saved["param_groups"]) != len(fresh["param_groups"])):
         return "its optimizer entry is not the state of the run's optimizer"
     for saved_group, group in zip(saved["param_groups"], fresh["param_groups"]):
         if not isinstance(saved_group, dict) or _kind(saved_group.get("params")) != _kind(group["params"]):
             return "its optimizer entry does not hold the model's parameters"
         for key, value in group.items():
-            if key in ("params", "fused", "foreach", "capturable"):  # the parameters are checked above; the kernel is this run's
+            # The parameters are checked above; the optimizer's kernel choice is this run's.
+            if key in ("params", "fused", "foreach", "capturable"):
                 continue
             if (isinstance(value, bool) or value is None) and key in plain_keys:
                 same = saved_group.get(key, value) == value  # a flag: torch fills in a missing one

@@ -96,7 +96,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
         "misclassified": [{"index": int(i), "predicted": int(predicted[i]), "true": int(truth[i])} for i in wrong],
     })
-    plots.plot_confusion(confusion, names, out / "confusion_matrix.png", title=f"{variant} on {dataset_name}: {accuracy:.2%}")
+    plots.plot_confusion(confusion, names, out / "confusion_matrix.png",
+                         title=f"{variant} on {dataset_name}: {accuracy:.2%}")
     plots.plot_misclassified(test.images, truth, predicted, wrong[:args.max_images], names, out / "misclassified.png",
                              total=len(wrong))
     print(f"wrote evaluation.json, confusion_matrix.png, misclassified.png ({len(wrong)} misclassified) to {out}")

@@ -3,8 +3,9 @@
 Validation happens here, in Python, before an op is called, so a bad input gets a message naming the
 offending shapes and dtypes; the checks read only shapes, dtypes, devices and settings, so
 torch.compile traces them into guards. fastlenet.ops holds the torch.library custom ops (schema,
-fake implementation, autograd, autocast); fastlenet.kernels knows pointers and nothing of autograd. There is no PyTorch fallback: a tensor the kernels cannot take raises an error that
-says what to do, because a silent fallback would hide exactly what this library exists to show.
+fake implementation, autograd, autocast); fastlenet.kernels knows pointers and nothing of autograd.
+There is no PyTorch fallback: a tensor the kernels cannot take raises an error that says what to do,
+because a silent fallback would hide exactly what this library exists to show.
 """
 from __future__ import annotations
 

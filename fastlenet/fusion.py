@@ -35,7 +35,6 @@ never calls.
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -104,7 +103,8 @@ def _conv_problem(m: nn.Conv2d) -> str | None:
         return f"{type(m).__name__} is a subclass of Conv2d (its forward may compute something else)"
     k = m.kernel_size
     if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1:
-        return f"stride {m.stride}, dilation {m.dilation}, groups {m.groups}: the kernel computes stride-1, undilated, ungrouped convolutions"
+        return (f"stride {m.stride}, dilation {m.dilation}, groups {m.groups}: the kernel computes stride-1, "
+                "undilated, ungrouped convolutions")
     if m.padding_mode != "zeros":
         return f"padding_mode {m.padding_mode!r}: the kernel pads with zeros"
     if k[0] != k[1] or not 1 <= k[0] <= MAX_KERNEL_SIZE:

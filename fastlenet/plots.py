@@ -88,7 +88,8 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title:
                 ax.text(p, t, str(n), ha="center", va="center", fontsize=8,
                         color="white" if n > brightest ** 0.5 * 4 else "black")
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if max(map(len, names)) > 2 else "center")
+    words = max(map(len, names)) > 2  # class names, not digits: slant them
+    ax.set_xticklabels(names, rotation=45 if words else 0, ha="right" if words else "center")
     ax.set_yticklabels(names)
     save_figure(path, fig)
 

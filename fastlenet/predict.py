@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and padded with black, and normalised with the mean and std of the checkpoint's dataset. "
                     f"A top probability below {LOW_CONFIDENCE:.0%} gets a hint on stderr on what to try.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, or any other format Pillow reads)")
+    p.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="image files (PNG, JPEG, or any other format Pillow reads)")
     p.add_argument("--top", type=cli.positive_int, default=1, metavar="K", help="print the K most likely classes")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the reference model (not with --fused), to compare like with like")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=names.DATASET_NAMES, default="mnist", help="dataset to train and test on")
-    d.add_argument("--data-dir", default=names.DEFAULT_DATA_DIR, metavar="DIR", help="where the dataset is kept (fetched there if missing)")
+    d.add_argument("--data-dir", default=names.DEFAULT_DATA_DIR, metavar="DIR",
+                   help="where the dataset is kept (fetched there if missing)")
     d.add_argument("--limit-train", type=cli.positive_int, metavar="N", help="train on the first N images only")
     d.add_argument("--limit-test", type=cli.positive_int, metavar="N",
                    help=f"test on the first N images only (default: all; {cli.INTERPRETER_TEST_IMAGES} for --fused "
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch with the best validation accuracy (ties: the lower validation loss, then the "
                         "earlier epoch) is kept as best.pt")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=cli.positive_int, default=8, metavar="N", help="total epochs (with --resume: up to this many)")
+    t.add_argument("--epochs", type=cli.positive_int, default=8, metavar="N", help="total epochs (--resume: up to N)")
     t.add_argument("--batch-size", type=cli.positive_int, default=128, metavar="N", help="training batch size")
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer")
     t.add_argument("--lr", type=cli.non_negative_float, default=3e-3,
@@ -90,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: CUDA if there is a GPU, else the CPU")
     r.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="run each training step as one CUDA graph replay; auto: on for --fused on CUDA")
-    r.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const="off",
-                   help="the same as --cuda-graph off")
+    r.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const="off", help="--cuda-graph off")
     r.add_argument("--threads", type=cli.positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's choice, one per core)")
     r.add_argument("--out", metavar="DIR",

@@ -584,5 +584,5 @@ def _backward_work(d: dict) -> Work:
     return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))
 
 
-__all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward", "conv2d_act_pool_backward",
-           "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel"]
+__all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward",
+           "conv2d_act_pool_backward", "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel"]

@@ -275,7 +275,7 @@ def _worker(conn) -> None:
             return
         try:
             result = _build_one(spec)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a configuration that fails to build is a result, not a crash
             result = {"error": traceback.format_exc(limit=-3).strip()}
         conn.send(result)
 

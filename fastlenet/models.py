@@ -196,7 +196,7 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "alexnet": AlexNetMNIST,
 }
 # MODEL_NAMES (fastlenet.names, which the command-line tools read without importing PyTorch) lists
-# VARIANTS' names, then NETWORKS'; tests/test_cli.py holds them equal.
+# VARIANTS' names, then NETWORKS'; tests/cli/test_cli.py holds them equal.
 
 
 def build_model(name: str, fused: bool = False) -> nn.Module:

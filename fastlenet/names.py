@@ -2,7 +2,7 @@
 
 Imports nothing, so that the tools' parsers can offer these as choices and answer --help without
 PyTorch. fastlenet.models keys its networks, and fastlenet.data its datasets, by these names;
-tests/test_cli.py holds them equal.
+tests/cli/test_cli.py holds them equal.
 """
 
 LENET5_NAMES = ("lenet5", "lenet5-classic", "lenet5-nopad")  # fastlenet.models.VARIANTS

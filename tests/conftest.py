@@ -1,4 +1,5 @@
-"""Shared test set-up.
+"""The tests' fixtures, and the environment they run in (helpers shared by several test files are in
+utils.py).
 
 Triton's interpreter must be switched on before triton is first imported, so this runs at collection
 time: with no CUDA device, every Triton kernel in the tests runs on the CPU through the interpreter
@@ -16,11 +17,11 @@ if not torch.cuda.is_available():
 # old output shapes. Each test session compiles into a fresh cache.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlenet-tests-inductor-")
 
-import pathlib  # noqa: E402
+import pathlib
 
-import pytest  # noqa: E402
+import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from utils import REPO, set_tf32
 
 
 @pytest.fixture(autouse=True)
@@ -28,73 +29,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-# What the kernel tests share: the PyTorch compositions the kernels are checked against, the error
-# measure, and NaN-poisoned kernel outputs (a test module opts in with
-# `pytestmark = pytest.mark.usefixtures("poisoned")`).
-def _act(name):
-    import torch.nn.functional as F
-
-    return {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}[name]
-
-
-def _pool(name):
-    import torch.nn.functional as F
-
-    # None: no pooling (the kernel size argument is ignored).
-    return {"max": F.max_pool2d, "avg": F.avg_pool2d, None: lambda t, size: t}[name]
-
-
-ACT = {name: _act(name) for name in ("relu", "sigmoid", "tanh", "identity")}
-POOL = {name: _pool(name) for name in ("max", "avg", None)}
-
-
-def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
-    """The command-line tools' contract for a user error: exit status 2 and one line `error: ...` on
-    stderr, holding each of `fragments`; never a traceback."""
-    assert status == 2
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 @pytest.fixture
 def poisoned():
-    """Kernel outputs allocated full of NaN (127 for integers), so an unwritten element fails."""
+    """Kernel outputs allocated full of NaN (127 for integers), so an unwritten element fails (a test
+    module opts in with `pytestmark = pytest.mark.usefixtures("poisoned")`)."""
     from fastlenet.kernels.launch import poison_outputs
 
     with poison_outputs():
         yield
-
-
-def set_tf32(enabled: bool):
-    """Switch TF32 for float32 convolutions and matmuls, the way a user would (the fp32_precision
-    API where this torch has it, else the legacy flags); returns a function that restores the
-    previous settings."""
-    value = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
-        saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
-        torch.backends.cudnn.conv.fp32_precision = value
-        torch.backends.cuda.matmul.fp32_precision = value
-
-        def restore():
-            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
-    else:
-        saved = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-        torch.backends.cudnn.allow_tf32 = enabled
-        torch.set_float32_matmul_precision("high" if enabled else "highest")
-
-        def restore():
-            torch.backends.cudnn.allow_tf32 = saved[0]
-            torch.set_float32_matmul_precision(saved[1])
-    return restore
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from utils import REPO
 
 # Each room and what it may import of fastlenet: its own room and the rooms listed ("room:module"
 # grants one module of a room). A module of the shipped code or the benches that is in no room

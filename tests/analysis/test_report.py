@@ -4,7 +4,6 @@ compiled tiny dot), its FLOP and byte formulas against one layer worked by hand 
 model_flops, and its command line (one row per launch; the second run compiles nothing)."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -17,14 +16,12 @@ from fastlenet.kernels.accounting import work
 from fastlenet.models import LeNet5
 from fastlenet.profiling import model_flops, step_launches
 
+from utils import env_without_interpreter
+
 # The step as a default GPU run launches it: TF32 convolutions, IEEE matmuls.
 DEFAULT_PRECISION = {"conv": "tf32", "matmul": "ieee"}
 LABELS = ["conv1 forward", "conv2 forward", "fc1 forward", "fc2 forward", "fc3 forward", "loss forward",
           "loss backward", "fc3 backward", "fc2 backward", "fc1 backward", "conv2 backward", "conv1 backward"]
-
-
-def _compile_env():
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,12 +175,14 @@ for m, n, k, precision, warps in json.loads(sys.argv[1]):
 '''
 
 
+@pytest.mark.build
 def test_replication_of_a_really_compiled_dot(tmp_path):
     """Triton 3.8 lays a 32x16 TF32 dot at 8 warps out as warpsPerCTA [4, 2]: 64 rows covered, each
     product computed twice; a 128x64 dot at 4 warps covers its tile once; an IEEE dot is FMA."""
     (tmp_path / "tiny_dot.py").write_text(_TINY)
     cases = [[32, 16, 16, "tf32", 8], [128, 64, 16, "tf32", 4], [32, 16, 16, "ieee", 8]]
-    env = {**_compile_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env = {**env_without_interpreter(),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_TINY, json.dumps(cases), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -315,7 +314,7 @@ def test_a_step_recorded_in_one_precision():
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
     """The report at batch 64 for sm_90 from an empty cache: as a table, then as JSON."""
-    env = {**_compile_env(), "FASTLENET_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    env = {**env_without_interpreter(), "FASTLENET_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     runs = []
     for extra in ([], ["--json"]):
         proc = subprocess.run([sys.executable, "-m", "fastlenet.analysis.report", "--batch", "64", "--arch", "90",
@@ -325,6 +324,7 @@ def cli_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.build
 def test_cli_prints_one_row_per_launch(cli_runs):
     table = cli_runs[0].splitlines()
     rows = [line for line in table if any(line.startswith(label + " ") for label in LABELS)]
@@ -336,6 +336,7 @@ def test_cli_prints_one_row_per_launch(cli_runs):
     assert dots and all(line.endswith(", x1") for line in dots), dots  # no warp repeats another's work
 
 
+@pytest.mark.build
 def test_cli_json_and_a_second_run_from_the_cache(cli_runs):
     report = json.loads(cli_runs[1])
     assert report["build"]["built"] == 0 and report["build"]["from_cache"] == report["build"]["compiled_kernels"]

@@ -7,21 +7,14 @@ from torch import nn
 
 from fastlenet.nn import ConvActPool2d, LinearAct
 
+from utils import reference_dtype, rel_err
+
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 # Relative error against the stock module. float64 (the interpreter, on a CPU) differs only in
 # summation order over at most C_in*k*k = 75 products; float32 (compiled, on CUDA) by fp32 rounding
 # of the same sums, with TF32 off (conftest).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def dtype_for(device):
-    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def built_alike(stock_cls, fused_cls, args, kwargs, device, dtype):
@@ -67,7 +60,7 @@ CONV_ARGUMENTS = [
 @pytest.mark.parametrize("args,kwargs", CONV_ARGUMENTS)
 @pytest.mark.parametrize("batched", [True, False])
 def test_conv_module_is_nn_conv2d_with_its_arguments(args, kwargs, batched, device):
-    dtype = dtype_for(device)
+    dtype = reference_dtype(device)
     stock, fused = built_alike(nn.Conv2d, ConvActPool2d, args, kwargs, device, dtype)
     shape = (2, stock.in_channels, 7, 6) if batched else (stock.in_channels, 7, 6)
     assert_same_function(stock, fused, torch.randn(shape, device=device, dtype=dtype), dtype)
@@ -85,7 +78,7 @@ LINEAR_ARGUMENTS = [
 @pytest.mark.parametrize("args,kwargs", LINEAR_ARGUMENTS)
 @pytest.mark.parametrize("leading", [(3,), (), (2, 3)], ids=["batched", "unbatched", "3-D"])
 def test_linear_module_is_nn_linear_with_its_arguments(args, kwargs, leading, device):
-    dtype = dtype_for(device)
+    dtype = reference_dtype(device)
     stock, fused = built_alike(nn.Linear, LinearAct, args, kwargs, device, dtype)
     x = torch.randn(*leading, stock.in_features, device=device, dtype=dtype)
     assert_same_function(stock, fused, x, dtype)
@@ -93,7 +86,7 @@ def test_linear_module_is_nn_linear_with_its_arguments(args, kwargs, leading, de
 
 
 def test_unbatched_conv_with_activation_and_pooling_is_the_batch_of_one(device):
-    dtype = dtype_for(device)
+    dtype = reference_dtype(device)
     conv = ConvActPool2d(2, 3, 3, padding=1, activation="tanh", pool="max").to(device, dtype)
     x = torch.randn(2, 7, 7, device=device, dtype=dtype)
     out = conv(x)

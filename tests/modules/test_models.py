@@ -6,27 +6,16 @@ from torch import nn
 
 import fastlenet
 from fastlenet import functional as FF
-from fastlenet.kernels.launch import poison_outputs
 from fastlenet.models import VARIANTS, LeNet5, num_parameters
 from fastlenet.nn import ConvActPool2d, LinearAct
+
+from utils import reference_dtype, rel_err
+
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 # Fused vs reference model, relative error per dtype: float64 agrees to summation order; float32
 # compounds five layers of fp32 GEMMs (K <= 400) and the loss.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-@pytest.fixture(autouse=True)
-def _poison():
-    with poison_outputs():
-        yield
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def model_dtype(device):
-    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +73,7 @@ def plain_torch_lenet5() -> nn.Module:
 
 
 def test_fused_model_loads_a_plain_torch_checkpoint_and_gives_the_same_logits(tmp_path, device):
-    dtype = model_dtype(device)
+    dtype = reference_dtype(device)
     net = plain_torch_lenet5().to(device, dtype)
     torch.save(net.state_dict(), tmp_path / "lenet.pt")
     fused = LeNet5(fused=True).to(device, dtype)
@@ -97,7 +86,7 @@ def test_fused_model_loads_a_plain_torch_checkpoint_and_gives_the_same_logits(tm
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_matches_reference_logits_and_every_gradient(variant, device):
-    dtype = model_dtype(device)
+    dtype = reference_dtype(device)
     ref = LeNet5(variant).to(device, dtype)
     fused = LeNet5(variant, fused=True).to(device, dtype)
     fused.load_state_dict(ref.state_dict())
@@ -111,9 +100,10 @@ def test_fused_matches_reference_logits_and_every_gradient(variant, device):
         assert rel_err(pf.grad, pr.grad) <= TOL[dtype], name
 
 
+@pytest.mark.slow
 def test_fused_and_reference_take_the_same_optimizer_steps(device):
     """The convergence test: same weights, same batches, SGD with momentum then Adam."""
-    dtype = model_dtype(device)
+    dtype = reference_dtype(device)
     ref = LeNet5().to(device, dtype)
     fused = LeNet5(fused=True).to(device, dtype)
     fused.load_state_dict(ref.state_dict())

@@ -193,7 +193,7 @@ def test_compile_on_the_cpu(mnist_dir, tmp_path):
         pytest.skip("torch.compile is not available")
     try:
         torch.compile(lambda t: t + 1)(torch.ones(2))
-    except Exception as e:  # no C compiler for inductor, and the like
+    except Exception as e:  # noqa: BLE001 - no C compiler for inductor, and the like: all mean skip
         pytest.skip(f"torch.compile does not work here: {e}")
     assert train.main(["--compile", "--device", "cpu", "--limit-train", "64", "--limit-test", "64",
                        "--batch-size", "32", "--epochs", "1", "--no-plot", "--data-dir", str(mnist_dir),

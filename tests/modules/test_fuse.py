@@ -21,7 +21,7 @@ from fastlenet.kernels.launch import interpreting
 from fastlenet.models import (MODEL_NAMES, AlexNetMNIST, ConvNetBN, LeNet5, TutorialCNN, TutorialLeNet5,
                               build_model)
 from fastlenet.nn import ConvActPool2d, LinearAct
-from conftest import rel_err
+from utils import rel_err
 
 DTYPE = torch.float64 if interpreting() else torch.float32
 TOL = 1e-10 if DTYPE == torch.float64 else 1e-5
@@ -66,7 +66,9 @@ def run(model, x, seed=0):
 
 
 # Training mode for every network; evaluation mode too where it changes something (Dropout, BatchNorm).
-@pytest.mark.parametrize("name,mode", [(name, "train") for name in NETWORKS]
+# The tutorial CNN takes the interpreter longest (about 40 s on 2 cores): `slow`.
+@pytest.mark.parametrize("name,mode", [pytest.param(name, "train", marks=pytest.mark.slow if name == "cnn" else ())
+                                       for name in NETWORKS]
                          + [("convnet-bn", "eval"), ("alexnet-narrow", "eval"), ("lenet5-tutorial", "eval")])
 def test_fused_network_matches_the_original(name, mode, device):
     torch.manual_seed(0)
@@ -238,7 +240,8 @@ def test_data_flow_decides(device):
     # Untraceable: only the Sequential's run of modules is fused, the rest stays as it was.
     fused, report = fuse(Untraceable())
     assert "could not be traced" in report.how
-    assert isinstance(fused.body[0], ConvActPool2d) and (fused.body[0].activation, fused.body[0].pool) == ("relu", "max")
+    assert isinstance(fused.body[0], ConvActPool2d)
+    assert (fused.body[0].activation, fused.body[0].pool) == ("relu", "max")
     assert isinstance(fused.body[1], nn.Identity) and isinstance(fused.body[2], nn.Identity)
     assert type(fused.head) is nn.Linear and type(fused.act) is nn.ReLU
 

@@ -6,7 +6,6 @@ that its whole stderr can be checked.
 """
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,7 +14,8 @@ import torch
 
 from fastlenet import cli, engine, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from utils import REPO
+
 INTERPRETED = not torch.cuda.is_available()
 
 # SGD, not Adam: Adam is invariant to the gradient's scale, so it would hide a wrong loss gradient.
@@ -24,6 +24,8 @@ TINY = ["--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--epo
         "--seed", "3", "--no-plot"]
 
 
+# Two training runs, one through the interpreter (about a minute on 2 cores): the tests that use them
+# are `slow`.
 @pytest.fixture(scope="module")
 def runs(mnist_dir, tmp_path_factory):
     """The same tiny run, fused (python -m fastlenet.train --fused) and reference, on the same device."""
@@ -41,6 +43,7 @@ def runs(mnist_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_fused_run_says_one_warning_and_nothing_else(runs):
     """Under the interpreter: the warning, and none of numpy's RuntimeWarnings about the masked-off
     lanes the interpreter computes (and never stores)."""
@@ -78,6 +81,7 @@ def test_the_interpreter_tests_on_a_few_images_unless_told(mnist_dir, tmp_path, 
     assert tested[-1] == 300 and "test images only" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fused_run_lowers_the_loss(runs):
     _, metrics = runs["fused"]
     assert metrics["fused"] is True
@@ -86,6 +90,7 @@ def test_fused_run_lowers_the_loss(runs):
     assert last["test_loss"] < first["test_loss"]
 
 
+@pytest.mark.slow
 def test_fused_and_reference_runs_agree(runs):
     (_, fused), (_, ref) = runs["fused"], runs["reference"]
     for f, r in zip(fused["epochs"], ref["epochs"]):
@@ -94,6 +99,7 @@ def test_fused_and_reference_runs_agree(runs):
         assert abs(f["test_accuracy"] - r["test_accuracy"]) <= 0.002
 
 
+@pytest.mark.slow
 def test_a_fused_checkpoint_evaluates_on_the_reference_path(runs, mnist_dir, tmp_path, capsys):
     path, metrics = runs["fused"]
     checkpoint = torch.load(path / "checkpoint.pt", weights_only=True)

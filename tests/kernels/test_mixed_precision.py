@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.kernels.launch import interpreting
 from fastlenet.models import LeNet5
-from conftest import ACT, POOL, rel_err
+from utils import ACT, POOL, rel_err
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 HALF = tuple(TOL)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import functional as FF
-from conftest import ACT, POOL
+from utils import ACT, POOL
 
 
 pytestmark = pytest.mark.usefixtures("poisoned")

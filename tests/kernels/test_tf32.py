@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.kernels.launch import poison_outputs, tf32_enabled
 
-from conftest import ACT, POOL, rel_err, set_tf32
+from utils import ACT, POOL, rel_err, set_tf32
 
 
 # Relative error ||out - ref|| / ||ref|| allowed with TF32 dots, against the exact float64 result:
@@ -136,7 +136,8 @@ def test_conv_act_pool_in_tf32_on_cuda(case, device, tf32):
 def test_linear_act_in_tf32_on_cuda(device, tf32):
     assert tf32_enabled("matmul")
     g = torch.Generator().manual_seed(0)
-    x0, w0, b0 = torch.randn(130, 400, generator=g), torch.randn(120, 400, generator=g) / 20, torch.randn(120, generator=g)
+    x0, w0 = torch.randn(130, 400, generator=g), torch.randn(120, 400, generator=g) / 20
+    b0 = torch.randn(120, generator=g)
     x, w, b = (t.to(device).requires_grad_() for t in (x0, w0, b0))
     xr, wr, br = (t.to(device, torch.float64).requires_grad_() for t in (x0, w0, b0))
     with poison_outputs():
@@ -166,7 +167,7 @@ def test_tf32_switches_are_read_as_pytorch_reads_them_and_never_raise(kind):
             torch.backends.cudnn.rnn.fp32_precision = "tf32"
             torch.backends.cuda.matmul.fp32_precision = "ieee"
             with pytest.raises(RuntimeError):
-                torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32  # noqa: B018 - the read itself is what raises
             assert not tf32_enabled(kind)
     finally:
         restore()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastlenet import functional as FF
 from fastlenet.kernels.launch import interpreting, record_launches
 
-from conftest import REPO
+from utils import REPO
 
 
 @pytest.mark.skipif(not interpreting(), reason="the bench runs under TRITON_INTERPRET=1")

@@ -7,14 +7,13 @@ interpreter, labelled as such and with no images/s.
 """
 import importlib.util
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from utils import REPO, env_without_interpreter
+
 BENCH = REPO / "bench" / "throughput.py"
 TINY = ["--device", "cpu", "--batch-sizes", "8", "--repeats", "3", "--warmup", "1", "--cpu-threads", "1"]
 RESULT_KEYS = {"provider", "batch_size", "mode", "available", "reason", "interpreter",
@@ -26,7 +25,7 @@ META_KEYS = {"device", "device_name", "gpu", "cpu", "torch", "triton", "cuda", "
 
 
 def run_bench(tmp_path, *args, interpret: bool, tiny=TINY):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -67,6 +66,7 @@ def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_interpreter_run_is_labelled_and_gives_no_speed_figure(tmp_path):
     payload, _, proc = run_bench(tmp_path, "--providers", "fused", interpret=True)
     rows = {row["mode"]: row for row in payload["results"]}
@@ -169,8 +169,10 @@ def report(bench, capsys, results, providers, peak=None) -> list[str]:
 
 
 def test_report_ends_with_the_fastest_provider_per_batch_size(bench, capsys):
-    results = [row("eager", 64, "train", 1000.0), row("compile", 64, "train", 1250.0), row("fused", 64, "train", 2500.0),
-               row("eager", 256, "train", 4000.0), row("compile", 256, "train", 1000.0), row("fused", 256, "train", 3000.0),
+    results = [row("eager", 64, "train", 1000.0), row("compile", 64, "train", 1250.0),
+               row("fused", 64, "train", 2500.0),
+               row("eager", 256, "train", 4000.0), row("compile", 256, "train", 1000.0),
+               row("fused", 256, "train", 3000.0),
                row("eager", 64, "inference", 8000.0), row("fused", 64, "inference", 9000.0),
                row("eager", 256, "inference", 20000.0), row("fused", 256, "inference", 30000.0),
                {**row("fused-graph", 4, "train", None), "interpreter": True, "interpreter_seconds_per_step": 2.0},

@@ -3,10 +3,9 @@ docs/testing.md tells a contributor what they need."""
 import re
 import tomllib
 
-import pytest
 import torch
 
-from conftest import REPO
+from utils import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 

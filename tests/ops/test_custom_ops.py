@@ -61,7 +61,8 @@ def test_opcheck_cross_entropy(device):
     target = torch.tensor([0, 4, -100, 2, 1, 3], device=device)
     torch.library.opcheck(ops.cross_entropy_fwd, (logits, target, -100), test_utils=OPCHECK_TESTS)
     loss, lse, rows = ops.cross_entropy_fwd(logits, target, -100)
-    torch.library.opcheck(ops.cross_entropy_bwd, (torch.ones_like(loss).detach(), logits.detach(), target, lse.detach(), rows, -100),
+    seed = torch.ones_like(loss).detach()
+    torch.library.opcheck(ops.cross_entropy_bwd, (seed, logits.detach(), target, lse.detach(), rows, -100),
                           test_utils=OPCHECK_TESTS)
 
 

@@ -8,7 +8,6 @@ README) is checked in subprocesses and on the files themselves.
 import copy
 import json
 import os
-import pathlib
 import random
 import re
 import shutil
@@ -22,19 +21,14 @@ import torch
 from fastlenet import data, engine, evaluate, names, predict, train
 from fastlenet.models import MODEL_NAMES, NETWORKS, VARIANTS, LeNet5
 
-from conftest import assert_one_line_error
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from utils import REPO, assert_one_line_error, run_cli
 
 SMALL = ["--limit-train", "512", "--limit-test", "1000", "--batch-size", "128"]
 EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second", "seconds"}
 
 
 def run_train(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop anything printed before
-    status = train.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_cli(capsys, train.main, *args)
 
 
 @pytest.fixture(scope="module")
@@ -502,7 +496,8 @@ def test_val_split_trains_on_the_rest_and_validates_on_the_held_out_images(mnist
     ds = data.load("mnist", mnist_dir)
     rest, held = data.hold_out(ds.train.first(512), VAL_IMAGES, seed=3)  # the split follows --seed
     (trained,), (validated, tested) = seen["train"], seen["evaluate"]  # validation first, then test
-    normalized = lambda split: data.to_device(split, "cpu", *data.NORMALIZATION["mnist"])[0]  # noqa: E731
+    def normalized(split):
+        return data.to_device(split, "cpu", *data.NORMALIZATION["mnist"])[0]
     assert torch.equal(trained, normalized(rest))
     assert torch.equal(validated, normalized(held))
     assert torch.equal(tested, normalized(ds.test.first(TEST_IMAGES)))

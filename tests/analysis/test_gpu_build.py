@@ -30,7 +30,7 @@ from fastlenet.analysis.gpu_build import describe_result, failures, merge_descri
 from fastlenet.kernels.launch import describe, record, record_launches
 from fastlenet.models import NETWORKS, VARIANTS, LeNet5, build_model
 
-pytestmark = pytest.mark.build
+from utils import env_without_interpreter
 
 TARGETS = (80, 90)
 LENET_BATCHES = (1, 3, 128, 4096, 65536)
@@ -186,7 +186,7 @@ def build_results(tmp_path_factory, device, request):
     descs = user_launch_configs(device)
     tmp = tmp_path_factory.mktemp("gpu_build")
     (tmp / "launches.json").write_text(json.dumps(descs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-m", "fastlenet.analysis.gpu_build", str(tmp / "launches.json"),
                            "--cc", *map(str, TARGETS), "--report", str(REPORT), "--stats", str(tmp / "stats.json")],
@@ -199,6 +199,7 @@ def build_results(tmp_path_factory, device, request):
     return descs, results
 
 
+@pytest.mark.build
 def test_every_user_configuration_compiles_for_every_target(build_results):
     descs, results = build_results
     assert {d["kernel"] for d in descs} >= {
@@ -216,6 +217,7 @@ def test_every_user_configuration_compiles_for_every_target(build_results):
     assert any("logits_ptr" in r["divisible_by_16"] for r in results if r["kernel"] == "cross_entropy_fwd_kernel")
 
 
+@pytest.mark.build
 def test_no_spills_and_shared_memory_within_limits(build_results):
     _, results = build_results
     bad = failures(results)
@@ -258,10 +260,11 @@ def test_a_misaligned_view_is_recorded_as_misaligned(device):
     assert describe(launches[0])["args"]["logits_ptr"]["data_ptr_mod16"] == 4
 
 
+@pytest.mark.build
 def test_a_second_build_comes_from_the_cache(tmp_path, device):
     descs = _recorded("cross_entropy B=3 C=10", _loss_step(3, 10, device))[:1]
     (tmp_path / "launches.json").write_text(json.dumps(descs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     env["FASTLENET_CACHE_DIR"] = str(tmp_path / "cache")
     stats = []
     for _ in range(2):
@@ -283,6 +286,7 @@ for desc in json.load(open(sys.argv[1])):
 """
 
 
+@pytest.mark.build
 def test_build_compiles_what_the_jit_launch_path_compiles(tmp_path, device):
     """Without a GPU: for the same launch and target, compile_for (specialisation data -> preload)
     yields the kernel the JIT's launch path compiles itself, byte for byte in TTGIR, same hash."""
@@ -291,7 +295,7 @@ def test_build_compiles_what_the_jit_launch_path_compiles(tmp_path, device):
                          ("misaligned", _misaligned_loss_step(device))]:
         descs += _recorded(origin, step)
     (tmp_path / "launches.json").write_text(json.dumps(descs[:1] + descs[-2:]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     proc = subprocess.run([sys.executable, "-c", _SAME_AS_JIT, str(tmp_path / "launches.json")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -299,6 +303,7 @@ def test_build_compiles_what_the_jit_launch_path_compiles(tmp_path, device):
     assert len(checks) == 6 and all(same_hash and same_ttgir for _, _, same_hash, same_ttgir in checks), checks
 
 
+@pytest.mark.build
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with what the JIT compiled")
 def test_build_compiles_exactly_what_the_jit_compiled():
     """After real launches on this GPU, each kernel the JIT compiled (found in its own cache under

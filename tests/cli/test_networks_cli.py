@@ -10,7 +10,7 @@ from fastlenet import evaluate, train
 from fastlenet.models import NETWORKS, build_model
 
 
-@pytest.mark.parametrize("name", ["cnn", "convnet-bn"])
+@pytest.mark.parametrize("name", [pytest.param("cnn", marks=pytest.mark.slow), "convnet-bn"])
 def test_train_resume_and_evaluate_a_tutorial_network(name, mnist_dir, tmp_path):
     small = ["--limit-train", "256", "--limit-test", "64", "--batch-size", "64", "--data-dir", str(mnist_dir),
              "--no-plot"]

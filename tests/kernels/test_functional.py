@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastlenet import functional as FF
 from fastlenet.kernels.launch import poison_outputs, record_launches
-from conftest import ACT, POOL, rel_err
+from utils import ACT, POOL, rel_err
 
 # Relative-error tolerances, by kernel dtype (TF32 is off here on CUDA: conftest.py; TF32 has its own
 # tolerances, derived in test_tf32.py).
@@ -137,13 +137,14 @@ def test_empty_batch(device):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-@pytest.mark.parametrize("layer", ["conv", "linear"])
+@pytest.mark.parametrize("layer", [pytest.param("conv", marks=pytest.mark.slow), "linear"])
 def test_a_wide_split_reduces_in_two_levels(layer, device):
     """Over 16 splits a tile's partials are summed in groups, then the group sums (split_reduce.py):
     24 x 28 x 28 conv positions take 19 splits, 4200 rows of a linear layer 17."""
     if layer == "conv":
         shape = (24, 1, 28, 28, 6, 5, 2)
-        run = lambda: check_conv(shape, "relu", "max", torch.float32, device)
+        def run():
+            check_conv(shape, "relu", "max", torch.float32, device)
     else:
         x0, w0, b0 = torch.randn(4200, 7), torch.randn(5, 7), torch.randn(5)
         (x, w, b), (xr, wr, br) = (leaves(x0, w0, b0, dtype=dt, device=device)

@@ -19,7 +19,7 @@ from fastlenet.kernels import cross_entropy as xent
 from fastlenet.kernels import launch as launch_module
 from fastlenet.kernels.launch import record_launches
 from fastlenet.profiling import count_device_ops
-from conftest import rel_err
+from utils import env_without_interpreter, rel_err
 
 # Relative-error tolerances, by kernel dtype.
 #  float64 (interpreter only): the reference's arithmetic in another order, ~1e-16 a term.
@@ -178,7 +178,7 @@ def test_split_forward_is_reproducible_and_its_counter_serves_one_call(device):
     runs = []
     for _ in range(2):
         logits = FF.linear_act(x, w, b, "identity")
-        loss, grids = split_programs(lambda: FF.cross_entropy(logits, target))
+        loss, grids = split_programs(lambda logits=logits: FF.cross_entropy(logits, target))
         assert grids == [(16,)]
         loss.backward()
         runs.append((loss.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone()))
@@ -323,6 +323,7 @@ def test_device_assert_fires_for_bad_targets_only(interpreter_debug):
         FF.cross_entropy(logits, target)
 
 
+@pytest.mark.build
 def test_forward_kernel_is_compiled_with_its_device_assert():
     """On CUDA the assert exists only in a debug build: the kernel asks for one, and compiled for
     sm_90 with that flag (as the JIT does: kwargs debug defaults to the kernel's) it holds the
@@ -345,7 +346,7 @@ for split in (False, True):
     asserts.append("tt.assert" in compiled.asm["ttir"])
 print(k.debug, *asserts)
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "True", "True"]

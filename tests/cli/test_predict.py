@@ -20,9 +20,8 @@ from PIL import Image, ImageOps
 from fastlenet import data, engine, predict, train
 from fastlenet.models import LeNet5
 
-from conftest import assert_one_line_error
+from utils import REPO, assert_one_line_error, run_cli
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"]
 
@@ -59,10 +58,7 @@ def save_png(path, pixels) -> pathlib.Path:
 
 
 def run(capsys, *args):
-    capsys.readouterr()
-    status = predict.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_cli(capsys, predict.main, *args)
 
 
 def run_json(capsys, *args) -> list[dict]:
@@ -297,8 +293,8 @@ def test_non_square_rgb_is_fitted_and_centred(digits, size, placed):
 def test_colour_jpeg_photo_of_a_digit(run_dir, digits, tmp_path, capsys):
     """Dark blue ink on cream paper, 3x MNIST's size, saved as JPEG: inverted, scaled down, close to
     the MNIST image it came from, and classified as the tool's own preprocessing says."""
-    ink_on_paper = ImageOps.colorize(Image.fromarray(255 - digits[2].numpy()).resize((84, 84), Image.Resampling.BICUBIC),
-                                     black=(20, 20, 80), white=(250, 245, 220))
+    enlarged = Image.fromarray(255 - digits[2].numpy()).resize((84, 84), Image.Resampling.BICUBIC)
+    ink_on_paper = ImageOps.colorize(enlarged, black=(20, 20, 80), white=(250, 245, 220))
     path = tmp_path / "photo.jpg"
     ink_on_paper.save(path, quality=95)
     pixels, inverted = predict.prepare(predict.open_image(path))

@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+from fastlenet.files import atomic_write_bytes, write_bytes, write_json
+
 
 @dataclass(frozen=True)
 class SmLimits:
@@ -359,12 +361,6 @@ def _build_all(specs: dict[str, dict], jobs: int, timeout: float):
                     process.kill()
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _from_cache(cache_dir: pathlib.Path | None, key: str, ttgir: bool) -> dict | None:
     """The cached result of `key` (with its TTGIR if asked), or None where it is missing. A result
     cached before TTGIR was kept beside it counts as missing when its TTGIR is wanted."""
@@ -415,8 +411,8 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
             # so fixing the cause needs no cache flush. The TTGIR first: a result's JSON is what
             # marks it cached.
             if cache_dir and "error" not in result:
-                _write_atomically(cache_dir / f"{key}.ttgir.gz", gzip.compress(text.encode()))
-                _write_atomically(cache_dir / f"{key}.json", json.dumps(result).encode())
+                atomic_write_bytes(cache_dir / f"{key}.ttgir.gz", gzip.compress(text.encode()))
+                atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(result).encode())
             built[key] = {**result, "ttgir": text} if ttgir and text is not None else result
             if log:
                 spec = groups[key]["spec"]
@@ -511,9 +507,9 @@ def main(argv=None) -> int:
         print(json.dumps(r))
     text = report(results, stats)
     if args.report:
-        args.report.write_text(text)
+        write_bytes(args.report, text.encode())
     if args.stats:
-        args.stats.write_text(json.dumps(stats))
+        write_json(args.stats, stats)
     print(text, file=sys.stderr)
     return 1 if failures(results) else 0
 

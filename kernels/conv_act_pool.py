@@ -70,15 +70,17 @@ def _weight_tile(w_ptr, offs_k, offs_co, C_in, C_out,
 
 @triton.jit
 def _running_max(best, win, z, j: tl.constexpr):
-    # Strictly greater keeps the first maximum on ties (PyTorch's choice); a NaN replaces a number.
-    take = (z > best) | ((z != z) & (best == best))
+    # As PyTorch's `val > max || isnan(val)`: strictly greater keeps the first maximum on ties, and
+    # every NaN replaces what is there, so of several NaNs the last in scan order is kept.
+    take = (z > best) | (z != z)
     return tl.where(take, z, best), tl.where(take, j, win).to(tl.int8)
 
 
 @triton.jit
 def _pool_window(z00, z01, z10, z11, POOL: tl.constexpr):
     """Pool the four window positions (row-major in the window). Max pooling also returns the
-    window index of the first maximum; a NaN anywhere wins, so NaN propagates as in PyTorch.
+    window index of the first maximum, or of the last NaN: NaN propagates, and its gradient goes, as
+    in PyTorch.
     Without pooling only z00 was computed, and it is the output."""
     if POOL == "none":
         return z00, tl.zeros(z00.shape, dtype=tl.int8)

@@ -57,6 +57,77 @@ def test_conv_act_pool_nan_and_inf_like_pytorch(activation, pool, device):
     assert_same_special_values(b.grad, br.grad, "grad bias")
 
 
+NAN, INF = float("nan"), float("inf")
+# 2x2 windows (row-major) with several NaNs, and NaN beside +-Inf. PyTorch's max pooling updates on
+# every NaN it meets (its CPU and CUDA kernels test `val > max || isnan(val)`), so the last NaN in
+# scan order is the one kept, and the one that gets the gradient.
+NAN_WINDOWS = [[NAN, 1.0, NAN, 2.0], [NAN, INF, -INF, NAN], [INF, NAN, 5.0, -INF], [1.0, NAN, NAN, NAN],
+               [NAN, NAN, 0.5, 0.25], [-INF, -INF, NAN, INF]]
+
+
+def windows_input(device):
+    """One channel, 4 x 6: the six windows of NAN_WINDOWS side by side over two rows of windows."""
+    x = torch.empty(1, 1, 4, 6, device=device)
+    for n, (a, b, c, d) in enumerate(NAN_WINDOWS):
+        r, col = 2 * (n // 3), 2 * (n % 3)
+        x[0, 0, r:r + 2, col:col + 2] = torch.tensor([[a, b], [c, d]])
+    return x
+
+
+# PyTorch's composition backpropagates a zero through sigmoid / tanh at every position a window
+# did not select, and 0 * act'(NaN) is NaN: each NaN a window holds besides the one kept makes NaN
+# gradients. The fused backward sums only the kept position (it saves the window index, not which
+# positions were NaN), so there it gives finite gradients. Everything else must match.
+SPREADS_UNSELECTED_NANS = ("sigmoid", "tanh")
+
+
+def check_like_pytorch(x, w, b, padding, activation, pool="max", where_pytorch_is_nan=True):
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y = FF.conv2d_act_pool(x, w, b, padding=padding, activation=activation, pool=pool)
+    ref = POOL[pool](ACT[activation](F.conv2d(xr, wr, br, padding=padding)), 2)
+    assert_same_special_values(y, ref, "output")
+    g = torch.randn_like(ref)
+    y.backward(g.float())
+    ref.backward(g)
+    for what, out, expected in (("grad input", x.grad, xr.grad), ("grad weight", w.grad, wr.grad),
+                                ("grad bias", b.grad, br.grad)):
+        if where_pytorch_is_nan:
+            assert_same_special_values(out, expected, what)
+        else:  # where PyTorch's gradient is a number, the same number: it went to the same place
+            kept = ~torch.isnan(expected)
+            assert_same_special_values(out[kept], expected[kept], what)
+
+
+def nan_windows_case(device):
+    # z = x exactly (1x1 kernel, weight 1, bias 0): each window holds the values written.
+    return windows_input(device), torch.ones(1, 1, 1, 1, device=device), torch.zeros(1, device=device), 0
+
+
+def nan_patch_case(device):
+    """The common case: one NaN pixel makes a 3x3 patch of the conv output NaN, so windows hold two
+    or four NaNs; an Inf pixel beside them."""
+    x = torch.randn(2, 2, 7, 8, device=device)
+    x[0, 1, 3, 3] = NAN
+    x[1, 0, 2, 5] = INF
+    x[1, 0, 4, 1] = NAN
+    return x, torch.randn(3, 2, 3, 3, device=device), torch.randn(3, device=device), 1
+
+
+@pytest.mark.parametrize("case", [nan_windows_case, nan_patch_case], ids=["windows", "patch"])
+@pytest.mark.parametrize("activation", FF.ACTIVATIONS)
+def test_max_pool_keeps_the_last_nan_of_a_window_like_pytorch(case, activation, device):
+    check_like_pytorch(*case(device), activation, where_pytorch_is_nan=activation not in SPREADS_UNSELECTED_NANS)
+
+
+@pytest.mark.xfail(strict=True, reason="the fused backward does not reproduce PyTorch's 0 * act'(NaN) = NaN "
+                                        "at the NaN positions a max-pooling window did not keep")
+@pytest.mark.parametrize("case", [nan_windows_case, nan_patch_case], ids=["windows", "patch"])
+@pytest.mark.parametrize("activation", SPREADS_UNSELECTED_NANS)
+def test_nan_gradients_of_unselected_positions_as_pytorch(case, activation, device):
+    check_like_pytorch(*case(device), activation)
+
+
 @pytest.mark.parametrize("activation", FF.ACTIVATIONS)
 def test_linear_act_nan_and_inf_like_pytorch(activation, device):
     x = torch.randn(4, 3, device=device)

@@ -2,7 +2,9 @@
 
 The Triton kernels live in fastlenet.kernels; autograd Functions and the functional API in
 fastlenet.functional; drop-in torch.nn modules in fastlenet.nn; the models in fastlenet.models;
-fastlenet.fuse(model) puts the fused modules into anyone's model (fastlenet.fusion).
+fastlenet.fuse(model) puts the fused modules into anyone's model (fastlenet.fusion); the training
+step, evaluation and prediction are fastlenet.engine's, which the command-line tools (train,
+evaluate, predict) and the benchmarks share.
 `import fastlenet` imports neither PyTorch nor Triton: the names below load their modules on first
 use, so the command-line tools answer --help at once and the reference path runs wherever torch does.
 """

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from fastlenet import engine
-from fastlenet.cli import DEVICE_CHOICES, CLIError, HelpFormatter, choose_device, quiet_interpreter_warnings
+from fastlenet.cli import DEVICE_CHOICES, CLIError, HelpFormatter, choose_device
 from fastlenet.files import write_json
 from fastlenet.models import build_model
 from fastlenet.names import DATASET_NAMES, DEFAULT_DATA_DIR, MODEL_NAMES
@@ -454,6 +454,15 @@ def print_report(results, rats, providers, meta, flops) -> None:
     print(f"\nin short: {summary(results)}")
 
 
+class _Lead:
+    """One provider fastest over consecutive batch sizes, and by how much over the runner-up."""
+
+    def __init__(self, winner: str, first_batch: int):
+        self.winner, self.first_batch, self.last_batch = winner, first_batch, first_batch
+        self.speedups: list[float] = []
+        self.runners_up: set[str] = set()
+
+
 def summary(results: list[dict]) -> str:
     """One line: per mode, the fastest provider at each batch size and how much faster it is than
     the next fastest there. Only measured speeds count (no interpreter runs, no unavailable providers)."""
@@ -466,26 +475,26 @@ def summary(results: list[dict]) -> str:
                          f"images/s (batch {best['batch_size']})")
             continue
         sizes = sorted({r["batch_size"] for r in measured})
-        runs = []  # [first batch, last batch, winner, ratios over the next fastest, the next fastest providers]
+        leads: list[_Lead] = []  # consecutive batch sizes with the same fastest provider
         for bs in sizes:
             ranked = sorted((r for r in measured if r["batch_size"] == bs), key=lambda r: -r["images_per_second"])
             if len(ranked) < 2:
                 continue
             first, second = ranked[0], ranked[1]
-            if runs and runs[-1][2] == first["provider"]:
-                runs[-1][1] = bs
-            else:
-                runs.append([bs, bs, first["provider"], [], set()])
-            runs[-1][3].append(first["images_per_second"] / second["images_per_second"])
-            runs[-1][4].add(second["provider"])
-        everywhere = len(runs) == 1 and len(runs[0][3]) == len(sizes) > 1
+            if not leads or leads[-1].winner != first["provider"]:
+                leads.append(_Lead(first["provider"], bs))
+            lead = leads[-1]
+            lead.last_batch = bs
+            lead.speedups.append(first["images_per_second"] / second["images_per_second"])
+            lead.runners_up.add(second["provider"])
+        everywhere = len(leads) == 1 and len(leads[0].speedups) == len(sizes) > 1
         said = []
-        for lo_bs, hi_bs, winner, speedups, runners in runs:
-            where = ("every batch size" if everywhere else
-                     f"batch {lo_bs}" + (f"-{hi_bs}" if hi_bs != lo_bs else ""))
-            lo, hi = f"{min(speedups):.2f}x", f"{max(speedups):.2f}x"
-            than = runners.pop() if len(runners) == 1 else "the next fastest"
-            said.append(f"{winner} at {where} ({lo if lo == hi else f'{lo}-{hi}'} as fast as {than})")
+        for lead in leads:
+            span = f"{lead.first_batch}" + (f"-{lead.last_batch}" if lead.last_batch != lead.first_batch else "")
+            where = "every batch size" if everywhere else f"batch {span}"
+            lo, hi = f"{min(lead.speedups):.2f}x", f"{max(lead.speedups):.2f}x"
+            than = next(iter(lead.runners_up)) if len(lead.runners_up) == 1 else "the next fastest"
+            said.append(f"{lead.winner} at {where} ({lo if lo == hi else f'{lo}-{hi}'} as fast as {than})")
         if said:
             parts.append(f"{mode}: fastest " + ", ".join(said))
     return "; ".join(parts) or "nothing was measured: no provider could run here"
@@ -606,8 +615,6 @@ def main(argv=None) -> int:
         sys.exit(f"error: {e}")
     if not torch.cuda.is_available():
         quiet_cuda_home_warning()
-    if interpreting():
-        quiet_interpreter_warnings()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     print(f"device: {device} ({device_name(device)}); torch {torch.__version__}"

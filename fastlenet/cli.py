@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -199,25 +198,20 @@ def check_fused_backend(device: torch.device) -> bool:
         raise CLIError("--fused: the fused Triton kernels need a CUDA GPU, and there is none here; "
                        "set TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter "
                        "(slow, for debugging), or drop --fused to use the reference model on the CPU")
-    quiet_interpreter_warnings()
     return True
 
 
-def quiet_interpreter_warnings() -> None:
-    """Triton's interpreter computes the masked-off lanes of every block too, in numpy, which warns
-    about their overflows and NaNs; those lanes are never stored, so the warnings say nothing about
-    the run and only bury its output."""
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
-
-
-def prepare_out_dir(path: Path) -> Path:
-    """Create `path` if needed and make sure files can be written in it, before any work is done."""
+def prepare_out_dir(path: Path, flag: str = "--out") -> Path:
+    """Create `path` (the value of `flag`) if needed and make sure files can be written in it, before
+    any work is done."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path}: it is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise CLIError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+        raise CLIError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
     return path
 
 

@@ -116,14 +116,14 @@ def _conv_problem(m: nn.Conv2d) -> str | None:
 
 
 def _conv_padding(m: nn.Conv2d) -> int | None:
-    p = m.padding
-    if p == "valid":
-        p = (0, 0)
-    elif p == "same":  # stride 1: same means k // 2 on each side when k is odd
-        p = (m.kernel_size[0] // 2,) * 2 if m.kernel_size[0] % 2 == 1 else None
-    if p is None or p[0] != p[1] or not 0 <= p[0] <= MAX_PADDING:
+    """The conv's padding as the one int the kernel takes (ConvActPool2d's reading of it), or None."""
+    from fastlenet.nn import kernel_padding
+
+    try:
+        p = kernel_padding(m.padding, m.kernel_size[0])
+    except ValueError:
         return None
-    return p[0]
+    return p if 0 <= p <= MAX_PADDING else None
 
 
 def _linear_problem(m: nn.Linear) -> str | None:

@@ -26,8 +26,8 @@ def _square(name: str, value) -> int:
     return value
 
 
-def _padding(padding, k: int) -> int:
-    """nn.Conv2d's padding argument as the one int the kernel takes."""
+def kernel_padding(padding, k: int) -> int:
+    """nn.Conv2d's padding argument as the one int the kernel takes (fastlenet.fuse reads it too)."""
     if padding == "valid":
         return 0
     if padding == "same":  # stride 1: k // 2 on each side, which is symmetric only for odd k
@@ -68,7 +68,7 @@ class ConvActPool2d(nn.Conv2d):
         k = _square("kernel_size", kernel_size)
         if not 1 <= k <= MAX_KERNEL_SIZE:
             raise ValueError(f"ConvActPool2d: kernel_size {k} is not supported (1..{MAX_KERNEL_SIZE})")
-        p = _padding(padding, k)
+        p = kernel_padding(padding, k)
         if not 0 <= p <= MAX_PADDING:
             raise ValueError(f"ConvActPool2d: padding {p} is not supported (0..{MAX_PADDING})")
         if activation not in ACTIVATIONS:

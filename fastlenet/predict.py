@@ -111,7 +111,7 @@ def predict(args: argparse.Namespace) -> int:
     saved = None
     if args.save_preprocessed is not None:
         # Only now that every input has been read: a mistyped image name leaves no empty directory.
-        saved = preprocessed_paths(args.images, output_dir(args.save_preprocessed))
+        saved = preprocessed_paths(args.images, cli.prepare_out_dir(args.save_preprocessed, "--save-preprocessed"))
         save_preprocessed(x, mean, std, saved)
         for result, written in zip(results, saved):
             result["preprocessed"] = str(written)
@@ -145,16 +145,6 @@ def low_confidence_hint(image: str, probability: float, dataset: str, preprocess
     see = (f"{preprocessed} shows what the model sees" if preprocessed else
            "or --save-preprocessed DIR to see what the model sees")
     return f"{image}: low confidence ({percent}): {HINTS[dataset]}{'; ' if preprocessed else ', '}{see}"
-
-
-def output_dir(path: Path) -> Path:
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--save-preprocessed {path}: it is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"--save-preprocessed {path}: cannot create the directory ({e.strerror or e})") from None
-    return path
 
 
 def preprocessed_paths(images: list[str], directory: Path) -> list[Path]:

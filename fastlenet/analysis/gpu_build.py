@@ -251,9 +251,23 @@ def _summary(spec: dict) -> dict:
             "num_warps": data["options"]["num_warps"], "num_stages": data["options"]["num_stages"]}
 
 
-def _build_one(spec: dict) -> dict:
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin as nvdisasm prints it, each instruction under the source lines it came
+    from with their inlining chain (-gi; Triton compiles with line info unless
+    TRITON_DISABLE_LINE_INFO is set)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("nvdisasm"), "-c", "-gi", f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def _build_one(spec: dict, sass: bool) -> dict:
     compiled = compile_for(spec)
-    return {**resources(compiled, spec["cc"]), "hash": compiled.hash, "ttgir": compiled.asm["ttgir"]}
+    result = {**resources(compiled, spec["cc"]), "hash": compiled.hash, "ttgir": compiled.asm["ttgir"]}
+    if sass:  # a third of a second a kernel: only where it is read
+        result["sass"] = disassemble(compiled.asm["cubin"])
+    return result
 
 
 def _worker(conn) -> None:
@@ -270,13 +284,13 @@ def _worker(conn) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     while True:
         try:
-            spec = conn.recv()
+            job = conn.recv()
         except EOFError:  # the build was stopped
             return
-        if spec is None:
+        if job is None:
             return
         try:
-            result = _build_one(spec)
+            result = _build_one(*job)
         except Exception:  # noqa: BLE001 - a configuration that fails to build is a result, not a crash
             result = {"error": traceback.format_exc(limit=-3).strip()}
         conn.send(result)
@@ -307,7 +321,7 @@ def cache_key(spec: dict, tools: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _build_all(specs: dict[str, dict], jobs: int, timeout: float):
+def _build_all(specs: dict[str, dict], jobs: int, timeout: float, sass: bool = False):
     """Yield (key, result) for every spec as each finishes, in `jobs` spawned processes (a forked
     copy of a process holding Triton's and torch's state is unsafe). A compile that runs past
     `timeout` seconds is stopped and reported: a kernel edit that sends ptxas into minutes of
@@ -330,7 +344,7 @@ def _build_all(specs: dict[str, dict], jobs: int, timeout: float):
             while todo and idle:
                 conn, process = idle.pop()
                 key, spec = todo.pop(0)
-                conn.send(spec)
+                conn.send((spec, sass))
                 busy[conn] = (process, key, time.monotonic())
             for conn in wait(list(busy), timeout=1.0):
                 process, key, _ = busy.pop(conn)
@@ -361,26 +375,32 @@ def _build_all(specs: dict[str, dict], jobs: int, timeout: float):
                     process.kill()
 
 
-def _from_cache(cache_dir: pathlib.Path | None, key: str, ttgir: bool) -> dict | None:
-    """The cached result of `key` (with its TTGIR if asked), or None where it is missing. A result
-    cached before TTGIR was kept beside it counts as missing when its TTGIR is wanted."""
+# The texts a build keeps beside each result (gzip), for readers of the compiled code: the TTGIR
+# (report.py: layouts, dots, loops) and the SASS (timing.py: instructions per loop trip).
+TEXTS = ("ttgir", "sass")
+
+
+def _from_cache(cache_dir: pathlib.Path | None, key: str, texts: Iterable[str]) -> dict | None:
+    """The cached result of `key` (with the texts asked for), or None where it or one of the texts
+    is missing: a result cached before a text was kept beside it is rebuilt when that text is wanted."""
     if not cache_dir or not (cache_dir / f"{key}.json").exists():
         return None
     result = json.loads((cache_dir / f"{key}.json").read_text())
-    if ttgir:
+    for text in texts:
         try:
-            result["ttgir"] = gzip.decompress((cache_dir / f"{key}.ttgir.gz").read_bytes()).decode()
+            result[text] = gzip.decompress((cache_dir / f"{key}.{text}.gz").read_bytes()).decode()
         except (OSError, EOFError):  # absent, or cut short
             return None
     return result
 
 
 def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pathlib.Path | None = None,
-          timeout: float = 300, log=None, ttgir: bool = False) -> tuple[list[dict], dict]:
+          timeout: float = 300, log=None, ttgir: bool = False, sass: bool = False) -> tuple[list[dict], dict]:
     """Specialise every description for every target, compile each distinct specialisation once
     (cache first, then `jobs` processes) and return (results, stats). A result is one compiled
     kernel: its resources, its readable specialisation, the origins of every launch that compiles
-    to it and, with ttgir=True, its TTGIR text ("ttgir")."""
+    to it and, with ttgir=True / sass=True, its TTGIR / SASS text ("ttgir", "sass")."""
+    wanted = [name for name, want in (("ttgir", ttgir), ("sass", sass)) if want]
     started = time.perf_counter()
     ccs = list(ccs)
     tools = toolchain()
@@ -395,7 +415,7 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
 
     built, todo = {}, []
     for key in groups:
-        result = _from_cache(cache_dir, key, ttgir)
+        result = _from_cache(cache_dir, key, wanted)
         if result is None:
             todo.append(key)
         else:
@@ -405,15 +425,18 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
         if cache_dir:
             cache_dir.mkdir(parents=True, exist_ok=True)
         jobs = max(1, min(jobs, len(todo)))
-        for n, (key, result) in enumerate(_build_all({k: groups[k]["spec"] for k in todo}, jobs, timeout), 1):
-            text = result.pop("ttgir", None)
+        specs = {k: groups[k]["spec"] for k in todo}
+        for n, (key, result) in enumerate(_build_all(specs, jobs, timeout, "sass" in wanted), 1):
+            texts = {name: result.pop(name, None) for name in TEXTS}
             # A timeout or crash may not repeat (a busy machine); compile errors are not cached either,
-            # so fixing the cause needs no cache flush. The TTGIR first: a result's JSON is what
+            # so fixing the cause needs no cache flush. The texts first: a result's JSON is what
             # marks it cached.
             if cache_dir and "error" not in result:
-                atomic_write_bytes(cache_dir / f"{key}.ttgir.gz", gzip.compress(text.encode()))
+                for name, text in texts.items():
+                    if text is not None:
+                        atomic_write_bytes(cache_dir / f"{key}.{name}.gz", gzip.compress(text.encode()))
                 atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(result).encode())
-            built[key] = {**result, "ttgir": text} if ttgir and text is not None else result
+            built[key] = {**result, **{name: texts[name] for name in wanted if texts[name] is not None}}
             if log:
                 spec = groups[key]["spec"]
                 log(f"[{n}/{len(todo)}] {spec['kernel']} sm_{spec['cc']}: " + (

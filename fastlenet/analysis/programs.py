@@ -1,0 +1,167 @@
+"""What each program of a launch executes, from its SASS weighted by its loops' trip counts.
+
+Every SASS basic block is tied to the TTGIR region it runs in (trips.py): by the source chains of
+its instructions, and, inside a SASS loop, to the TTGIR loop most of that loop's instructions come
+from. A program then issues, per warp, the sum over blocks of the block's instructions times the
+times its region runs for that program. Programs that run the same counts are one class: a launch
+has few (grad-input tiles, weight-gradient tiles, the programs that also finish a sum).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from . import sass as S
+from .trips import ControlTree, Evaluator, control_tree, program_ids
+
+
+@dataclass(frozen=True)
+class RegionCode:
+    """The SASS a region's body runs each time it runs."""
+    instructions: int  # warp instructions issued (predicated-off ones issue too)
+    loads: int  # memory waits one after another per run: the longest chain of dependent loads (sass.load_depth)
+    mma_flops: int  # tensor-core FLOPs per warp
+    fma_flops: int  # CUDA-core FLOPs per warp (FFMA 2 a lane, FADD/FMUL 1)
+
+
+@dataclass(frozen=True)
+class ProgramClass:
+    """Programs that run the same work."""
+    programs: int
+    instructions: int  # per warp, over the whole program
+    dependent: int  # waits for memory one after another (loop trips with loads, and straight-line ones)
+    mma_flops: int  # per warp
+    fma_flops: int  # per warp
+    trips: int  # loop trips, all loops
+
+
+@dataclass(frozen=True)
+class LaunchWork:
+    kernel: str
+    grid: tuple[int, ...]
+    num_warps: int
+    classes: tuple[ProgramClass, ...]
+    regions: dict  # region id -> RegionCode fields plus kind and source line, for the report
+    unmapped_loops: int  # SASS loops tied to no TTGIR loop (counted once per run of their block's region)
+
+    @property
+    def programs(self) -> int:
+        return sum(c.programs for c in self.classes)
+
+    def total(self, field: str) -> int:
+        return sum(c.programs * getattr(c, field) for c in self.classes)
+
+    def longest(self, field: str) -> int:
+        return max(getattr(c, field) for c in self.classes)
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "grid": list(self.grid), "num_warps": self.num_warps,
+                "classes": [asdict(c) for c in self.classes], "regions": self.regions,
+                "unmapped_loops": self.unmapped_loops}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LaunchWork":
+        return cls(d["kernel"], tuple(d["grid"]), d["num_warps"], tuple(ProgramClass(**c) for c in d["classes"]),
+                   d["regions"], d["unmapped_loops"])
+
+
+def _candidates(tree: ControlTree, chain: S.Chain) -> set[int]:
+    """Regions holding an op written at `chain`, or at its longest outer part that any op has
+    (ptxas may attribute an instruction to a line inside a helper that no TTGIR op keeps)."""
+    for start in range(len(chain)):
+        found = tree.chains.get(chain[start:])
+        if found:
+            return found
+    return set()
+
+
+def _innermost_loop(tree: ControlTree, region: int) -> int | None:
+    return next((r for r in tree.ancestors(region) if tree.regions[r].kind == "for"), None)
+
+
+def _outside_loops(tree: ControlTree, region: int) -> int:
+    """The innermost ancestor of `region` that no loop encloses (straight-line code of a loop's
+    region outside the SASS loop: its set-up, or a loop ptxas unrolled completely)."""
+    for r in tree.ancestors(region):
+        if not tree.in_loop(r):
+            return r
+    return 0
+
+
+def assign_blocks(code: S.Sass, tree: ControlTree) -> tuple[list[int], int]:
+    """The region each SASS block runs in, and how many SASS loops matched no TTGIR loop."""
+    loop_of: dict[int, int | None] = {}
+    unmapped = 0
+    for i, loop in enumerate(code.loops):
+        votes: Counter = Counter()
+        for b in loop.blocks:
+            if code.blocks[b].loop != i:
+                continue
+            for ins in code.block_instructions(b):
+                for r in _candidates(tree, ins.chain):
+                    if (t := _innermost_loop(tree, r)) is not None:
+                        votes[t] += 1
+        loop_of[i] = votes.most_common(1)[0][0] if votes else None
+        trivial = loop.head == loop.tail  # a lone branch to itself: the trap after the last EXIT
+        unmapped += loop_of[i] is None and not trivial
+    assigned, previous = [], 0
+    for b, block in enumerate(code.blocks):
+        votes = Counter()
+        target = loop_of.get(block.loop) if block.loop is not None else None
+        for ins in code.block_instructions(b):
+            for r in _candidates(tree, ins.chain):
+                if target is not None:
+                    if _innermost_loop(tree, r) == target:
+                        votes[r] += 1
+                elif block.loop is None:
+                    votes[_outside_loops(tree, r)] += 1
+        if votes:
+            region = votes.most_common(1)[0][0]
+        elif target is not None:
+            region = target
+        else:
+            region = previous
+        assigned.append(region)
+        if block.loop is None:
+            previous = region
+    return assigned, unmapped
+
+
+def region_code(code: S.Sass, tree: ControlTree, assigned: list[int]) -> dict[int, RegionCode]:
+    """Per region, the SASS its body runs each time: its blocks in address order (a loop's: one trip)."""
+    blocks: dict[int, list[int]] = {}
+    for b, region in enumerate(assigned):
+        blocks.setdefault(region, []).append(b)
+    out = {}
+    for region, bs in blocks.items():
+        ins = [i for b in bs for i in code.block_instructions(b)]
+        out[region] = RegionCode(len(ins), S.load_depth(ins), sum(S.mma_flops(i.opcode) for i in ins),
+                                 sum(S.fma_flops(i.opcode) for i in ins))
+    return out
+
+
+def launch_work(desc: dict, ttgir: str, sass_text: str, num_warps: int) -> LaunchWork:
+    """Per class of programs, what each program of the described launch executes."""
+    tree = control_tree(ttgir, desc["kernel"])
+    code = S.parse(sass_text, desc["kernel"])
+    assigned, unmapped = assign_blocks(code, tree)
+    per_region = region_code(code, tree, assigned)
+    evaluator = Evaluator(tree, desc["args"], tuple(desc["grid"]))
+    classes: Counter = Counter()
+    for pid in program_ids(desc["grid"]):
+        counts = evaluator.program(pid)
+        totals = [0, 0, 0, 0, 0]
+        for region, rc in per_region.items():
+            n = counts.get(region, 0)
+            totals[0] += n * rc.instructions
+            totals[1] += n * rc.loads
+            totals[2] += n * rc.mma_flops
+            totals[3] += n * rc.fma_flops
+        totals[4] = sum(n for r, n in counts.items() if tree.regions[r].kind == "for")
+        classes[tuple(totals)] += 1
+    regions = {str(r): {**asdict(rc), "kind": tree.regions[r].kind,
+                        "line": list(tree.regions[r].line[-1]) if tree.regions[r].line else None}
+               for r, rc in sorted(per_region.items())}
+    return LaunchWork(desc["kernel"], tuple(desc["grid"]), num_warps,
+                      tuple(ProgramClass(n, *t) for t, n in sorted(classes.items(), key=lambda kv: -kv[1])),
+                      regions, unmapped)

@@ -111,10 +111,11 @@ def count_device_ops(fn: Callable[[], object], *, warmup: int = 1) -> OpCount:
 
 
 def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | dict[str, str] | None = None,
-                  device="cpu") -> list[dict]:
+                  device="cpu", mode: str = "train") -> list[dict]:
     """The Triton launches of one fused LeNet-5 training_step (SGD), recorded without running a
     kernel, as launch.describe dicts whose one origin says which layer and direction launched it:
     "conv1 forward", ..., "loss forward", "loss backward", "fc3 backward", ..., "conv1 backward".
+    mode="inference": those of one forward call under torch.inference_mode instead.
 
     precision: float32 dots as launch.record_precision takes it; None reads PyTorch's switches as a
     GPU run would (launch.pytorch_precisions: TF32 convolutions, IEEE matmuls unless changed). On
@@ -129,12 +130,21 @@ def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | di
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.empty(batch, 1, 28, 28, device=device)
     y = torch.zeros(batch, dtype=torch.int64, device=device)
-    launches = record(lambda: training_step(model, optimizer, FF.cross_entropy, x, y),
-                      pytorch_precisions() if precision is None else precision)
-    # One launch per layer and direction, forward in layer order, backward in reverse.
-    layers = [name for name, _ in model.named_children()] + ["loss"]
-    expected = ([(f"{n} forward", "_fwd_kernel") for n in layers]
-                + [(f"{n} backward", "_bwd_kernel") for n in reversed(layers)])
+    precision = pytorch_precisions() if precision is None else precision
+    if mode == "inference":
+        def forward():
+            with torch.inference_mode():
+                model(x)
+        launches = record(forward, precision)
+        expected = [(f"{n} forward", "_fwd_kernel") for n, _ in model.named_children()]
+    elif mode == "train":
+        launches = record(lambda: training_step(model, optimizer, FF.cross_entropy, x, y), precision)
+        # One launch per layer and direction, forward in layer order, backward in reverse.
+        layers = [name for name, _ in model.named_children()] + ["loss"]
+        expected = ([(f"{n} forward", "_fwd_kernel") for n in layers]
+                    + [(f"{n} backward", "_bwd_kernel") for n in reversed(layers)])
+    else:
+        raise ValueError(f"mode must be 'train' or 'inference', not {mode!r}")
     if len(launches) != len(expected) or any(
             not launch.name.endswith(suffix) for launch, (_, suffix) in zip(launches, expected)):
         raise RuntimeError(f"a {variant} training step launched {[launch.name for launch in launches]}; "

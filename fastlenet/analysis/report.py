@@ -39,67 +39,13 @@ import sys
 from dataclasses import asdict, dataclass
 
 from fastlenet.kernels.accounting import work
-from fastlenet.kernels.launch import DOT_KINDS, round_up
+from fastlenet.kernels.launch import DOT_KINDS
 
-from .gpu_build import SM_LIMITS, SmLimits, build, default_cache_dir
-
-
-# --------------------------------------------------------------------------------------------------
-# The GPUs: published figures, never measured ones.
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    sms: int
-    hbm: float  # bytes/s
-    tf32: float  # dense TF32 tensor-core FLOP/s
-    fp32: float  # FP32 FLOP/s on the CUDA cores (no tensor cores)
-
-
-# H100 SXM5: NVIDIA H100 Tensor Core GPU Architecture whitepaper, table "H100 SXM5" (132 SMs, FP32
-# 66.9 TFLOP/s, TF32 tensor 494.7 TFLOP/s dense) and NVIDIA's H100 datasheet (HBM3, 3.35 TB/s).
-# A100 SXM4 80GB: NVIDIA A100 Tensor Core GPU datasheet (FP32 19.5 TFLOP/s, TF32 tensor 156 TFLOP/s
-# dense, HBM2e 2,039 GB/s) and the Ampere architecture whitepaper (108 SMs).
-GPUS = {90: Gpu("H100 SXM", 132, 3.35e12, 494.7e12, 66.9e12),
-        80: Gpu("A100 SXM 80GB", 108, 2.039e12, 156e12, 19.5e12)}
-
-
-# --------------------------------------------------------------------------------------------------
-# Occupancy: programs resident per SM, as cuda_occupancy.h computes it.
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Occupancy:
-    programs: int  # programs (thread blocks) resident on one SM at once
-    limiter: str  # the first limit that allows no more: registers, shared memory, threads, blocks
-    limits: dict  # programs per SM each resource alone would allow
-
-
-def occupancy(registers: int, num_warps: int, shared: int, sm: SmLimits) -> Occupancy:
-    """Programs of a kernel resident per SM (cudaOccMaxActiveBlocksPerMultiprocessor's rules):
-
-    - registers: each warp holds registers x 32 rounded up to the allocation unit (256), and warps
-      are placed per sub-partition (a quarter of the SM's 65536 registers each), so an SM holds
-      floor(16384 / per-warp) warps per quarter, times 4, divided by the warps of a program; a
-      program whose warps, rounded up to a multiple of 4, would not fit in 65536 gets none;
-    - shared memory: shared + the 1 KiB the driver reserves per block, rounded up to 128 bytes,
-      into the SM's shared memory at its largest carveout (228 KiB on sm_90, 164 KiB on sm_80);
-    - threads: 2048 per SM; blocks: 32 per SM."""
-    warp_registers = round_up(registers * 32, sm.register_granularity)
-    if warp_registers * round_up(num_warps, sm.sub_partitions) > sm.registers:
-        by_registers = 0
-    elif warp_registers == 0:
-        by_registers = sm.max_blocks
-    else:
-        warps = sm.registers // sm.sub_partitions // warp_registers * sm.sub_partitions
-        by_registers = warps // num_warps
-    limits = {"registers": by_registers,
-              "shared memory": sm.shared // round_up(shared + sm.reserved_shared, sm.shared_granularity),
-              "threads": sm.max_threads // (32 * num_warps),
-              "blocks": sm.max_blocks}
-    programs = min(limits.values())
-    return Occupancy(programs, next(name for name, n in limits.items() if n == programs), limits)
+from .gpu_build import SM_LIMITS, build, default_cache_dir
+from . import predict
+from .gpus import BY_ARCH as GPUS
+from .gpus import GPUS as GPUS_BY_NAME
+from .gpus import Gpu, Occupancy, occupancy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,13 +371,15 @@ _RECORD = """
 import json, sys
 from fastlenet.kernels.launch import pytorch_precisions
 from fastlenet.profiling import step_launches
-variant, batch, precision = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-json.dump({"precision": precision or pytorch_precisions(),
-           "launches": step_launches(variant, batch, precision)}, sys.stdout)
+from fastlenet.models import LeNet5
+variant, batch, precision, mode = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+json.dump({"precision": precision or pytorch_precisions(), "mode": mode,
+           "parameters": [p.numel() for p in LeNet5(variant).parameters()],
+           "launches": step_launches(variant, batch, precision, mode=mode)}, sys.stdout)
 """
 
 
-def record_step(variant: str, batch: int, precision: str | None = None) -> dict:
+def record_step(variant: str, batch: int, precision: str | None = None, mode: str = "train") -> dict:
     """{"variant", "batch", "precision", "launches": [describe dicts]} of one fused training step,
     recorded in a child process through Triton's interpreter on the CPU: this process compiles the
     kernels, and @triton.jit picks interpreter or compiler once, when a kernel is defined. precision
@@ -439,7 +387,7 @@ def record_step(variant: str, batch: int, precision: str | None = None) -> dict:
     if isinstance(precision, str):
         precision = {kind: precision for kind in DOT_KINDS}
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _RECORD, variant, str(batch), json.dumps(precision)],
+    proc = subprocess.run([sys.executable, "-c", _RECORD, variant, str(batch), json.dumps(precision), mode],
                           env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"recording the {variant} step at batch {batch} failed:\n{proc.stderr[-4000:]}")
@@ -463,6 +411,19 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("pytorch", "tf32", "ieee"), default="pytorch",
                         help="float32 dots: as PyTorch's default switches choose (TF32 convolutions, IEEE "
                              "matmuls), or every dot in one precision")
+    parser.add_argument("--predict", action="store_true",
+                        help="predict each launch's time on --gpu with the timing model (predicted, not measured)")
+    parser.add_argument("--calibration", action="store_true",
+                        help="print the timing model's calibration: each measured row, its prediction, the "
+                             "error with that batch size held out, the constants")
+    parser.add_argument("--gpu", choices=sorted(GPUS_BY_NAME), default=None,
+                        help="GPU to predict for (default: the one --arch names: h100 for 90, a100 for 80)")
+    parser.add_argument("--mode", choices=("train", "inference"), default="train",
+                        help="with --predict: a training step, or one forward call")
+    parser.add_argument("--measurement", type=pathlib.Path, default=predict.MEASUREMENT,
+                        help="the GPU measurement the timing model is calibrated on")
+    parser.add_argument("--kernels", type=pathlib.Path, default=predict.KERNELS,
+                        help="what bench/measured_kernels.py read of the measured kernels")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--cache-dir", type=pathlib.Path, default=default_cache_dir(),
@@ -473,7 +434,25 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET: the report reads compiled, not interpreted, kernels", file=sys.stderr)
         return 2
-    recorded = record_step(args.variant, args.batch, None if args.precision == "pytorch" else args.precision)
+    precision = None if args.precision == "pytorch" else args.precision
+    if args.predict or args.calibration:
+        try:
+            measurement, kernels = predict.load(args.measurement, args.kernels)
+            cal = predict.calibration(measurement, kernels)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.calibration:
+            print(json.dumps(predict.calibration_json(cal, measurement, kernels), indent=1) if args.json
+                  else predict.format_calibration(cal, measurement, kernels))
+            return 0
+        gpu = GPUS_BY_NAME[args.gpu] if args.gpu else GPUS[args.arch]
+        recorded = record_step(args.variant, args.batch, precision, args.mode)
+        p = predict.predicted_step(recorded, gpu, cal.constants, jobs=args.jobs, cache_dir=args.cache_dir,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(p, indent=1) if args.json else predict.format_prediction(p))
+        return 0
+    recorded = record_step(args.variant, args.batch, precision)
     report = step_report(recorded, args.arch, jobs=args.jobs, cache_dir=args.cache_dir,
                          log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report.to_json(), indent=1) if args.json else report)

@@ -267,6 +267,7 @@ def _build_one(spec: dict, sass: bool) -> dict:
     result = {**resources(compiled, spec["cc"]), "hash": compiled.hash, "ttgir": compiled.asm["ttgir"]}
     if sass:  # a third of a second a kernel: only where it is read
         result["sass"] = disassemble(compiled.asm["cubin"])
+        result["ptx"] = compiled.asm["ptx"]
     return result
 
 
@@ -376,8 +377,9 @@ def _build_all(specs: dict[str, dict], jobs: int, timeout: float, sass: bool = F
 
 
 # The texts a build keeps beside each result (gzip), for readers of the compiled code: the TTGIR
-# (report.py: layouts, dots, loops) and the SASS (timing.py: instructions per loop trip).
-TEXTS = ("ttgir", "sass")
+# (report.py: layouts, dots, loops), the SASS and the PTX ptxas was given (programs.py: instructions per
+# loop trip, and which loops ptxas unrolled).
+TEXTS = ("ttgir", "sass", "ptx")
 
 
 def _from_cache(cache_dir: pathlib.Path | None, key: str, texts: Iterable[str]) -> dict | None:
@@ -400,7 +402,7 @@ def build(descs: list[dict], ccs: Iterable[int], *, jobs: int = 2, cache_dir: pa
     (cache first, then `jobs` processes) and return (results, stats). A result is one compiled
     kernel: its resources, its readable specialisation, the origins of every launch that compiles
     to it and, with ttgir=True / sass=True, its TTGIR / SASS text ("ttgir", "sass")."""
-    wanted = [name for name, want in (("ttgir", ttgir), ("sass", sass)) if want]
+    wanted = [name for name, want in (("ttgir", ttgir), ("sass", sass), ("ptx", sass)) if want]
     started = time.perf_counter()
     ccs = list(ccs)
     tools = toolchain()

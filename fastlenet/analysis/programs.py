@@ -22,6 +22,10 @@ class RegionCode:
     loads: int  # memory waits one after another per run: the longest chain of dependent loads (sass.load_depth)
     mma_flops: int  # tensor-core FLOPs per warp
     fma_flops: int  # CUDA-core FLOPs per warp (FFMA 2 a lane, FADD/FMUL 1)
+    unroll: int = 1  # a loop's body copies ptxas put in one SASS trip: the SASS runs trips // unroll times
+    # ptxas's remainder loop of an unrolled one (one copy a trip): runs trips % unroll times
+    remainder_instructions: int = 0
+    remainder_loads: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,34 +131,49 @@ def assign_blocks(code: S.Sass, tree: ControlTree) -> tuple[list[int], int]:
     return assigned, unmapped
 
 
-def region_code(code: S.Sass, tree: ControlTree, assigned: list[int]) -> dict[int, RegionCode]:
-    """Per region, the SASS its body runs each time: its blocks in address order (a loop's: one trip)."""
+def region_code(code: S.Sass, tree: ControlTree, assigned: list[int],
+                unroll: dict[int, int] | None = None) -> dict[int, RegionCode]:
+    """Per region, the SASS its body runs each time: its blocks in address order (a loop's: one SASS
+    trip, `unroll` source trips where ptxas unrolled it; sass.unroll_factors, by SASS loop)."""
     blocks: dict[int, list[int]] = {}
     for b, region in enumerate(assigned):
         blocks.setdefault(region, []).append(b)
     out = {}
     for region, bs in blocks.items():
+        loops = sorted({code.blocks[b].loop for b in bs if code.blocks[b].loop is not None})
+        factor, rest = 1, []
+        if tree.regions[region].kind == "for" and unroll and loops:
+            # The SASS loop with the most copies is the main one; any other is its remainder loop.
+            main = max(loops, key=lambda lp: unroll.get(lp, 1))
+            factor = unroll.get(main, 1)
+            if factor > 1:
+                rest = [b for b in bs if code.blocks[b].loop not in (None, main)]
+                bs = [b for b in bs if b not in rest]
         ins = [i for b in bs for i in code.block_instructions(b)]
+        rem = [i for b in rest for i in code.block_instructions(b)]
         out[region] = RegionCode(len(ins), S.load_depth(ins), sum(S.mma_flops(i.opcode) for i in ins),
-                                 sum(S.fma_flops(i.opcode) for i in ins))
+                                 sum(S.fma_flops(i.opcode) for i in ins), factor, len(rem), S.load_depth(rem))
     return out
 
 
-def launch_work(desc: dict, ttgir: str, sass_text: str, num_warps: int) -> LaunchWork:
-    """Per class of programs, what each program of the described launch executes."""
+def launch_work(desc: dict, ttgir: str, sass_text: str, num_warps: int, ptx: str | None = None) -> LaunchWork:
+    """Per class of programs, what each program of the described launch executes (given its PTX,
+    a loop ptxas unrolled runs its SASS trips // unroll times)."""
     tree = control_tree(ttgir, desc["kernel"])
     code = S.parse(sass_text, desc["kernel"])
     assigned, unmapped = assign_blocks(code, tree)
-    per_region = region_code(code, tree, assigned)
+    per_region = region_code(code, tree, assigned, S.unroll_factors(code, ptx) if ptx else None)
     evaluator = Evaluator(tree, desc["args"], tuple(desc["grid"]))
     classes: Counter = Counter()
     for pid in program_ids(desc["grid"]):
         counts = evaluator.program(pid)
         totals = [0, 0, 0, 0, 0]
         for region, rc in per_region.items():
-            n = counts.get(region, 0)
-            totals[0] += n * rc.instructions
-            totals[1] += n * rc.loads
+            n, extra = divmod(counts.get(region, 0), rc.unroll)
+            totals[0] += n * rc.instructions + extra * rc.remainder_instructions
+            # Waits, per source trip: ptxas's copies of a trip issue their loads together only as far as
+            # registers and the accumulation between them allow; one trip's chain is the bound kept.
+            totals[1] += counts.get(region, 0) * -(-rc.loads // rc.unroll)
             totals[2] += n * rc.mma_flops
             totals[3] += n * rc.fma_flops
         totals[4] = sum(n for r, n in counts.items() if tree.regions[r].kind == "for")

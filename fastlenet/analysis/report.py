@@ -431,9 +431,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("error: unset TRITON_INTERPRET: the report reads compiled, not interpreted, kernels", file=sys.stderr)
-        return 2
     precision = None if args.precision == "pytorch" else args.precision
     if args.predict or args.calibration:
         try:
@@ -446,6 +443,10 @@ def main(argv=None) -> int:
             print(json.dumps(predict.calibration_json(cal, measurement, kernels), indent=1) if args.json
                   else predict.format_calibration(cal, measurement, kernels))
             return 0
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("error: unset TRITON_INTERPRET: the report reads compiled, not interpreted, kernels", file=sys.stderr)
+        return 2
+    if args.predict:
         gpu = GPUS_BY_NAME[args.gpu] if args.gpu else GPUS[args.arch]
         recorded = record_step(args.variant, args.batch, precision, args.mode)
         p = predict.predicted_step(recorded, gpu, cal.constants, jobs=args.jobs, cache_dir=args.cache_dir,

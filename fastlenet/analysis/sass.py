@@ -227,3 +227,49 @@ def load_depth(instructions: list[Instruction]) -> int:
             if r not in ("RZ", "PT", "URZ", "UPT"):
                 depth[r] = ready
     return deepest
+
+
+# --------------------------------------------------------------------------------------------------
+# Loops ptxas unrolled: the PTX it was given keeps one copy of each loop's body.
+# --------------------------------------------------------------------------------------------------
+
+_PTX_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+_PTX_LOC = re.compile(r"\.loc\s+\d+ (\d+) \d+.*// ([^:\s]+):\d+:\d+")
+
+
+def _ptx_loops(ptx: str) -> list[tuple[set, int]]:
+    """(source lines, global loads of its own) of every loop in a PTX function: a backward branch."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): n for n, line in enumerate(lines) if (m := _PTX_LABEL.match(line.strip()))}
+    loops = [(labels[m.group(1)], n) for n, line in enumerate(lines)
+             if (m := _PTX_BRANCH.search(line)) and m.group(1) in labels and labels[m.group(1)] <= n]
+    out = []
+    for head, tail in loops:
+        inner = [(h, t) for h, t in loops if head <= h and t <= tail and (h, t) != (head, tail)]
+        own = [n for n in range(head, tail + 1) if not any(h <= n <= t for h, t in inner)]
+        where = set()
+        for n in range(head, tail + 1):
+            if m := _PTX_LOC.search(lines[n]):
+                if m.group(1) != "0":
+                    where.add((m.group(2), int(m.group(1))))
+        out.append((where, sum("ld.global" in lines[n] for n in own)))
+    return out
+
+
+def unroll_factors(code: Sass, ptx: str) -> dict[int, int]:
+    """Per SASS loop, how many copies of its PTX loop's body one trip runs (ptxas unrolls small
+    loops): its own global loads over those of the PTX loop whose source lines it shares most.
+    1 where it cannot tell (no loads in either)."""
+    candidates = _ptx_loops(ptx)
+    out = {}
+    for i, loop in enumerate(code.loops):
+        own = [ins for b in loop.blocks if code.blocks[b].loop == i for ins in code.block_instructions(b)]
+        where = {ins.chain[0] for ins in own if ins.chain}
+        loads = sum(is_global_load(ins.opcode) and not ins.opcode.startswith("ATOM") for ins in own)
+        best = max(candidates, key=lambda c: len(where & c[0]) / max(1, len(where | c[0])), default=None)
+        factor = 1
+        if best and best[1] and loads and where & best[0]:
+            factor = max(1, round(loads / best[1]))
+        out[i] = factor
+    return out

@@ -35,7 +35,7 @@ def launches_work(descs: list[dict], cc: int, *, jobs: int = 2, cache_dir: pathl
         if "error" in r:
             raise RuntimeError(f"{d['kernel']} ({d['origins'][0]}) did not build for sm_{cc}: "
                                f"{r['error'].splitlines()[-1]}")
-        w = launch_work(d, r["ttgir"], r["sass"], r["num_warps"])
+        w = launch_work(d, r["ttgir"], r["sass"], r["num_warps"], r["ptx"])
         out.append({"label": d["origins"][0], "kernel": d["kernel"], "registers": r["registers"],
                     "shared": r["shared"], "num_warps": r["num_warps"], "bytes": tensor_bytes(d),
                     "work": w.to_json()})

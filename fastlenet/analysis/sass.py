@@ -200,10 +200,11 @@ def load_depth(instructions: list[Instruction]) -> int:
     load's address or predicate comes from an earlier one's value, through the registers that
     carry it (a gather's index loaded, then the value at it): each link is one wait for memory. A
     memory barrier (an atomic counter's release/acquire) waits for everything before it. Values
-    from outside the run count as ready; LDGSTS (an asynchronous copy to shared memory, Triton's
-    pipelining) ends a chain: nothing waits on its registers."""
+    from outside the run count as ready; a value through shared memory (a layout conversion: STS,
+    barrier, LDS) keeps its chain; LDGSTS (an asynchronous copy to shared memory, Triton's
+    pipelining) ends one: nothing waits on its registers."""
     depth: dict[str, int] = {}
-    floor = deepest = 0
+    floor = deepest = shared = 0  # shared: the deepest value stored to shared memory so far
     for ins in instructions:
         text = ins.operands.split(None, 1)[1] if ins.predicated else ins.operands
         text = text.split(None, 1)[1] if " " in text else ""  # drop the opcode
@@ -217,6 +218,10 @@ def load_depth(instructions: list[Instruction]) -> int:
             dest = [f"{kind}{int(index) + k}" for k in range(_width(ins.opcode))]
         sources = predicate + [r for p in (parts[1:] if writes else parts) for r in _registers(p)]
         ready = max((depth.get(r, 0) for r in sources), default=0)
+        if ins.opcode.startswith(("STS", "STSM")):
+            shared = max(shared, ready)
+        elif ins.opcode.startswith(("LDS", "LDSM")):  # a value back from shared memory (a layout change)
+            ready = max(ready, shared)
         if is_fence(ins.opcode):
             floor = deepest = deepest + 1
             continue

@@ -76,6 +76,11 @@ def test_load_depth_follows_the_registers_a_gather_reads():
     assert sass.load_depth(copied.instructions[3:8]) == 1
     fenced = sass.parse(_SASS.replace("IADD3 R2, P1, R2, 0x4, RZ", "MEMBAR.ALL.GPU"))
     assert sass.load_depth(fenced.instructions[3:8]) == 3
+    # An index through shared memory (a layout conversion) is still the index: the chain holds.
+    shared = sass.parse(_SASS.replace("IMAD.WIDE R6, R4, 0x4, R8", "STS [R30], R4")
+                        .replace("LDG.E R10, desc[UR4][R6.64]", "LDS R6, [R31]")
+                        .replace("IADD3 R2, P1, R2, 0x4, RZ", "LDG.E R10, desc[UR4][R6.64]"))
+    assert sass.load_depth(shared.instructions[3:8]) == 2
 
 
 def test_flops_of_mma_and_fma_instructions():

@@ -6,12 +6,17 @@ torch.compile vs fused Triton vs CUDA graph.
     python bench/throughput.py --time-to-accuracy 0.99          # wall-clock to 99% test accuracy
 
 Providers (same network, same initial weights, float32, Adam(fused=True) throughout):
-  eager        the reference model: torch.nn layers, F.cross_entropy (cuDNN/cuBLAS on a GPU)
-  compile      the reference model under torch.compile (Inductor); loss and Adam stay eager
-  fused        fastlenet's fused Triton layers (for a tutorial network: fastlenet.fuse of the
-               reference) and Triton cross-entropy
-  fused-graph  the whole fused training step (forward, loss, backward, Adam(capturable=True) step)
-               captured once in a CUDA graph and replayed; GPU only
+  eager          the reference model: torch.nn layers, F.cross_entropy (cuDNN/cuBLAS on a GPU)
+  eager-graph    the reference step (forward, loss, backward, Adam(capturable=True) step) captured
+                 once in a CUDA graph and replayed, as fused-graph is; GPU only
+  compile        the reference model under torch.compile (Inductor, default mode); loss and Adam eager
+  compile-graph  torch.compile(mode="reduce-overhead"): Inductor's kernels replayed as CUDA graphs;
+                 GPU only (on a CPU Inductor would skip the graphs and run the default mode)
+  compile-tuned  torch.compile(mode="max-autotune-no-cudagraphs"): Inductor benchmarks its kernel
+                 choices (minutes of compiling on a GPU)
+  fused          fastlenet's fused Triton layers (for a tutorial network: fastlenet.fuse of the
+                 reference) and Triton cross-entropy
+  fused-graph    the whole fused training step captured once in a CUDA graph and replayed; GPU only
 
 For each provider, batch size and mode ("train": zero_grad, forward, loss, backward, optimizer step;
 "inference": forward only, under torch.inference_mode), on a fixed random batch already on the
@@ -51,7 +56,13 @@ from fastlenet.names import DATASET_NAMES, DEFAULT_DATA_DIR, MODEL_NAMES
 from fastlenet.plots import new_figure, save_figure
 from fastlenet.profiling import count_device_ops, model_flops
 
-PROVIDERS = ("eager", "compile", "fused", "fused-graph")
+PROVIDERS = ("eager", "eager-graph", "compile", "compile-graph", "compile-tuned", "fused", "fused-graph")
+# torch.compile's mode per compile provider (None: its default), kept in each result row.
+COMPILE_MODES = {"compile": None, "compile-graph": "reduce-overhead", "compile-tuned": "max-autotune-no-cudagraphs"}
+# The providers fastlenet's own are set against: the ways PyTorch runs the same network.
+PYTORCH_PROVIDERS = ("eager", "eager-graph", "compile", "compile-graph", "compile-tuned")
+# Providers replaying CUDA graphs: GPU only.
+GRAPH_PROVIDERS = ("eager-graph", "compile-graph", "fused-graph")
 MODES = ("train", "inference")
 INTERPRETER_BATCH = 4  # batch of the interpreter's fused check: a few images, a few seconds per step
 
@@ -206,20 +217,20 @@ def build(provider: str, variant: str, init: dict, device: torch.device, lr: flo
     fused = provider in ("fused", "fused-graph")
     if fused and (why := fused_unavailable(device)):
         raise Unavailable(why)
-    if provider == "fused-graph" and device.type != "cuda":
+    if provider in GRAPH_PROVIDERS and device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA GPU")
     model = build_model(variant, fused=fused).to(device)
     model.load_state_dict(init)
     # capturable keeps Adam's step counters on the device, which a CUDA graph requires.
-    optimizer = engine.build_optimizer(model, adam(lr), capturable=provider == "fused-graph")
+    optimizer = engine.build_optimizer(model, adam(lr), capturable=provider in ("eager-graph", "fused-graph"))
     loss_fn = engine.loss_function(fused)
-    if provider == "compile":
+    if provider in COMPILE_MODES:
         from torch import _dynamo
 
         _dynamo.reset()  # a fresh cache per measurement: never hit the recompile limit
         if hasattr(_dynamo.config, "fail_on_recompile_limit_hit"):
             _dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
-        model = torch.compile(model, dynamic=False)
+        model = torch.compile(model, dynamic=False, mode=COMPILE_MODES[provider])
     return model, optimizer, loss_fn
 
 
@@ -241,7 +252,7 @@ def step_function(provider, model, optimizer, loss_fn, x, y, mode, amp: str = "o
             with torch.inference_mode(), torch.autocast(x.device.type, dtype=mixed.dtype if mixed else None,
                                                         enabled=mixed is not None):
                 model(x)
-    if provider == "fused-graph":
+    if provider in ("eager-graph", "fused-graph"):
         return engine.capture(step)  # the same step and capture as `python -m fastlenet.train --fused` on CUDA
     return step
 
@@ -290,14 +301,14 @@ def timed_call(fn, device):
 def count_ops(provider: str, mode: str, args, device, init) -> tuple[int | None, str]:
     """(device operations per step, breakdown or the reason there is none), at batch 2: the count
     does not depend on the batch size."""
-    if provider == "compile":
+    if provider in COMPILE_MODES:
         return None, "not counted: Inductor's kernels never reach the ATen dispatcher"
-    counted = "fused" if provider == "fused-graph" else provider
+    counted = provider.removesuffix("-graph")
     model, optimizer, loss_fn = build(counted, args.variant, init, device)
     x = torch.randn(2, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (2,), device=device)
     count = count_device_ops(step_function(counted, model, optimizer, loss_fn, x, y, mode, args.amp))
-    suffix = ", all captured in one CUDA graph" if provider == "fused-graph" else ""
+    suffix = ", all captured in one CUDA graph" if provider in GRAPH_PROVIDERS else ""
     return count.total, count.breakdown() + suffix
 
 
@@ -306,7 +317,8 @@ def measure(provider, batch_size, mode, args, device, init, flops, peak, counts:
     row = {"provider": provider, "batch_size": batch_size, "mode": mode, "available": True,
            "reason": None, "interpreter": False, "images_per_second": None, "p20": None,
            "p80": None, "median_step_ms": None, "first_call_seconds": None,
-           "compile_seconds": None, "launches_per_step": None, "ops_breakdown": None,
+           "compile_seconds": None, "compile_mode": COMPILE_MODES.get(provider), "launches_per_step": None,
+           "ops_breakdown": None,
            "achieved_tflops": None, "fraction_of_peak_fp32": None, "fraction_of_peak_tf32": None}
     interp = provider == "fused" and device.type == "cpu" and interpreting()
     if interp:
@@ -328,12 +340,12 @@ def measure(provider, batch_size, mode, args, device, init, flops, peak, counts:
     try:
         step, row["first_call_seconds"] = timed_call(first_step, device)
     except Exception as e:  # noqa: BLE001 - torch.compile fails in many ways on odd set-ups
-        if provider != "compile":
+        if provider not in COMPILE_MODES:
             raise
         first_line = (str(e).strip().splitlines() or [""])[0]
         return {**row, "available": False,
                 "reason": f"torch.compile failed: {type(e).__name__}: {first_line}"[:400]}
-    if provider == "compile":
+    if provider in COMPILE_MODES:
         row["compile_seconds"] = row["first_call_seconds"]
     if interp:
         # Two more steps through the interpreter (seconds each): one timed, which is no speed
@@ -377,8 +389,12 @@ def ratios(results: list[dict]) -> list[dict]:
     for mode, bs in sorted({(r["mode"], r["batch_size"]) for r in results if not r["interpreter"]}):
         fused, graph, eager, compiled = (speed.get((p, bs, mode)) for p in
                                          ("fused", "fused-graph", "eager", "compile"))
+        # The best of the ways PyTorch runs the network, whichever was measured.
+        peers = {p: speed[p, bs, mode] for p in PYTORCH_PROVIDERS if speed.get((p, bs, mode))}
+        best = max(peers, key=peers.get) if peers else None
         out.append({"batch_size": bs, "mode": mode, "fused/eager": ratio(fused, eager),
-                    "fused/compile": ratio(fused, compiled), "fused-graph/eager": ratio(graph, eager)})
+                    "fused/compile": ratio(fused, compiled), "fused-graph/eager": ratio(graph, eager),
+                    "best PyTorch": best, "fused-graph/best PyTorch": ratio(graph, peers.get(best))})
     return out
 
 
@@ -403,12 +419,14 @@ def print_report(results, rats, providers, meta, flops) -> None:
         if not sizes:
             continue
         print(f"\n{mode}: images/s, median (p20-p80)")
-        header = ["batch", *providers, "fused/eager", "fused/compile", "graph/eager"]
+        header = ["batch", *providers, "fused/eager", "fused/compile", "graph/eager", "graph/best PyTorch"]
         rows = []
         for bs in sizes:
             rat = next(x for x in rats if x["batch_size"] == bs and x["mode"] == mode)
+            best = fmt_ratio(rat["fused-graph/best PyTorch"])
             rows.append([str(bs), *(fmt_speed(by_key.get((p, bs, mode))) for p in providers),
-                         *(fmt_ratio(rat[k]) for k in ("fused/eager", "fused/compile", "fused-graph/eager"))])
+                         *(fmt_ratio(rat[k]) for k in ("fused/eager", "fused/compile", "fused-graph/eager")),
+                         f"{best} ({rat['best PyTorch']})" if best != "-" else "-"])
         widths = [max(len(c) for c in col) for col in zip(header, *rows)]
         for line in (header, *rows):
             print("  ".join(c.rjust(w) for c, w in zip(line, widths)))

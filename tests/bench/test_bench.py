@@ -37,14 +37,14 @@ def run_bench(tmp_path, *args, interpret: bool, tiny=TINY):
 
 
 def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
-    payload, png, proc = run_bench(tmp_path, "--providers", "eager", "fused", "fused-graph",
-                                   interpret=False)
+    payload, png, proc = run_bench(tmp_path, "--providers", "eager", "eager-graph", "compile-graph", "fused",
+                                   "fused-graph", interpret=False)
     meta, results = payload["meta"], payload["results"]
     assert META_KEYS <= meta.keys()
     assert meta["device"] == "cpu" and meta["gpu"] is None and not meta["triton_interpret"]
     assert meta["flops_per_image"]["train"] == 2_263_920
-    assert {(r["provider"], r["mode"]) for r in results} == {
-        (p, m) for p in ("eager", "fused", "fused-graph") for m in ("train", "inference")}
+    providers = ("eager", "eager-graph", "compile-graph", "fused", "fused-graph")
+    assert {(r["provider"], r["mode"]) for r in results} == {(p, m) for p in providers for m in ("train", "inference")}
     for r in results:
         assert RESULT_KEYS <= r.keys(), r
         assert r["batch_size"] == 8
@@ -58,7 +58,9 @@ def test_cpu_run_measures_eager_and_lists_fused_as_unavailable(tmp_path):
             assert "CUDA" in r["reason"], r
             assert r["images_per_second"] is None and r["p20"] is None and r["launches_per_step"] is None
     assert payload["ratios"] == [{"batch_size": 8, "mode": m, "fused/eager": None, "fused/compile": None,
-                                  "fused-graph/eager": None} for m in ("inference", "train")]
+                                  "fused-graph/eager": None, "best PyTorch": "eager",
+                                  "fused-graph/best PyTorch": None} for m in ("inference", "train")]
+    assert {r["compile_mode"] for r in results if r["provider"] == "compile-graph"} == {"reduce-overhead"}
     assert "n/a" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
     assert "PEAK_TFLOPS" not in proc.stdout and "not in the benchmark's table of peak FLOP/s" in proc.stdout
     report_end = proc.stdout.split("\nwrote ")[0].strip().splitlines()[-1]
@@ -182,6 +184,21 @@ def test_report_ends_with_the_fastest_provider_per_batch_size(bench, capsys):
                          "(1.33x as fast as fused); inference: fastest fused at every batch size "
                          "(1.12x-1.50x as fast as eager)")
     assert sum(line.startswith("in short:") for line in lines) == 1
+
+
+def test_fused_graph_is_set_against_the_best_way_pytorch_ran(bench, capsys):
+    results = [row("eager", 64, "train", 1000.0), row("eager-graph", 64, "train", 3000.0),
+               row("compile-graph", 64, "train", 2500.0), row("fused", 64, "train", 4000.0),
+               row("fused-graph", 64, "train", 6000.0),
+               row("eager", 256, "train", 4000.0), row("compile-tuned", 256, "train", 5000.0),
+               row("fused-graph", 256, "train", 2500.0)]
+    rats = {r["batch_size"]: r for r in bench.ratios(results)}
+    # fastlenet's own providers are never the peer, however fast: eager-graph at 64, compile-tuned at 256.
+    assert (rats[64]["best PyTorch"], rats[64]["fused-graph/best PyTorch"]) == ("eager-graph", 2.0)
+    assert (rats[256]["best PyTorch"], rats[256]["fused-graph/best PyTorch"]) == ("compile-tuned", 0.5)
+    lines = report(bench, capsys, results, list(bench.PROVIDERS))
+    assert any(line.split()[0] == "64" and line.endswith("2.00x (eager-graph)") for line in lines), lines
+    assert any(line.split()[0] == "256" and line.endswith("0.50x (compile-tuned)") for line in lines), lines
 
 
 def test_report_with_one_provider_or_none(bench, capsys):

@@ -13,6 +13,14 @@ defaults, as its meta says), compiles them for sm_90 with this environment's Tri
 writes each launch's resources and per-program SASS work (fastlenet.analysis.step_work). The
 calibration (python -m fastlenet.analysis.report --calibration) reads that file, so it needs no
 GPU, no checkout of the old commit and no compiler.
+
+The stored file was compiled with the Triton the run used (3.6.0, older than this project
+supports), from a side environment that sees this one's packages:
+
+    python -m venv /tmp/v36 && /tmp/v36/bin/pip install --no-deps triton==3.6.0
+    echo "import site; site.addsitedir('$(python -c 'import site; print(site.getsitepackages()[0])')')" \
+        > /tmp/v36/lib/python3.*/site-packages/zz_fastlenet.pth
+    /tmp/v36/bin/python bench/measured_kernels.py
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastlenet.analysis.gpu_build import default_cache_dir  # noqa: E402
 from fastlenet.analysis.step_work import aten_launches, launches_work  # noqa: E402
 from fastlenet.files import write_json  # noqa: E402
 
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
             b = recorded[str(batch)]
             for mode in ("train", "inference"):
                 descs = [{**d, "module": d["module"].replace("fastlenet.kernels", package)} for d in b[mode]]
-                launches, toolchain = launches_work(descs, args.cc, jobs=args.jobs,
+                launches, toolchain = launches_work(descs, args.cc, jobs=args.jobs, cache_dir=default_cache_dir(),
                                                     log=lambda line: print(line, file=sys.stderr))
                 if mode == "train":
                     launches += aten_launches(b["parameters"])

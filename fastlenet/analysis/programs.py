@@ -71,11 +71,15 @@ class LaunchWork:
 
 def _candidates(tree: ControlTree, chain: S.Chain) -> set[int]:
     """Regions holding an op written at `chain`, or at its longest outer part that any op has
-    (ptxas may attribute an instruction to a line inside a helper that no TTGIR op keeps)."""
+    (ptxas may attribute an instruction to a line inside a helper that no TTGIR op keeps); where
+    the SASS keeps no inlining chain (Triton 3.6's line info: the innermost line only), every region
+    holding an op whose innermost line it is."""
     for start in range(len(chain)):
         found = tree.chains.get(chain[start:])
         if found:
             return found
+    if len(chain) == 1:
+        return tree.innermost().get(chain[0], set())
     return set()
 
 

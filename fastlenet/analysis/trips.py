@@ -49,6 +49,15 @@ class ControlTree:
             region = self.regions[region].parent
         return out
 
+    def innermost(self) -> dict[tuple[str, int], set[int]]:
+        """Source line -> regions holding an op whose innermost frame it is."""
+        if not hasattr(self, "_innermost"):
+            index: dict[tuple[str, int], set[int]] = {}
+            for chain, regions in self.chains.items():
+                index.setdefault(chain[0], set()).update(regions)
+            self._innermost = index
+        return self._innermost
+
     def in_loop(self, region: int) -> bool:
         return any(self.regions[r].kind == "for" for r in self.ancestors(region))
 

@@ -37,6 +37,9 @@ class ProgramClass:
     mma_flops: int  # per warp
     fma_flops: int  # per warp
     trips: int  # loop trips, all loops
+    # the part of instructions and dependent run in branches on an arrival counter (a finishing sum)
+    gated_instructions: int = 0
+    gated_dependent: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,13 +174,18 @@ def launch_work(desc: dict, ttgir: str, sass_text: str, num_warps: int, ptx: str
     classes: Counter = Counter()
     for pid in program_ids(desc["grid"]):
         counts = evaluator.program(pid)
-        totals = [0, 0, 0, 0, 0]
+        totals = [0, 0, 0, 0, 0, 0, 0]
         for region, rc in per_region.items():
             n, extra = divmod(counts.get(region, 0), rc.unroll)
-            totals[0] += n * rc.instructions + extra * rc.remainder_instructions
+            instructions = n * rc.instructions + extra * rc.remainder_instructions
+            waits = counts.get(region, 0) * -(-rc.loads // rc.unroll)
+            if tree.arrival_gated(region):
+                totals[5] += instructions
+                totals[6] += waits
+            totals[0] += instructions
             # Waits, per source trip: ptxas's copies of a trip issue their loads together only as far as
             # registers and the accumulation between them allow; one trip's chain is the bound kept.
-            totals[1] += counts.get(region, 0) * -(-rc.loads // rc.unroll)
+            totals[1] += waits
             totals[2] += n * rc.mma_flops
             totals[3] += n * rc.fma_flops
         totals[4] = sum(n for r, n in counts.items() if tree.regions[r].kind == "for")

@@ -12,7 +12,8 @@ Per launch, five bounds (seconds), none of which the launch can beat:
   scheduler (its warps share the SM's 4), over issue_efficiency: alone, a warp stalls on each
   dependent instruction; the launch takes the longer of its slowest program and its programs' total
   over the slots the GPU holds at once (occupancy x SMs) -- the waves, without rounding: programs
-  of unequal length pack.
+  of unequal length pack -- plus the longest work gated on an arrival counter (a finishing sum,
+  which starts when the last partial has arrived).
 
 Its time is the largest bound plus launch_gap: in a CUDA graph, one kernel's end to the next one's
 start, where nothing overlaps. A step is the sum of its launches. The ATen kernels of the optimizer
@@ -89,16 +90,25 @@ class _Launch:
         self.issue_cycles = self.warp_instructions / (4 * min(gpu.sms, programs))
         self.tensor = sum(c["programs"] * c["mma_flops"] * warps for c in classes) / gpu.tf32
         self.fma = sum(c["programs"] * c["fma_flops"] * warps for c in classes) / gpu.fp32
-        # Per class: (programs, dependent waits, its own issue cycles: a scheduler serves ceil(warps / 4)).
-        self.classes = [(c["programs"], c["dependent"], c["instructions"] * math.ceil(warps / 4)) for c in classes]
+        # Per class: (programs, dependent waits, its own issue cycles: a scheduler serves ceil(warps / 4)),
+        # and the same of its work gated on an arrival counter (programs.ProgramClass).
+        per = math.ceil(warps / 4)
+        self.classes = [(c["programs"], c["dependent"], c["instructions"] * per, c.get("gated_dependent", 0),
+                         c.get("gated_instructions", 0) * per) for c in classes]
         self.clock = gpu.clock
 
     def bounds(self, k: dict, gpu: Gpu) -> dict:
         dram = self.bytes / (gpu.hbm * k["dram_fraction"])
         if self.aten:
             return {"dram": dram, "latency": self.dependent * k["memory_wait"]}
-        serial = [(n, d * k["memory_wait"] + c / (self.clock * k["issue_efficiency"])) for n, d, c in self.classes]
-        latency = max(max(t for _, t in serial), sum(n * t for n, t in serial) / self.slots)
+        def serial(waits, cycles):
+            return waits * k["memory_wait"] + cycles / (self.clock * k["issue_efficiency"])
+        whole = [serial(d, c) for _, d, c, _, _ in self.classes]
+        gated = [serial(gd, gc) for _, _, _, gd, gc in self.classes]
+        # Work gated on an arrival counter starts once the programs sharing the counter have arrived:
+        # after the rest of the launch's work, not beside it.
+        own = sum(n * (t - g) for (n, *_), t, g in zip(self.classes, whole, gated)) / self.slots
+        latency = max(max(whole), own + max(gated))
         return {"dram": dram, "tensor": self.tensor, "fma": self.fma,
                 "issue": self.issue_cycles / self.clock, "latency": latency}
 

@@ -30,6 +30,9 @@ class Region:
     # for: (iv, lb, ub, step) names; then/else: the condition's name
     header: tuple = ()
     controls: bool = False  # holds a nested region or a scalar atomic (must be evaluated)
+    # a branch on an arrival counter (its condition comes from an atomic's result): it runs after the
+    # programs sharing the counter arrived, so its work follows theirs rather than overlapping them
+    gated: bool = False
 
 
 @dataclass
@@ -57,6 +60,9 @@ class ControlTree:
                 index.setdefault(chain[0], set()).update(regions)
             self._innermost = index
         return self._innermost
+
+    def arrival_gated(self, region: int) -> bool:
+        return any(self.regions[r].gated for r in self.ancestors(region))
 
     def in_loop(self, region: int) -> bool:
         return any(self.regions[r].kind == "for" for r in self.ancestors(region))
@@ -105,6 +111,7 @@ def control_tree(ttgir: str, kernel: str | None = None) -> ControlTree:
     regions = [Region(0, "function", None)]
     stack = [0]  # open regions; None marks a region that is not control flow (a reduce's combiner)
     chains: dict[Chain, set[int]] = {}
+    arrival: set[str] = set()  # values computed from a scalar atomic's result
     for n in range(start + 1, len(lines)):
         line = lines[n]
         stripped = line.strip()
@@ -120,7 +127,8 @@ def control_tree(ttgir: str, kernel: str | None = None) -> ControlTree:
                 regions[closing].line = _chain(loc.group(1), locations)
             if stripped.startswith("} else {"):
                 then = regions[closing]
-                region = Region(len(regions), "else", then.parent, then.line, header=then.header)
+                region = Region(len(regions), "else", then.parent, then.line, header=then.header,
+                                gated=then.gated)
                 regions.append(region)
                 regions[then.parent].items.append(("region", region.id))
                 stack.append(region.id)
@@ -133,7 +141,7 @@ def control_tree(ttgir: str, kernel: str | None = None) -> ControlTree:
         if m := _FOR.search(body):
             region = Region(len(regions), "for", current, header=m.groups())
         elif (m := _IF.search(body)) and body.endswith("{"):
-            region = Region(len(regions), "then", current, header=(m.group(1),))
+            region = Region(len(regions), "then", current, header=(m.group(1),), gated=m.group(1) in arrival)
         elif body.endswith("{"):
             if "scf.while" in body:
                 raise ValueError(f"{name}: scf.while is not counted (line {n + 1} of the TTGIR)")
@@ -146,6 +154,9 @@ def control_tree(ttgir: str, kernel: str | None = None) -> ControlTree:
                 regions[current].items.append(("op", results, m.group(2), m.group(3)))
                 if m.group(2) == "tt.atomic_rmw" and "tensor<" not in m.group(3):
                     regions[current].controls = True
+                    arrival.update(results)
+                elif arrival.intersection(_operands(m.group(3))):
+                    arrival.update(results)
             continue
         regions.append(region)
         regions[current].items.append(("region", region.id))

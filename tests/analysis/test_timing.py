@@ -149,6 +149,9 @@ def test_trip_counts_branches_and_the_last_arrival():
     assert [c.get(loop, 0) for c in counts] == [7, 7, 0, 0, 0]
     assert [c.get(3, 0) for c in counts] == [0, 0, 1, 1, 1]
     assert [c.get(4, 0) for c in counts] == [0, 0, 0, 0, 1]
+    # The last arrival's branch waits for the others: gated; the role branch (on the program id) is not.
+    assert [r.gated for r in tree.regions] == [False, False, False, False, True]
+    assert tree.arrival_gated(4) and not tree.arrival_gated(3)
 
 
 def test_a_bound_on_a_loaded_value_is_refused_with_its_line():
@@ -197,6 +200,16 @@ def test_bounds_of_a_launch_worked_by_hand():
     assert many.seconds == pytest.approx(max(many.bounds.values()) + 2e-6) and many.bound == "latency"
 
 
+def test_work_gated_on_an_arrival_counter_follows_the_rest():
+    h100 = GPUS["h100"]
+    # 10,000 programs of 20 waits, one of which also finishes a sum of 50 waits after the others arrive.
+    finisher = {**_class(1, 2000, 70), "gated_dependent": 50, "gated_instructions": 0}
+    launch = _launch([_class(9_999, 2000, 20), finisher])
+    b = timing.StepModel([launch], h100).predict(_K)[0].bounds
+    serial = 20 * 1e-6 + 2000 / (h100.clock * 0.5)
+    assert b["latency"] == pytest.approx(10_000 * serial / (16 * 132) + 50e-6)
+
+
 def test_a_step_is_the_sum_of_its_launches_and_atens():
     h100 = GPUS["h100"]
     launches = [_launch([_class(10, 100, 2)]), _launch([_class(5, 50, 1)]),
@@ -218,7 +231,7 @@ def calibrated():
 
 
 # The rows the model misses by more than 30 % (docs/performance.md, "The timing model", says why).
-KNOWN_MISS = {(4096, "train"): 0.40, (4096, "inference"): 0.40}
+KNOWN_MISS = {(4096, "train"): 0.40}
 
 
 def test_calibration_predicts_each_held_out_batch_within_30_percent(calibrated):
@@ -246,7 +259,7 @@ def test_calibration_is_deterministic_and_fits_better_than_its_neighbours(calibr
     for c in timing.CONSTANTS:
         for factor in (0.9, 1.1):
             moved = {**cal.constants, c.name: min(c.high, max(c.low, cal.constants[c.name] * factor))}
-            assert timing._error(pairs, moved) >= best - 1e-12
+            assert timing._error(pairs, moved) >= best * (1 - 1e-6)  # flat to a millionth at most
 
 
 def test_calibration_command(capsys):

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from fastlenet import data
+from fastlenet import data, distributed
 from fastlenet.names import EVAL_BATCH_SIZE
 
 __all__ = ["training_step", "Amp", "capture", "StepRunner", "train_epoch", "EpochResult", "predict", "evaluate",
@@ -36,7 +36,8 @@ POSTFIX_EVERY = 50  # steps between progress-bar updates, each of which waits fo
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn, x: torch.Tensor,
                   y: torch.Tensor, loss_sum: torch.Tensor | None = None,
-                  correct: torch.Tensor | None = None, amp: "Amp | None" = None) -> torch.Tensor:
+                  correct: torch.Tensor | None = None, amp: "Amp | None" = None,
+                  grad_scale: float = 1.0) -> torch.Tensor:
     """One full step: clear gradients (set to None: no zeroing kernels), forward, loss, backward,
     optimizer step, and, given the running sums, loss_sum += loss * len(y) and correct += the right
     predictions, in place on the device. Returns the loss tensor (not .item(): that would
@@ -44,6 +45,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, los
 
     optimizer=None leaves out the update (the model's gradients are cleared instead): forward, loss
     and backward only, what a benchmark of those wants. A GradScaler (amp fp16) needs an optimizer.
+    grad_scale multiplies the loss that is differentiated, not the one summed (distributed.Ranks.grad_scale).
     """
     if optimizer is None:
         model.zero_grad(set_to_none=True)
@@ -56,12 +58,13 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, los
         with torch.autocast(amp.device_type, dtype=amp.dtype):
             logits = model(x)
             loss = loss_fn(logits, y)
+    differentiated = loss if grad_scale == 1.0 else loss * grad_scale
     if amp is not None and amp.scaler is not None:
-        amp.scaler.scale(loss).backward()
+        amp.scaler.scale(differentiated).backward()
         amp.scaler.step(optimizer)
         amp.scaler.update()
     else:
-        loss.backward()
+        differentiated.backward()
         if optimizer is not None:
             optimizer.step()
     if loss_sum is not None:
@@ -133,9 +136,14 @@ class StepRunner:
     fail.
     """
 
-    def __init__(self, model, optimizer, loss_fn, x, y, batch_size: int, *, graph: bool = False, amp=None):
+    def __init__(self, model, optimizer, loss_fn, x, y, batch_size: int, *, graph: bool = False, amp=None,
+                 ranks: distributed.Ranks = distributed.ONE):
         self.model, self.optimizer, self.loss_fn, self.graph, self.amp = model, optimizer, loss_fn, graph, amp
-        n = min(batch_size, len(x))
+        self.ranks = ranks
+        self.batch_size = min(batch_size, len(x))  # the global batch
+        full = ranks.share(self.batch_size)  # this rank's share of a full global batch
+        n = full.stop - full.start
+        self.grad_scale = ranks.grad_scale(min(batch_size, len(x)))
         self.x = torch.empty_like(x[:n])  # keeps the data's layout (channels-last on the CPU)
         self.y = torch.empty_like(y[:n])
         self.loss_sum = torch.zeros((), device=x.device)
@@ -147,14 +155,20 @@ class StepRunner:
         self.loss_sum.zero_()
         self.correct.zero_()
 
-    def _step(self, x=None, y=None) -> None:
+    def _step(self, x=None, y=None, grad_scale=None) -> None:
         training_step(self.model, self.optimizer, self.loss_fn, self.x if x is None else x,
-                      self.y if y is None else y, self.loss_sum, self.correct, amp=self.amp)
+                      self.y if y is None else y, self.loss_sum, self.correct, amp=self.amp,
+                      grad_scale=self.grad_scale if grad_scale is None else grad_scale)
 
     def __call__(self, xb, yb) -> None:
+        """One step on the global batch (xb, yb): this rank's share of it."""
+        n = len(yb)
+        if self.ranks.enabled:
+            part = self.ranks.share(n)
+            xb, yb = xb[part], yb[part]
         if (self.replay is None and not self.graph) or len(xb) != len(self.x):
             # No graph, or the last partial batch, which runs eagerly (see the class docstring).
-            self._step(xb, yb)
+            self._step(xb, yb, self.ranks.grad_scale(n))
             return
         self.x.copy_(xb)
         self.y.copy_(yb)
@@ -185,7 +199,7 @@ def train_epoch(steps: StepRunner, scheduler, x, y, *, generator, augment: bool 
     steps.model.train()
     steps.reset()
     seen = 0
-    batch_size = len(steps.x)
+    batch_size = steps.batch_size
     start = time.perf_counter()
     # disable=None: no bar when stderr is not a terminal (logs and CI stay clean)
     with tqdm(total=math.ceil(len(x) / batch_size), desc=desc, unit="batch", leave=False, disable=None,
@@ -200,8 +214,10 @@ def train_epoch(steps: StepRunner, scheduler, x, y, *, generator, augment: bool 
                 if step % POSTFIX_EVERY == 0:
                     bar.set_postfix(loss=f"{steps.loss_sum.item() / seen:.4f}",
                                     acc=f"{steps.correct.item() / seen:.2%}", refresh=False)
-    # .item() waits for the device
-    return EpochResult(steps.loss_sum.item() / seen, steps.correct.item() / seen, time.perf_counter() - start)
+    # .item() waits for the device; under several ranks, the sums of every rank's share.
+    loss_sum, correct = distributed.all_sum([steps.loss_sum.item(), steps.correct.item()], steps.loss_sum.device,
+                                            steps.ranks)
+    return EpochResult(loss_sum / seen, correct / seen, time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,9 +244,19 @@ def score(logits: torch.Tensor, y: torch.Tensor, loss_fn) -> Scores:
     return Scores(loss.item(), correct.item() / len(y))
 
 
-def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE) -> Scores:
-    """The mean loss and the accuracy of model on (x, y)."""
-    return score(predict(model, x, batch_size), y, loss_fn)
+def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE,
+             ranks: distributed.Ranks = distributed.ONE) -> Scores:
+    """The mean loss and the accuracy of model on (x, y). Under several ranks each evaluates its
+    share of (x, y) and the sums are reduced: every rank gets the scores of all of (x, y). `model`
+    is then the unwrapped one (no DDP: its forward would synchronise buffers a different number of
+    times on ranks with unequal shares)."""
+    if not ranks.enabled:
+        return score(predict(model, x, batch_size), y, loss_fn)
+    part = ranks.share(len(y))
+    n = part.stop - part.start
+    mine = score(predict(model, x[part], batch_size), y[part], loss_fn) if n else Scores(0.0, 0.0)
+    loss_sum, correct = distributed.all_sum([mine.loss * n, mine.accuracy * n], x.device, ranks)
+    return Scores(loss_sum / len(y), correct / len(y))
 
 
 def loss_function(fused: bool):

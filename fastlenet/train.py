@@ -6,13 +6,16 @@ metrics.json and checkpoint.pt into --out, so --resume picks up after the last f
 that holds an earlier run is refused, unless --resume continues it there or --overwrite replaces it.
 With --val-split, a seeded fraction of the training images is held out and validated on after every
 epoch; the weights of the epoch that does best on it are kept as best.pt (the test set takes no part).
-PyTorch is imported inside train(), so that --help and a bad flag are answered at once.
+Under torchrun (torchrun --nproc-per-node N -m fastlenet.train ...) the N processes train one model
+with DistributedDataParallel, --batch-size the global batch (fastlenet.distributed); rank 0 alone
+prints and writes. PyTorch is imported inside train(), so that --help and a bad flag are answered at once.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +36,7 @@ examples:
   python -m fastlenet.train --out runs/lenet5
   python -m fastlenet.train --model cnn --optimizer sgd --lr 0.1 --momentum 0 --schedule none --out runs/cnn
   python -m fastlenet.train --resume runs/lenet5/checkpoint.pt --epochs 12
+  torchrun --nproc-per-node 2 -m fastlenet.train --out runs/lenet5-ddp
 
 next:
   python -m fastlenet.evaluate RUN/checkpoint.pt
@@ -101,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"replace the run that --out holds: remove its files ({', '.join(checkpoint.RUN_FILES)}) "
                         "before training; without it, an --out that holds a run is an error, unless it is "
                         "the --resume checkpoint's own directory")
+    r.add_argument("--dist-timeout", type=cli.positive_int, default=300, metavar="S",
+                   help="under torchrun: seconds a process waits for the others at a gradient or metric "
+                        "exchange before the run stops (a process that died or hung)")
     r.add_argument("--target-accuracy", type=cli.fraction, metavar="A",
                    help="exit with status 1 if the final test accuracy (a fraction, e.g. 0.99) is below A")
     r.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
@@ -112,14 +119,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    from fastlenet import distributed
+
+    try:
+        ranks = distributed.Ranks.from_environment()
+    except ValueError as e:
+        raise CLIError(f"torchrun's environment: {e}") from None
+    if not ranks.main:
+        # One voice: the other ranks print nothing, and show no progress bar; errors still reach stderr.
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    if ranks.enabled:
+        distributed.stop_on_sigterm()
+    try:
+        return _train(args, ranks)
+    except Exception as e:  # noqa: BLE001 - only a lost peer is answered here; the rest is re-raised
+        if not isinstance(e, distributed.Stopped) and not distributed.lost(e):
+            raise
+        # One line, not a traceback per rank: a peer died (torchrun stops the rest) or hung (the
+        # timeout). The last finished epoch's checkpoint was written atomically: it is intact.
+        where = Path(args.out) / "checkpoint.pt" if args.out else None
+        kept = f"; {where} holds the last finished epoch" if where is not None and where.exists() else ""
+        why = str(e) if isinstance(e, distributed.Stopped) else (
+            "another process of the run died or stopped answering ("
+            + re.sub(r"^\[[^\]]*\]\s*", "", cli.one_line(e))[:120] + ")")
+        print(f"error: rank {ranks.rank}: {why}{kept}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
+
+
+def _train(args: argparse.Namespace, ranks) -> int:
     import torch
 
-    from fastlenet import data, engine, models, plots
+    from fastlenet import data, distributed, engine, models, plots
 
     if args.compile and args.fused:
         raise CLIError("--compile compiles the reference model; the fused model is already Triton kernels: "
                        "drop --compile or --fused")
     device = cli.choose_device(args.device)
+    try:
+        device = distributed.device_of(ranks, device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     resumed = checkpoint.load_to_resume(args, build_parser())  # None without --resume
@@ -132,6 +174,12 @@ def train(args: argparse.Namespace) -> int:
         graph = engine.use_cuda_graph(args.cuda_graph, args.fused, device)
     except ValueError as e:
         raise CLIError(f"--cuda-graph {args.cuda_graph}: {e}; use --cuda-graph auto or off") from None
+    if graph and ranks.enabled:
+        # DDP rebuilds its gradient buckets over its first steps; a graph captured at the first batch
+        # would freeze them half-built. Whole-step capture under DDP is not tried.
+        print("cuda graph: off under torch.distributed (DDP's first steps rebuild its gradient buckets); "
+              "training without it")
+        graph = False
     if graph and args.amp == "fp16":
         # GradScaler.step reads its inf/NaN check back to the host (or, with a fused optimizer, skips
         # the update on the device): not a step a CUDA graph is known to capture, so none is tried.
@@ -140,11 +188,15 @@ def train(args: argparse.Namespace) -> int:
     if args.out is None:  # a resumed run goes on writing beside its checkpoint
         args.out = str(Path(args.resume).parent) if args.resume else str(checkpoint.fresh_run_dir())
     earlier_run = checkpoint.earlier_run(Path(args.out), args.resume, args.overwrite)
-    out = cli.prepare_out_dir(Path(args.out))
+    # Rank 0 alone writes: the others only read (the checks above, the data, a --resume checkpoint).
+    out = cli.prepare_out_dir(Path(args.out)) if ranks.main else Path(args.out)
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    backend = distributed.start(ranks, device, args.dist_timeout)
 
+    processes = f" | {ranks.world} processes ({backend}), --batch-size global" if ranks.enabled else ""
     print(f"fastlenet {fastlenet.__version__} | torch {torch.__version__} | device {device} "
-          f"({cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
+          f"({cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model"
+          + processes)
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     dataset = data.load(args.dataset, args.data_dir)
     mean, std = data.NORMALIZATION[args.dataset]
@@ -171,9 +223,14 @@ def train(args: argparse.Namespace) -> int:
     if graph:
         engine.lr_as_tensors(run.optimizer, device)
     loss_fn = engine.loss_function(args.fused)
-    net = torch.compile(model) if args.compile else model  # the module itself keeps the state_dict's names
+    trained, model, note = distributed.wrap(model, ranks, device)  # model: unwrapped, as saved
+    if note:
+        print(note)
+    net = torch.compile(trained) if args.compile else trained  # the module itself keeps the state_dict's names
+    # Evaluation: every rank its share of the images, through the unwrapped model (engine.evaluate).
+    judge = model if ranks.enabled else net
     steps = engine.StepRunner(net, run.optimizer, loss_fn, x_train, y_train, args.batch_size, graph=graph,
-                              amp=engine.Amp.of(args.amp, device.type))
+                              amp=engine.Amp.of(args.amp, device.type), ranks=ranks)
     if graph:
         print("cuda graph: each full training step is one graph replay (--no-cuda-graph to turn it off)"
               + ("; onecycle holds momentum fixed, which the captured optimizer reads as a number"
@@ -184,7 +241,7 @@ def train(args: argparse.Namespace) -> int:
     if run.done >= args.epochs:
         print(f"checkpoint is at epoch {run.done}, which already reaches --epochs {args.epochs}: nothing to train")
 
-    if earlier_run:  # --overwrite: only now, when nothing that can stop the run is left before training
+    if earlier_run and ranks.main:  # --overwrite: only now, when nothing that can stop the run is left
         checkpoint.remove_run(out, earlier_run)
     try:
         for epoch in range(run.done + 1, args.epochs + 1):
@@ -194,22 +251,25 @@ def train(args: argparse.Namespace) -> int:
             record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
             validated = ""
             if val_split:
-                val_loss, val_acc = engine.evaluate(net, loss_fn, x_val, y_val)
+                val_loss, val_acc = engine.evaluate(judge, loss_fn, x_val, y_val, ranks=ranks)
                 record.update(val_loss=val_loss, val_accuracy=val_acc)
                 validated = f"val loss {val_loss:.4f} acc {val_acc:7.2%}  "
-            test_loss, test_acc = engine.evaluate(net, loss_fn, x_test, y_test)
+            test_loss, test_acc = engine.evaluate(judge, loss_fn, x_test, y_test, ranks=ranks)
             record.update(test_loss=test_loss, test_accuracy=test_acc,
                           images_per_second=len(x_train) / seconds, seconds=seconds)
             run.add(record, best_of=bool(val_split))
             print(f"epoch {epoch:>3}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:7.2%}  {validated}"
                   f"test loss {test_loss:.4f} acc {test_acc:7.2%}  {len(x_train) / seconds:9,.0f} img/s  "
                   f"{seconds:6.1f} s", flush=True)
-            run.save(epoch)
+            if ranks.main:
+                run.save(epoch)
     except KeyboardInterrupt:
         if run.saved:
             print(f"\n{out / 'checkpoint.pt'} holds epoch {run.saved[-1]}: continue with "
                   f"--resume {out / 'checkpoint.pt'}", file=sys.stderr)
         raise
+    if not ranks.main:
+        return 0
     if run.done >= args.epochs:
         run.save(run.done)
     if run.history and not args.no_plot:

@@ -21,7 +21,7 @@ ROOMS = {
                 "may_use": ("ops:fastlenet.functional", "base")},
     "data": {"members": ("fastlenet.data",), "may_use": ("base",)},
     "package": {"members": ("fastlenet",), "may_use": ("modules",)},  # the façade's lazy names
-    "engine": {"members": ("fastlenet.engine", "fastlenet.plots", "fastlenet.profiling"),
+    "engine": {"members": ("fastlenet.engine", "fastlenet.distributed", "fastlenet.plots", "fastlenet.profiling"),
                "may_use": ("modules", "ops", "data", "base", "package", "kernels:fastlenet.kernels.launch")},
     # What the command-line tools share: argument handling, user errors, run directories and
     # checkpoints (whose problems are the user's, reported as one line).

@@ -86,8 +86,17 @@ def stop_on_sigterm() -> None:
     import signal
 
     def handler(signum, frame):
+        ignore_sigterm()  # once: a second one must not interrupt the first one's handling
         raise Stopped("stopped by the launcher: another process of the run failed")
     signal.signal(signal.SIGTERM, handler)
+
+
+def ignore_sigterm() -> None:
+    """From here on this rank is ending by itself (it has said why): the launcher's SIGTERM must not
+    interrupt that with a traceback from wherever it lands (an exit handler)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def device_of(ranks: Ranks, device: torch.device) -> torch.device:

@@ -136,6 +136,7 @@ def train(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - only a lost peer is answered here; the rest is re-raised
         if not isinstance(e, distributed.Stopped) and not distributed.lost(e):
             raise
+        distributed.ignore_sigterm()
         # One line, not a traceback per rank: a peer died (torchrun stops the rest) or hung (the
         # timeout). The last finished epoch's checkpoint was written atomically: it is intact.
         where = Path(args.out) / "checkpoint.pt" if args.out else None
@@ -146,6 +147,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"error: rank {ranks.rank}: {why}{kept}", file=sys.stderr)
         return 1
     finally:
+        if ranks.enabled:
+            distributed.ignore_sigterm()
         distributed.stop()
 
 

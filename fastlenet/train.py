@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     info = {"device": str(device), "device_name": cli.device_name(device), "fused": args.fused,
-            "dataset_source": dataset.source, "torch": torch.__version__}
+            "processes": ranks.world, "dataset_source": dataset.source, "torch": torch.__version__}
     generator = torch.Generator().manual_seed(args.seed)  # on the CPU: the same batch order on any device
     run = checkpoint.Run(out, config, info, os.path.abspath(args.data_dir), model,
                          engine.build_optimizer(model, args, capturable=graph), generator)

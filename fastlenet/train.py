@@ -178,10 +178,12 @@ def _train(args: argparse.Namespace, ranks) -> int:
     except ValueError as e:
         raise CLIError(f"--cuda-graph {args.cuda_graph}: {e}; use --cuda-graph auto or off") from None
     if graph and ranks.enabled:
-        # DDP rebuilds its gradient buckets over its first steps; a graph captured at the first batch
-        # would freeze them half-built. Whole-step capture under DDP is not tried.
-        print("cuda graph: off under torch.distributed (DDP's first steps rebuild its gradient buckets); "
-              "training without it")
+        # PyTorch's recipe for capturing DDP's all-reduce turns NCCL's asynchronous error handling off,
+        # which is what ends a run whose peer died or hung within --dist-timeout; a bounded failure is
+        # kept over the graph. (DDP also rebuilds its buckets over its first steps: a capture at the
+        # first batch would freeze them.)
+        print("cuda graph: off under torch.distributed: capturing NCCL's all-reduce needs its error "
+              "handling off, and a dead process would then hang the run past --dist-timeout")
         graph = False
     if graph and args.amp == "fp16":
         # GradScaler.step reads its inf/NaN check back to the host (or, with a fused optimizer, skips

@@ -3,6 +3,7 @@
 Test files in every folder import it as `from utils import ...`: tests/ is on sys.path because the
 top conftest.py lives there (pytest's default "prepend" import mode).
 """
+import importlib.util
 import os
 import pathlib
 
@@ -77,3 +78,11 @@ def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def load_script(path: pathlib.Path):
+    """A script that is no package module (bench/*.py), imported as a module of its file's name."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

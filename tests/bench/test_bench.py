@@ -5,14 +5,13 @@ machine too). On the CPU it must measure eager, list fused and fused-graph as un
 reason (never a figure), and under TRITON_INTERPRET=1 may run the fused path through the
 interpreter, labelled as such and with no images/s.
 """
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from utils import REPO, env_without_interpreter
+from utils import REPO, env_without_interpreter, load_script
 
 BENCH = REPO / "bench" / "throughput.py"
 TINY = ["--device", "cpu", "--batch-sizes", "8", "--repeats", "3", "--warmup", "1", "--cpu-threads", "1"]
@@ -148,10 +147,7 @@ def test_amp_runs_the_reference_and_says_why_fused_bf16_cannot_here(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 def row(provider, batch_size, mode, images_per_second, **extra):

@@ -1,22 +1,18 @@
 """bench/device_times.py without a GPU: one line and status 2; and its labelling of a step's kernels
 (the part a GPU run depends on to set each measured kernel beside the timing model's prediction)."""
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from utils import REPO, env_without_interpreter
+from utils import REPO, env_without_interpreter, load_script
 
 SCRIPT = REPO / "bench" / "device_times.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("device_times", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_without_a_gpu_it_says_so_in_one_line(bench):

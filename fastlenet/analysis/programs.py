@@ -51,25 +51,10 @@ class LaunchWork:
     regions: dict  # region id -> RegionCode fields plus kind and source line, for the report
     unmapped_loops: int  # SASS loops tied to no TTGIR loop (counted once per run of their block's region)
 
-    @property
-    def programs(self) -> int:
-        return sum(c.programs for c in self.classes)
-
-    def total(self, field: str) -> int:
-        return sum(c.programs * getattr(c, field) for c in self.classes)
-
-    def longest(self, field: str) -> int:
-        return max(getattr(c, field) for c in self.classes)
-
     def to_json(self) -> dict:
         return {"kernel": self.kernel, "grid": list(self.grid), "num_warps": self.num_warps,
                 "classes": [asdict(c) for c in self.classes], "regions": self.regions,
                 "unmapped_loops": self.unmapped_loops}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "LaunchWork":
-        return cls(d["kernel"], tuple(d["grid"]), d["num_warps"], tuple(ProgramClass(**c) for c in d["classes"]),
-                   d["regions"], d["unmapped_loops"])
 
 
 def _candidates(tree: ControlTree, chain: S.Chain) -> set[int]:
@@ -82,7 +67,7 @@ def _candidates(tree: ControlTree, chain: S.Chain) -> set[int]:
         if found:
             return found
     if len(chain) == 1:
-        return tree.innermost().get(chain[0], set())
+        return tree.innermost.get(chain[0], set())
     return set()
 
 

@@ -11,7 +11,7 @@ import math
 import pathlib
 
 from .gpu_build import build
-from .programs import LaunchWork, launch_work
+from .programs import launch_work
 
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
              "int8": 1, "uint8": 1, "bool": 1}
@@ -62,7 +62,3 @@ def aten_launches(parameter_sizes: list[int]) -> list[dict]:
         {"label": "Adam", "kernel": "_fused_adam_ (ATen)", "aten": True, "dependent": adam_trips,
          "bytes": 28 * elements},
     ]
-
-
-def work_of(launch: dict) -> LaunchWork | None:
-    return None if launch.get("aten") else LaunchWork.from_json(launch["work"])

@@ -11,6 +11,7 @@ a bound or condition that depends on one (a loaded value) is refused with the li
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -42,9 +43,6 @@ class ControlTree:
     regions: list[Region]
     chains: dict[Chain, set[int]]  # source chain -> regions holding an op written there
 
-    def loops(self) -> list[Region]:
-        return [r for r in self.regions if r.kind == "for"]
-
     def ancestors(self, region: int) -> list[int]:
         out = []
         while region is not None:
@@ -52,14 +50,13 @@ class ControlTree:
             region = self.regions[region].parent
         return out
 
+    @functools.cached_property
     def innermost(self) -> dict[tuple[str, int], set[int]]:
         """Source line -> regions holding an op whose innermost frame it is."""
-        if not hasattr(self, "_innermost"):
-            index: dict[tuple[str, int], set[int]] = {}
-            for chain, regions in self.chains.items():
-                index.setdefault(chain[0], set()).update(regions)
-            self._innermost = index
-        return self._innermost
+        index: dict[tuple[str, int], set[int]] = {}
+        for chain, regions in self.chains.items():
+            index.setdefault(chain[0], set()).update(regions)
+        return index
 
     def arrival_gated(self, region: int) -> bool:
         return any(self.regions[r].gated for r in self.ancestors(region))
@@ -74,7 +71,6 @@ class ControlTree:
 
 _LOCATION = re.compile(r"^(#loc\d*) = loc\((.*)\)$", re.M)
 _OP = re.compile(r"^\s*((?:%[\w]+(?::\d+)?)(?:, %[\w]+(?::\d+)?)*) = ([\w.\"]+) ?(.*)$")
-_BARE_OP = re.compile(r"^\s*([\w.\"]+) (.*)$")
 _FOR = re.compile(r"scf\.for %([\w]+) = %([\w]+) to %([\w]+) step %([\w]+)")
 _IF = re.compile(r"scf\.if %([\w]+)")
 _TRAILING_LOC = re.compile(r"\sloc\((#loc\d*|\"[^\"]*\":\d+:\d+)\)\s*$")
@@ -148,8 +144,7 @@ def control_tree(ttgir: str, kernel: str | None = None) -> ControlTree:
             stack.append(None)  # a combiner region (tt.reduce, tt.scan): part of its op
             continue
         else:
-            m = _OP.match(body) or _BARE_OP.match(body)
-            if m and len(m.groups()) == 3:
+            if m := _OP.match(body):  # an op with results: an op without any sets nothing a bound reads
                 results = [r.split(":")[0].lstrip("%") for r in m.group(1).split(", ")]
                 regions[current].items.append(("op", results, m.group(2), m.group(3)))
                 if m.group(2) == "tt.atomic_rmw" and "tensor<" not in m.group(3):

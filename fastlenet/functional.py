@@ -9,6 +9,9 @@ because a silent fallback would hide exactly what this library exists to show.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from fastlenet import ops  # noqa: F401  registers the torch.ops.fastlenet ops
@@ -18,7 +21,7 @@ from fastlenet.kernels.activations import ACTIVATIONS
 from fastlenet.kernels.conv_act_pool import POOLS
 from fastlenet.kernels.launch import executing, interpreting
 
-__all__ = ["conv2d_act_pool", "linear_act", "cross_entropy", "ACTIVATIONS", "POOLS"]
+__all__ = ["conv2d_act_pool", "linear_act", "cross_entropy", "rbf_scores", "ACTIVATIONS", "POOLS"]
 
 
 
@@ -125,7 +128,8 @@ def _check_tensors_slow(op: str, tensors: dict, cast: torch.dtype | None = None)
                             f"{', '.join(map(str, allowed))}{extra}")
     if len(set(dtypes.values())) > 1:
         what = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
-        raise TypeError(f"{op}: input, weight and bias must share one dtype, got {what}")
+        *others, last = dtypes
+        raise TypeError(f"{op}: {', '.join(others)} and {last} must share one dtype, got {what}")
 
 
 def supported_dtypes(op: str | None = None) -> tuple[torch.dtype, ...]:
@@ -182,9 +186,11 @@ def _grad_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 _CONV_SHAPES_OK: set = set()
 
 
-def _check_conv_shapes(op, x, weight, bias, padding, activation, pool) -> None:
+def _check_conv_shapes(op, x, weight, bias, padding, activation, pool, connections=None, pool_weight=None,
+                       pool_bias=None, pool_activation="identity") -> None:
     _check_choice(op, "activation", activation, ACTIVATIONS)
     _check_choice(op, "pool", pool, POOLS)
+    _check_choice(op, "pool_activation", pool_activation, ACTIVATIONS)
     if weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"{op}: weight must be (C_out, C_in, k, k) with a square kernel, "
                          f"got {tuple(weight.shape)}")
@@ -199,6 +205,14 @@ def _check_conv_shapes(op, x, weight, bias, padding, activation, pool) -> None:
     if bias is not None and tuple(bias.shape) != (C_out,):
         raise ValueError(f"{op}: bias must have shape ({C_out},) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(bias.shape)}")
+    _check_subsampling(op, C_out, pool, pool_weight, pool_bias, pool_activation)
+    if connections is not None:
+        if not isinstance(connections, torch.Tensor) or connections.dtype != torch.bool:
+            raise TypeError(f"{op}: connections must be a bool tensor (True where an output channel sees an "
+                            f"input channel), got {getattr(connections, 'dtype', type(connections).__name__)}")
+        if tuple(connections.shape) != (C_out, C_in):
+            raise ValueError(f"{op}: connections must have shape ({C_out}, {C_in}) (output x input channels of "
+                             f"weight {tuple(weight.shape)}), got {tuple(connections.shape)}")
     H, W = x.shape[2], x.shape[3]
     if H + 2 * padding < k or W + 2 * padding < k:
         raise ValueError(f"{op}: kernel {k}x{k} is larger than the padded input {H + 2 * padding}x"
@@ -215,31 +229,69 @@ def _check_conv_shapes(op, x, weight, bias, padding, activation, pool) -> None:
                          f"{_conv.ROW_INDEX_LIMIT // per_image:,} images of this size: split the batch")
 
 
+def _check_subsampling(op, C_out, pool, pool_weight, pool_bias, pool_activation) -> None:
+    """Subsampling's parameters come with pool="subsample", and only with it."""
+    if pool != "subsample":
+        if pool_weight is not None or pool_bias is not None or pool_activation != "identity":
+            raise ValueError(f"{op}: pool_weight, pool_bias and pool_activation belong to pool='subsample' "
+                             f"(got pool={pool!r})")
+        return
+    for name, t in (("pool_weight", pool_weight), ("pool_bias", pool_bias)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: pool='subsample' needs {name}, a ({C_out},) tensor (one per output "
+                             f"channel), got {type(t).__name__}")
+        if tuple(t.shape) != (C_out,):
+            raise ValueError(f"{op}: {name} must have shape ({C_out},), one per output channel, got "
+                             f"{tuple(t.shape)}")
+
+
 def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    padding: int = 0, activation: str = "relu", pool: str = "max") -> torch.Tensor:
+                    padding: int = 0, activation: str = "relu", pool: str = "max", *,
+                    connections: torch.Tensor | None = None, pool_weight: torch.Tensor | None = None,
+                    pool_bias: torch.Tensor | None = None, pool_activation: str = "identity") -> torch.Tensor:
     """pool2x2(act(conv2d(x, weight, bias, stride=1, padding))) in one Triton kernel each way.
 
     x: (N, C_in, H, W), or unbatched (C_in, H, W) as F.conv2d takes it; weight: (C_out, C_in, k, k)
     with 1 <= k <= 7; bias: (C_out,) or None; padding: 0..3; activation: relu | sigmoid | tanh |
-    identity; pool: "max" | "avg" (window 2, stride 2, odd trailing rows/columns dropped as in
-    PyTorch) or None for act(conv2d(x)) without pooling. Returns (N, C_out, PH, PW) (without N for
-    unbatched input), the pooled (or, without pooling, the conv) output size.
+    scaled_tanh (1.7159 tanh(2/3 z), the 1998 LeNet-5's) | identity; pool: "max" | "avg" (window 2,
+    stride 2, odd trailing rows/columns dropped as in PyTorch), "subsample" or None for act(conv2d(x))
+    without pooling. Returns (N, C_out, PH, PW) (without N for unbatched input), the pooled (or,
+    without pooling, the conv) output size.
+
+    Keyword-only, for the 1998 LeNet-5: connections, a bool (C_out, C_in) table: output channel o
+    sees input channel i only where connections[o, i] (the other weights are left out, as if zero,
+    and get a zero gradient). pool="subsample" is trainable subsampling: pool_activation(pool_weight[c]
+    * (the 2x2 window's sum) + pool_bias[c]), pool_weight and pool_bias (C_out,) tensors.
     """
     op = "conv2d_act_pool"
+    extra = dict(connections=connections, pool_weight=pool_weight, pool_bias=pool_bias,
+                 pool_activation=pool_activation)
     if isinstance(x, torch.Tensor) and x.ndim == 3:  # unbatched: a batch of one, as F.conv2d does
-        return conv2d_act_pool(x.unsqueeze(0), weight, bias, padding, activation, pool).squeeze(0)
+        return conv2d_act_pool(x.unsqueeze(0), weight, bias, padding, activation, pool, **extra).squeeze(0)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"{op}: input must be (N, C_in, H, W) or unbatched (C_in, H, W), got shape "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     # Every check below depends only on shapes and settings: a combination that passed once passes
     # again. type(padding) is in the key because True == 1 (and hashes alike) but is refused.
     key = (x.shape, weight.shape, None if bias is None else bias.shape, padding, type(padding),
-           activation, pool)
-    _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool)
+           activation, pool) + ((None,) if connections is None and pool_weight is None and pool_bias is None
+                                and pool_activation == "identity" else
+                                tuple(getattr(t, "shape", t) for t in extra.values())
+                                + tuple(getattr(t, "dtype", None) for t in extra.values()))
+    _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool,
+                connections, pool_weight, pool_bias, pool_activation)
     cast = _autocast_dtype(op, x.device.type)
     _check_tensors(op, cast, x, weight, bias)
-    return _forward(op, cast, x.device.type, x, weight, bias, padding, activation, pool,
-                    _grad_wanted(x, weight, bias))
+    grad = _grad_wanted(x, weight, bias)
+    if pool_weight is not None:  # pool="subsample" (checked above)
+        _check_tensors_slow(op, {"input": x, "pool_weight": pool_weight, "pool_bias": pool_bias}, cast)
+        grad = grad or (torch.is_grad_enabled() and (pool_weight.requires_grad or pool_bias.requires_grad))
+    if connections is not None:
+        if connections.device != x.device:
+            raise RuntimeError(f"{op}: connections are on {connections.device}, the input on {x.device}")
+        connections = connections.contiguous()
+    return _forward(op, cast, x.device.type, x, weight, bias, padding, activation, pool, grad,
+                    connections, pool_weight, pool_bias, pool_activation)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,9 +336,14 @@ def _check_linear_shapes(op, x, weight, bias, activation) -> None:
 # cross-entropy (log-softmax + mean NLL)
 # --------------------------------------------------------------------------------------------------
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, *,
+                  constant_logit: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of class logits (B, C) against integer targets (B,), as
     torch.nn.functional.cross_entropy with its defaults, one Triton kernel each way.
+
+    constant_logit: None, or a finite float c: each row's softmax then has one more class, of logit
+    c, which no target names, i.e. F.cross_entropy(torch.cat([logits, full((B, 1), c)], 1), target).
+    The 1998 LeNet-5's MAP criterion, -s_target + log(exp(-j) + sum_i exp(s_i)), is c = -j.
 
     Rows whose target is ignore_index are left out of the mean and get a zero gradient (every row
     ignored: NaN, as PyTorch). Any other target outside [0, C) is an error: an IndexError naming it
@@ -306,13 +363,74 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if constant_logit is not None:
+        constant_logit = _check_constant_logit(op, constant_logit)
     if logits.shape[0] == 0:
         raise ValueError(f"{op}: empty batch (the mean of no losses is undefined)")
     cast = _autocast_dtype(op, logits.device.type)
     _check_loss_tensors(op, cast, logits, target)
     if torch.compiler.is_compiling():
-        return _forward(op, cast, logits.device.type, logits, target, ignore_index)
+        return _forward(op, cast, logits.device.type, logits, target, ignore_index, constant_logit)
     # Logits straight from fastlenet's linear layer carry arrival counters it zeroed for this loss
     # (kernels/linear_act.py, LOSS_COUNTER_ATTR); taken here, they serve this call only.
     counters = logits.__dict__.pop(_linear.LOSS_COUNTER_ATTR, None)
-    return _forward(op, cast, logits.device.type, logits, target, ignore_index, counters)
+    return _forward(op, cast, logits.device.type, logits, target, ignore_index, constant_logit, counters)
+
+
+def _check_constant_logit(op: str, value) -> float:
+    """A finite real number (a Python or NumPy float or int, not a bool or a tensor: the kernel takes
+    it as a launch argument), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: constant_logit must be a float or None, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: constant_logit must be finite, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# RBF output scores against fixed prototypes
+# --------------------------------------------------------------------------------------------------
+
+def rbf_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """scores[b, i] = -sum_j (x[b, j] - prototypes[i, j])**2 for x (B, F) and prototypes (C, F): the
+    negated squared distances of the 1998 LeNet-5's RBF output units, one Triton kernel each way.
+
+    The prototypes are fixed (a buffer, as in fastlenet.lenet1998.RBFOutput): they get no gradient,
+    and a prototypes tensor that requires one is refused. Computed as 2 x.P - ||x||^2 - ||P||^2 in
+    the accumulator (float32, float64 for float64), so a score's rounding error is relative to the
+    norms rather than to the distance (kernels/rbf_scores.py)."""
+    op = "rbf_scores"
+    for name, t in (("input", x), ("prototypes", prototypes)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    key = (x.shape, prototypes.shape)
+    _check_once(_RBF_SHAPES_OK, key, _check_rbf_shapes, op, x, prototypes)
+    if prototypes.requires_grad:
+        raise ValueError(f"{op}: the prototypes are fixed and get no gradient, but this tensor requires one; "
+                         "pass prototypes.detach() (or keep them as a buffer, as fastlenet.nn.RBFScores does)")
+    cast = _autocast_dtype(op, x.device.type)
+    if not _rbf_tensors_ok(op, cast, x, prototypes):
+        _check_tensors_slow(op, {"input": x, "prototypes": prototypes}, cast)
+    return _forward(op, cast, x.device.type, x, prototypes)
+
+
+def _rbf_tensors_ok(op, cast, x, prototypes) -> bool:
+    """_check_tensors' fast path (one device, one supported dtype, no autocast); the slow path's
+    messages then name the prototypes, not a weight."""
+    return (cast is None and prototypes.dtype == x.dtype and prototypes.device == x.device
+            and (x.device.type, x.dtype) in _allowed_device_dtypes(op))
+
+
+_RBF_SHAPES_OK: set = set()
+
+
+def _check_rbf_shapes(op, x, prototypes) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{op}: input must be (batch, features), got {tuple(x.shape)}")
+    if prototypes.ndim != 2 or 0 in prototypes.shape:
+        raise ValueError(f"{op}: prototypes must be (classes, features) with at least one of each, "
+                         f"got {tuple(prototypes.shape)}")
+    if x.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"{op}: input {tuple(x.shape)} has {x.shape[1]} features but prototypes "
+                         f"{tuple(prototypes.shape)} have {prototypes.shape[1]}")

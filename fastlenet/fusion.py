@@ -10,9 +10,16 @@ What is replaced, and only where it is exactly the same function:
                                                             scales by a non-negative factor, so it
                                                             commutes with ReLU, mask for mask)
 Activations are ReLU, Sigmoid, Tanh and Identity, as modules or as functions (F.relu, torch.tanh,
-x.sigmoid(), ...). Everything else stays stock and the report says why: a pooling of another size or
-stride, a strided, dilated or grouped conv, a layer whose output is also used elsewhere (a residual),
-a BatchNorm between conv and activation, a subclass of Conv2d or Linear (its forward may differ).
+x.sigmoid(), ...), and the 1998 LeNet-5's ScaledTanh module. Its layers fuse too (fastlenet.lenet1998):
+  Conv2d / ConnectedConv2d -> [activation] -> Subsampling2d -> [activation]
+                                                            ConvActPool2d(activation, "subsample",
+                                                            pool_activation[, connections])
+  RBFOutput                                                 fastlenet.nn.RBFScores
+The absorbed Subsampling2d's Parameters stay under its name, in a SubsamplingParameters module that
+passes its input through, and the fused conv reads them there.
+Everything else stays stock and the report says why: a pooling of another size or stride, a strided,
+dilated or grouped conv, a layer whose output is also used elsewhere (a residual), a BatchNorm
+between conv and activation, a subclass of Conv2d or Linear (its forward may differ).
 
 The fused module takes the Conv2d's / Linear's place under the same name and keeps its Parameters,
 and absorbed activation/pooling modules become nn.Identity, so state_dict keys do not change: a
@@ -43,10 +50,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlenet.functional import MAX_KERNEL_SIZE, MAX_PADDING, supported_dtypes
+from fastlenet.lenet1998 import ConnectedConv2d, RBFOutput, ScaledTanh, Subsampling2d
 
-__all__ = ["fuse", "FusionReport"]
+__all__ = ["fuse", "FusionReport", "SubsamplingParameters"]
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity",
+                ScaledTanh: "scaled_tanh"}
+# Modules of stock PyTorch and of fastlenet's reference layers that torch.fx records as calls.
+_LEAF_MODULES = (ScaledTanh, Subsampling2d, ConnectedConv2d, RBFOutput)
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu",
                   torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
@@ -72,7 +83,7 @@ _MODE_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dro
 @dataclass
 class _Op:
     """One step of the data flow: a module call (name set) or a function/method call (node only)."""
-    kind: str  # "conv" | "linear" | "act" | "pool" | "dropout" | "other"
+    kind: str  # "conv" | "linear" | "act" | "pool" | "subsample" | "rbf" | "dropout" | "other"
     label: str  # how the report names it
     name: str | None = None  # qualified module name, for a module call
     node: fx.Node | None = None
@@ -99,7 +110,7 @@ def _pool_problem(kind, kernel_size, stride, padding, ceil_mode, dilation=1, ret
 
 
 def _conv_problem(m: nn.Conv2d) -> str | None:
-    if type(m) is not nn.Conv2d:
+    if type(m) not in (nn.Conv2d, ConnectedConv2d):
         return f"{type(m).__name__} is a subclass of Conv2d (its forward may compute something else)"
     k = m.kernel_size
     if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1:
@@ -161,6 +172,10 @@ def _module_op(name: str, m: nn.Module) -> _Op:
         return _Op("pool", label, name, value=kind, problem=problem)
     if type(m) is nn.Dropout:
         return _Op("dropout", label, name)
+    if type(m) is Subsampling2d:
+        return _Op("subsample", label, name, problem=_dtype_problem(m))
+    if type(m) is RBFOutput:
+        return _Op("rbf", label, name)
     return _Op("other", label, name)
 
 
@@ -198,6 +213,8 @@ class _Chain:
     kept_between: list[_Op] = field(default_factory=list)  # Dropout that stays, before an absorbed ReLU
     activation: str = "identity"
     pool: str | None = None
+    pool_activation: str = "identity"  # after a trainable subsampling
+    subsampling: _Op | None = None
     stopped_at: _Op | None = None  # the next operation, when it could not be absorbed
     why_stopped: str | None = None
 
@@ -210,6 +227,17 @@ def _extend(chain: _Chain, following) -> None:
     for op in following:
         if op.kind == "act" and op.value == "identity":
             chain.absorbed.append(op)  # a no-op either way
+            continue
+        if op.kind == "act" and chain.pool == "subsample":  # the activation after the subsampling
+            chain.absorbed.append(op)
+            chain.pool_activation = op.value
+            return
+        if op.kind == "subsample" and chain.layer.kind == "conv" and not have_pool:
+            if op.problem:
+                chain.stopped_at, chain.why_stopped = op, op.problem
+                return
+            chain.absorbed.append(op)
+            chain.pool, chain.subsampling, have_pool = "subsample", op, True
             continue
         if pending_dropout is not None:
             if op.kind == "act" and op.value == "relu" and not have_act:
@@ -335,17 +363,41 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from fastlenet.nn import ConvActPool2d, LinearAct
 
-        return isinstance(m, (ConvActPool2d, LinearAct)) or super().is_leaf_module(m, qualname)
+        from fastlenet.nn import RBFScores
+
+        return (isinstance(m, (ConvActPool2d, LinearAct, RBFScores, *_LEAF_MODULES))
+                or super().is_leaf_module(m, qualname))
 
 
-def _fused_module(layer: nn.Module, chain: _Chain) -> nn.Module:
+class SubsamplingParameters(nn.Module):
+    """Where fuse leaves the Parameters of a Subsampling2d that a fused conv computes: under the same
+    name, so state_dict keys do not change. Passes its input through (the conv did the work)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, computed by the fused conv before it"
+
+
+def _fused_module(layer: nn.Module, chain: _Chain, subsampling: nn.Module | None = None) -> nn.Module:
     from fastlenet.nn import ConvActPool2d, LinearAct
 
     # Built on the meta device (no initialisation work), then given the layer's own Parameters.
     if isinstance(layer, nn.Conv2d):
+        connections = layer.connections if isinstance(layer, ConnectedConv2d) else None
         fused = ConvActPool2d(layer.in_channels, layer.out_channels, layer.kernel_size[0],
                               padding=_conv_padding(layer), bias=layer.bias is not None,
-                              activation=chain.activation, pool=chain.pool, device="meta")
+                              activation=chain.activation, pool=chain.pool, pool_activation=chain.pool_activation,
+                              subsampling=subsampling, device="meta",
+                              connections=None if connections is None else connections.to("meta"))
+        if connections is not None:
+            fused.connections = connections  # the layer's own buffer, on its device
     else:
         fused = LinearAct(layer.in_features, layer.out_features, bias=layer.bias is not None,
                           activation=chain.activation, device="meta")
@@ -357,8 +409,12 @@ def _fused_module(layer: nn.Module, chain: _Chain) -> nn.Module:
 
 def _describe(m: nn.Module) -> str:
     if isinstance(m, nn.Conv2d):
+        extra = f" + {m.pool_activation}" if m.pool == "subsample" else ""
+        extra += ", connection table" if m.connections is not None else ""
         return (f"{type(m).__name__}({m.in_channels}->{m.out_channels}, {m.kernel_size[0]}x{m.kernel_size[0]}, "
-                f"padding {m.padding[0]}, {m.activation}, pool {m.pool})")
+                f"padding {m.padding[0]}, {m.activation}, pool {m.pool}{extra})")
+    if not hasattr(m, "in_features"):
+        return f"{type(m).__name__}({m.prototypes.shape[1]}->{m.prototypes.shape[0]})"
     return f"{type(m).__name__}({m.in_features}->{m.out_features}, {m.activation})"
 
 
@@ -421,6 +477,31 @@ def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
+def _fuse_rbf_outputs(model: nn.Module, modules: dict[str, nn.Module], uses: dict[str, int],
+                      report: FusionReport) -> None:
+    """Each RBFOutput becomes fastlenet.nn.RBFScores, the same function of the same buffer: a swap
+    of modules, which a traced graph calls by name as well."""
+    from fastlenet.nn import RBFScores
+
+    for name, m in modules.items():
+        if type(m) is not RBFOutput:
+            continue
+        label = f"{name} ({type(m).__name__})"
+        problem, dtype = None, m.prototypes.dtype
+        if dtype not in supported_dtypes():
+            problem = f"prototypes of dtype {dtype}: the kernels take {', '.join(map(str, supported_dtypes()))}"
+        if uses.get(name, 1) > 1:
+            problem = "the module is called in more than one place"
+        if problem:
+            report.stock.append((label, problem))
+            continue
+        fused = RBFScores(m.prototypes)
+        fused.prototypes = m.prototypes  # the module's own buffer
+        fused.train(m.training)
+        _set_submodule(model, name, fused)
+        report.fused.append(((name,), _describe(fused)))
+
+
 def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionReport]:
     """Replace every Conv2d / Linear (and the activation and 2x2 pooling after it) that fastlenet's
     kernels compute exactly by a fused layer. Returns (fused model, report); print(report) says what
@@ -463,20 +544,25 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FusionRepo
                                  "(nn.ReLU, nn.MaxPool2d) for the operations after it"))
             continue
         rewrite_graph |= needs_graph
-        fused = _fused_module(modules[layer.name], chain)
+        holder = None
+        if chain.subsampling is not None:  # its Parameters stay under its name (SubsamplingParameters)
+            original = modules[chain.subsampling.name]
+            holder = original if needs_graph else SubsamplingParameters(original.weight, original.bias)
+        fused = _fused_module(modules[layer.name], chain, holder)
         _set_submodule(model, layer.name, fused)
         names = (layer.name, *(op.name or op.node.name for op in chain.absorbed))
         kept = "".join(f" (the {op.label} between stays)" for op in chain.kept_between)
         report.fused.append((names, _describe(fused) + kept))
         for op in chain.absorbed:
             if not needs_graph:
-                _set_submodule(model, op.name, nn.Identity())
+                _set_submodule(model, op.name, holder if op is chain.subsampling else nn.Identity())
             else:
                 op.node.replace_all_uses_with(op.node.args[0])
                 graph.erase_node(op.node)
         if chain.why_stopped:  # what comes next stays stock; without a next op, the output's other uses
             where = chain.stopped_at.label if chain.stopped_at is not None else f"the output of {layer.label}"
             report.stock.append((where, chain.why_stopped))
+    _fuse_rbf_outputs(model, modules, uses, report)
     report.stock += _unchained_layers(model, graph, chains, trace_error)
     if rewrite_graph:
         graph.lint()

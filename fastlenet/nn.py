@@ -8,12 +8,13 @@ what nn.Conv2d(*args) computes, and LinearAct(*args) what nn.Linear(*args) compu
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastlenet import functional as F
 from fastlenet.functional import ACTIVATIONS, MAX_KERNEL_SIZE, MAX_PADDING, POOLS
 
-__all__ = ["ConvActPool2d", "LinearAct"]
+__all__ = ["ConvActPool2d", "LinearAct", "RBFScores"]
 
 
 def _square(name: str, value) -> int:
@@ -46,9 +47,15 @@ class ConvActPool2d(nn.Conv2d):
     after it computed in the same kernel.
 
     Positional parameters are nn.Conv2d's, in its order and with its defaults. Keyword-only:
-    activation: "identity" (default), "relu", "sigmoid" or "tanh";
-    pool: None (default), "max" or "avg" (window 2, stride 2, odd trailing rows/columns dropped).
-    With both defaults the module computes exactly nn.Conv2d's output. Input (N, C, H, W) or
+    activation: "identity" (default), "relu", "sigmoid", "tanh" or "scaled_tanh" (1.7159 tanh(2/3 z));
+    pool: None (default), "max", "avg" (window 2, stride 2, odd trailing rows/columns dropped) or
+    "subsample", the 1998 LeNet-5's trainable subsampling: pool_activation(pool_weight[c] * (the
+    window's sum) + pool_bias[c]), its Parameters pool_weight (ones) and pool_bias (zeros) of shape
+    (out_channels,); `subsampling` instead takes them from another module's `weight` and `bias`,
+    which keeps them in its own state_dict (what fastlenet.fuse does for a Subsampling2d);
+    connections: a bool (out_channels, in_channels) table, kept as the buffer `connections`: output
+    channel o sees input channel i only where it is True (the 1998 LeNet-5's C3).
+    With the defaults the module computes exactly nn.Conv2d's output. Input (N, C, H, W) or
     unbatched (C, H, W), as nn.Conv2d.
 
     What the kernel does not compute (stride != 1, dilation != 1, groups != 1, padding_mode other
@@ -58,7 +65,8 @@ class ConvActPool2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
-                 *, activation: str = "identity", pool: str | None = None):
+                 *, activation: str = "identity", pool: str | None = None, pool_activation: str = "identity",
+                 subsampling: nn.Module | None = None, connections: torch.Tensor | None = None):
         for name, value, default in (("stride", stride, 1), ("dilation", dilation, 1), ("groups", groups, 1),
                                      ("padding_mode", padding_mode, "zeros")):
             if value not in (default, (default, default), [default, default]):
@@ -75,18 +83,57 @@ class ConvActPool2d(nn.Conv2d):
             raise ValueError(f"ConvActPool2d: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
         if pool not in POOLS:
             raise ValueError(f"ConvActPool2d: unknown pool {pool!r}; choose one of {POOLS}")
+        if pool_activation not in ACTIVATIONS:
+            raise ValueError(f"ConvActPool2d: unknown pool_activation {pool_activation!r}; choose one of "
+                             f"{ACTIVATIONS}")
+        if pool != "subsample" and (pool_activation != "identity" or subsampling is not None):
+            raise ValueError("ConvActPool2d: pool_activation and subsampling belong to pool='subsample'")
+        if connections is not None and (not isinstance(connections, torch.Tensor) or connections.dtype != torch.bool
+                                        or tuple(connections.shape) != (out_channels, in_channels)):
+            raise ValueError(f"ConvActPool2d: connections must be a bool tensor of shape ({out_channels}, "
+                             f"{in_channels}), got {getattr(connections, 'dtype', type(connections).__name__)} "
+                             f"{tuple(getattr(connections, 'shape', ()))}")
         # nn.Conv2d keeps the arguments as given ("same", (2, 2), ...), so repr and state match it.
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self.activation = activation
         self.pool = pool
+        self.pool_activation = pool_activation
         self._kernel_padding = p
+        if pool == "subsample" and subsampling is None:
+            self.pool_weight = nn.Parameter(torch.ones(out_channels, device=device, dtype=dtype))
+            self.pool_bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype))
+        # Not registered as a submodule: its parameters stay in its own place in the model's state_dict.
+        object.__setattr__(self, "_subsampling", subsampling)
+        if connections is not None:
+            self.register_buffer("connections", connections.to(device=self.weight.device))
+        else:
+            self.connections = None
+
+    def masked_parameters(self) -> int:
+        """The weight entries the connection table leaves out (not trained; models.num_parameters
+        does not count them), as fastlenet.lenet1998.ConnectedConv2d."""
+        if self.connections is None:
+            return 0
+        return int((~self.connections).sum()) * self.weight[0, 0].numel()
+
+    def _pool_parameters(self):
+        if self.pool != "subsample":
+            return None, None
+        if self._subsampling is None:
+            return self.pool_weight, self.pool_bias
+        return self._subsampling.weight, self._subsampling.bias
 
     def forward(self, x):
-        return F.conv2d_act_pool(x, self.weight, self.bias, self._kernel_padding, self.activation, self.pool)
+        pool_weight, pool_bias = self._pool_parameters()
+        return F.conv2d_act_pool(x, self.weight, self.bias, self._kernel_padding, self.activation, self.pool,
+                                 connections=self.connections, pool_weight=pool_weight, pool_bias=pool_bias,
+                                 pool_activation=self.pool_activation)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}, pool={self.pool!r}"
+        extra = f", pool_activation={self.pool_activation!r}" if self.pool == "subsample" else ""
+        extra += ", connections=True" if self.connections is not None else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}, pool={self.pool!r}{extra}"
 
 
 class LinearAct(nn.Linear):
@@ -110,3 +157,23 @@ class LinearAct(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class RBFScores(nn.Module):
+    """scores[b, i] = -sum_j (x[b, j] - prototypes[i, j])**2: the 1998 LeNet-5's RBF output units as
+    one fused kernel each way, with fastlenet.lenet1998.RBFOutput's buffer `prototypes` ([classes,
+    features], fixed: not a Parameter), so its state_dict loads unchanged. Input (batch, features)."""
+
+    def __init__(self, prototypes: torch.Tensor):
+        super().__init__()
+        if not isinstance(prototypes, torch.Tensor) or prototypes.ndim != 2 or not prototypes.is_floating_point():
+            raise ValueError("RBFScores: prototypes must be a floating-point tensor [classes, features], got "
+                             f"{tuple(prototypes.shape) if isinstance(prototypes, torch.Tensor) else prototypes!r}")
+        self.register_buffer("prototypes", prototypes.detach().clone())
+
+    def forward(self, x):
+        return F.rbf_scores(x, self.prototypes)
+
+    def extra_repr(self) -> str:
+        classes, features = self.prototypes.shape
+        return f"classes={classes}, features={features}"

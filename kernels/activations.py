@@ -1,13 +1,25 @@
 """Activation functions and their derivatives, as @triton.jit helpers chosen by a constexpr name.
 
 Each derivative is written in terms of the activation's *output* y = act(z) (relu' = [y > 0], sigmoid'
-= y (1 - y), tanh' = 1 - y^2), so the fused layers save nothing extra for backward. Both compute in
-float32 (float64 for float64 tensors). Why: docs/design.md, "Activations".
+= y (1 - y), tanh' = 1 - y^2, scaled_tanh' = S (A - y^2 / A)), so the fused layers save nothing extra
+for backward. Both compute in float32 (float64 for float64 tensors). Why: docs/design.md, "Activations".
 """
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "scaled_tanh", "identity")
+
+# The 1998 LeNet-5's squashing function A * tanh(S * z) (LeCun et al., 1998, appendix A): f(1) = 1, f(-1) = -1.
+SCALED_TANH_A: tl.constexpr = tl.constexpr(1.7159)
+SCALED_TANH_S: tl.constexpr = tl.constexpr(2.0 / 3.0)
+
+
+@triton.jit
+def _tanh(z):
+    # Through exp(-2|z|) <= 1 so large |z| never overflows; the sign is restored afterwards.
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
 
 
 @triton.jit
@@ -18,10 +30,9 @@ def act(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "sigmoid":
         return 1.0 / (1.0 + tl.exp(-z))
     elif ACTIVATION == "tanh":
-        # Through exp(-2|z|) <= 1 so large |z| never overflows; the sign is restored afterwards.
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(z < 0, -t, t)
+        return _tanh(z)
+    elif ACTIVATION == "scaled_tanh":
+        return _tanh(z * SCALED_TANH_S) * SCALED_TANH_A
     else:
         tl.static_assert(ACTIVATION == "identity", "unknown ACTIVATION")
         return z
@@ -51,6 +62,9 @@ def act_backward(g, y, ACTIVATION: tl.constexpr):
         return g * (1.0 - y) * y
     elif ACTIVATION == "tanh":
         return g * (1.0 - y * y)
+    elif ACTIVATION == "scaled_tanh":
+        # y = A tanh(S z): dy/dz = A S (1 - tanh^2) = S (A - y^2 / A).
+        return g * ((y * y * (-1.0 / SCALED_TANH_A) + SCALED_TANH_A) * SCALED_TANH_S)
     else:
         tl.static_assert(ACTIVATION == "identity", "unknown ACTIVATION")
         return g

@@ -14,12 +14,14 @@ import triton.language as tl
 from .accounting import Job, Work, accounts, tensor_bytes
 from .activations import ACTIVATIONS, act, act_backward, to_acc
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2, round_up
-from .split_reduce import (WeightGradSizes, arrival_counters, counter_capacity, finish_weight_grad,
+from .split_reduce import (WeightGradSizes, arrival_counters, channel_sums, counter_capacity, finish_weight_grad,
                            plan_weight_grad, weight_grad_job, weight_grad_program, weight_grad_sizes,
                            weight_grad_traffic, zero_counters)
 
 # The pools the Python API takes; None is no pooling, spelled "none" as the kernels' POOL constexpr.
-POOLS = ("max", "avg", None)
+# "subsample" is the 1998 LeNet-5's trainable subsampling: pool_act(pool_weight[c] * (the 2x2 window's
+# sum) + pool_bias[c]).
+POOLS = ("max", "avg", "subsample", None)
 
 
 def _pool_constexpr(pool) -> str:
@@ -57,15 +59,28 @@ def _im2col(x_ptr, n, oh, ow, row_mask, offs_k,
 
 
 @triton.jit
-def _weight_tile(w_ptr, offs_k, offs_co, C_in, C_out,
-                 stride_wo, stride_wi, stride_wh, stride_ww, KSIZE: tl.constexpr):
-    """w[co, ci, kh, kw] for reduction index offs_k = (ci, kh, kw) and output channels offs_co."""
+def _connected(conn_ptr, co, ci, C_in, mask, value, HAS_CONNECTIONS: tl.constexpr):
+    """value where output channel co sees input channel ci (the connection table, bool [C_out, C_in],
+    contiguous), else 0. A select, not a product: an unconnected weight is absent, so not even a NaN
+    stored there reaches a sum, and its gradient is exactly 0."""
+    if HAS_CONNECTIONS:
+        seen = tl.load(conn_ptr + co * C_in + ci, mask=mask, other=0)
+        value = tl.where(seen != 0, value, 0.0)
+    return value
+
+
+@triton.jit
+def _weight_tile(w_ptr, conn_ptr, offs_k, offs_co, C_in, C_out,
+                 stride_wo, stride_wi, stride_wh, stride_ww, KSIZE: tl.constexpr, HAS_CONNECTIONS: tl.constexpr):
+    """w[co, ci, kh, kw] for reduction index offs_k = (ci, kh, kw) and output channels offs_co; zero
+    where the connection table (HAS_CONNECTIONS) leaves ci out of co."""
     ci = offs_k // (KSIZE * KSIZE)
     kh = (offs_k // KSIZE) % KSIZE
     kw = offs_k % KSIZE
     mask = (offs_k < C_in * KSIZE * KSIZE) & (offs_co < C_out)
-    return tl.load(w_ptr + offs_co * stride_wo + ci * stride_wi + kh * stride_wh + kw * stride_ww,
-                   mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs_co * stride_wo + ci * stride_wi + kh * stride_wh + kw * stride_ww,
+                mask=mask, other=0.0)
+    return _connected(conn_ptr, offs_co, ci, C_in, mask, w, HAS_CONNECTIONS)
 
 
 @triton.jit
@@ -89,43 +104,67 @@ def _pool_window(z00, z01, z10, z11, POOL: tl.constexpr):
         best, win = _running_max(best, win, z10, 2)
         best, win = _running_max(best, win, z11, 3)
         return best, win
+    elif POOL == "subsample":  # the window's sum; _subsample applies the per-channel affine
+        return z00 + z01 + z10 + z11, tl.zeros(z00.shape, dtype=tl.int8)
     else:
         tl.static_assert(POOL == "avg", "unknown POOL")
         return (z00 + z01 + z10 + z11) * 0.25, tl.zeros(z00.shape, dtype=tl.int8)
 
 
 @triton.jit
-def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co, oh, ow, mask,
+def _subsample(s, pw_ptr, pb_ptr, offs_co, mask_co, POOL_ACTIVATION: tl.constexpr):
+    """The 1998 LeNet-5's trainable subsampling on window sums s [rows, channels]:
+    pool_act(pool_weight[co] * s + pool_bias[co])."""
+    coef = to_acc(tl.load(pw_ptr + offs_co, mask=mask_co, other=0.0))
+    shift = to_acc(tl.load(pb_ptr + offs_co, mask=mask_co, other=0.0))
+    return act(s * coef[None, :] + shift[None, :], POOL_ACTIVATION)
+
+
+@triton.jit
+def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
                  C_out, PH, PW,
-                 ACTIVATION: tl.constexpr, POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr):
-    """dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the pooled
-    grad_output g, the pooled output y and the window index (max) or pre-pool activation (avg).
-    Zero where no pooling window covers (oh, ow): the floor-dropped last row/column, or outside.
-    Without pooling the output is the conv map itself (PH, PW its size): dz = act'(g) from y.
+                 ACTIVATION: tl.constexpr, POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr,
+                 POOL_ACTIVATION: tl.constexpr):
+    """(dz, du, a): dz = dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the
+    pooled grad_output g, the pooled output y and the window index (max) or pre-pool activation
+    (avg, subsample). Zero where no pooling window covers (oh, ow): the floor-dropped last
+    row/column, or outside. Without pooling the output is the conv map itself (PH, PW its size):
+    dz = act'(g) from y. With subsampling, du = dL/du at the window covering (oh, ow), u = the affine
+    pool_act undoes, and a the activation there, of which the pool parameters' gradients are sums;
+    other pools return dz in their place (unused, compiled away).
     n is int64; co, oh, ow int32; all broadcast against each other. dz is float32 (float64 for
     float64 tensors) whatever the storage dtype; the GEMMs round it to their operand dtype."""
     S: tl.constexpr = _pool_stride(POOL)
     inside = mask & (oh >= 0) & (ow >= 0) & (oh < S * PH) & (ow < S * PW)
     pooled = n * (C_out * PH * PW) + (co * (PH * PW) + (oh // S) * PW + ow // S)
     g = to_acc(tl.load(g_ptr + pooled, mask=inside, other=0.0))
-    if POOL == "none":
+    if POOL == "subsample":
+        du = act_backward(g, tl.load(y_ptr + pooled, mask=inside, other=0.0), POOL_ACTIVATION)
+        coef = to_acc(tl.load(pw_ptr + co, mask=inside, other=0.0))
+        full = n * (C_out * 4 * PH * PW) + (co * (4 * PH * PW) + oh * (2 * PW) + ow)
+        a = to_acc(tl.load(a_ptr + full, mask=inside, other=0.0))
+        dz = act_backward(du * coef, a, ACTIVATION)
+    elif POOL == "none":
         dz = act_backward(g, tl.load(y_ptr + pooled, mask=inside, other=0.0), ACTIVATION)
+        du, a = dz, dz
     elif POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
         win = tl.load(win_ptr + pooled, mask=inside, other=-1)
         dz = tl.where(win == (oh % 2) * 2 + ow % 2, act_backward(g, y, ACTIVATION), 0.0)
+        du, a = dz, dz
     else:
         dz = g * 0.25
         if SAVED_PREPOOL:
             full = n * (C_out * 4 * PH * PW) + (co * (4 * PH * PW) + oh * (2 * PW) + ow)
             dz = act_backward(dz, tl.load(a_ptr + full, mask=inside, other=0.0), ACTIVATION)
-    return dz
+        du, a = dz, dz
+    return dz, du, a
 
 
 @triton.jit
 def conv2d_act_pool_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr, win_ptr, a_ptr, counter_ptr,
+    x_ptr, w_ptr, b_ptr, conn_ptr, pw_ptr, pb_ptr, y_ptr, win_ptr, a_ptr, counter_ptr,
     # sizes
     N, C_in, C_out, NUM_COUNTERS,
     # strides
@@ -135,7 +174,7 @@ def conv2d_act_pool_fwd_kernel(
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_WIN: tl.constexpr, SAVE_PREPOOL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -161,8 +200,8 @@ def conv2d_act_pool_fwd_kernel(
     z11 = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for k0 in range(0, C_in * KSIZE * KSIZE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = _weight_tile(w_ptr, offs_k[:, None], offs_n[None, :], C_in, C_out,
-                         stride_wo, stride_wi, stride_wh, stride_ww, KSIZE)
+        w = _weight_tile(w_ptr, conn_ptr, offs_k[:, None], offs_n[None, :], C_in, C_out,
+                         stride_wo, stride_wi, stride_wh, stride_ww, KSIZE, HAS_CONNECTIONS)
         k_r = offs_k[None, :]
         x00 = _im2col(x_ptr, n_c, oh_c, ow_c, m_c, k_r, C_in, H, W,
                       stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
@@ -189,6 +228,8 @@ def conv2d_act_pool_fwd_kernel(
     a10 = act(z10, ACTIVATION)
     a11 = act(z11, ACTIVATION)
     y, win = _pool_window(a00, a01, a10, a11, POOL)
+    if POOL == "subsample":
+        y = _subsample(y, pw_ptr, pb_ptr, offs_n, mask_n, POOL_ACTIVATION)
 
     # Outputs are contiguous NCHW: y / win are [N, C_out, PH, PW], a is [N, C_out, 2PH, 2PW].
     mask = mask_m[:, None] & mask_n[None, :]
@@ -207,11 +248,12 @@ def conv2d_act_pool_fwd_kernel(
 
 
 @triton.jit
-def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
+def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr,
                      N, C_in, H, W, C_out, PH, PW,
                      stride_wo, stride_wi, stride_wh, stride_ww,
                      KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
-                     POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
+                     POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad input: rows are input positions (n, ih, iw), columns input channels; the reduction runs
     over (co, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw)."""
@@ -230,13 +272,14 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
         kh = (offs_k // KSIZE) % KSIZE
         kw = offs_k % KSIZE
         mask_k = offs_k < C_out * KSIZE * KSIZE
-        dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n, co[None, :],
-                          ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
-                          mask_m[:, None] & mask_k[None, :], C_out, PH, PW,
-                          ACTIVATION, POOL, SAVED_PREPOOL)
+        dz, _, _ = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co[None, :],
+                                ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
+                                mask_m[:, None] & mask_k[None, :], C_out, PH, PW,
+                                ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION)
+        mask_w = mask_k[:, None] & (offs_ci[None, :] < C_in)
         w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
-                    + kh[:, None] * stride_wh + kw[:, None] * stride_ww,
-                    mask=mask_k[:, None] & (offs_ci[None, :] < C_in), other=0.0)
+                    + kh[:, None] * stride_wh + kw[:, None] * stride_ww, mask=mask_w, other=0.0)
+        w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
         acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     # dx is contiguous NCHW.
     dx = dx_ptr + ((n * C_in + offs_ci[None, :]) * H + ih) * W + iw
@@ -244,15 +287,17 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
 
 
 @triton.jit
-def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
-                      N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
+def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr, ws_ptr,
+                      counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                       stride_xn, stride_xc, stride_xh, stride_xw,
                       KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
                       POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr,
+                      HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """grad weight: [C_out, K] = dz^T [C_out, R] @ patches [R, K], and grad bias = the row sums of
-    dz^T, R = the conv positions covered by a pooling window; this program sums one slice of R."""
+    dz^T, R = the conv positions covered by a pooling window; this program sums one slice of R.
+    With subsampling, db_ptr is [3, C_out]: the conv bias's, the pool weight's and the pool bias's
+    gradients (channel_sums)."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     K = C_in * KSIZE * KSIZE
     split, tile, offs_co, offs_k, owns_bias = weight_grad_program(pid, C_out, K, SPLIT, BLOCK_CO, BLOCK_K)
@@ -263,6 +308,8 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
     acc = tl.zeros([BLOCK_CO, BLOCK_K], dtype=acc_dtype)
     # dL/dz summed elementwise over this program's rows, for the bias gradient (split_reduce.py).
     bias_parts = tl.zeros([BLOCK_CO, BLOCK_R], dtype=acc_dtype)
+    pw_parts = tl.zeros([BLOCK_CO, BLOCK_R], dtype=acc_dtype)
+    pb_parts = tl.zeros([BLOCK_CO, BLOCK_R], dtype=acc_dtype)
     r_start = split * ROWS_PER_SPLIT
     for r0 in range(0, ROWS_PER_SPLIT, BLOCK_R):
         offs_r = r_start + r0 + tl.arange(0, BLOCK_R)
@@ -270,24 +317,36 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr, 
         ow = offs_r % OW2
         oh = (offs_r // OW2) % OH2
         n = (offs_r // (OW2 * OH2)).to(tl.int64)
-        dz = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, n[None, :], offs_co[:, None],
-                          oh[None, :], ow[None, :], mask_r[None, :] & (offs_co[:, None] < C_out),
-                          C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL)
+        dz, du, a = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n[None, :], offs_co[:, None],
+                                 oh[None, :], ow[None, :], mask_r[None, :] & (offs_co[:, None] < C_out),
+                                 C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION)
         patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
                           offs_k[None, :], C_in, H, W,
                           stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
         acc = tl.dot(dz.to(patches.dtype), patches, acc, input_precision=DOT_PRECISION)
+        if POOL == "subsample":
+            # Per channel: d pool_weight = sum du * a over every conv position a window covers (u's
+            # window sum, spread over its terms); d pool_bias = sum du once a window (its top left).
+            corner = ((oh % 2) + (ow % 2) == 0)[None, :]
+            pw_parts += du * a
+            pb_parts += tl.where(corner, du, 0.0)
         if HAS_BIAS:
             bias_parts += dz
+    if HAS_CONNECTIONS:  # each partial is masked, so their sum is: unconnected weights get exactly 0
+        acc = _connected(conn_ptr, offs_co[:, None], offs_k[None, :] // (KSIZE * KSIZE), C_in,
+                         (offs_co[:, None] < C_out) & (offs_k[None, :] < K), acc, HAS_CONNECTIONS)
+    if POOL == "subsample":
+        bias_parts = channel_sums(bias_parts, pw_parts, pb_parts)
     # dw is contiguous [C_out, C_in, k, k] == [C_out, K].
     finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_co, offs_k, tile, split,
-                       owns_bias, C_out, K, SPLIT, GROUP, HAS_BIAS, LEVELS, BLOCK_CO, BLOCK_K, BLOCK_R)
+                       owns_bias, C_out, K, SPLIT, GROUP, HAS_BIAS or POOL == "subsample", LEVELS, BLOCK_CO,
+                       BLOCK_K, BLOCK_R, POOL == "subsample")
 
 
 @triton.jit
 def conv2d_act_pool_bwd_kernel(
     # pointers
-    x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+    x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
     # sizes
     N, C_in, C_out, NUM_DW, SPLIT, ROWS_PER_SPLIT, GROUP,
     # strides
@@ -296,7 +355,8 @@ def conv2d_act_pool_bwd_kernel(
     # meta-parameters
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
-    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
+    HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
@@ -304,16 +364,16 @@ def conv2d_act_pool_bwd_kernel(
     # the others grad-input tiles.
     pid = tl.program_id(0)
     if pid >= NUM_DW:
-        _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dx_ptr,
+        _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr,
                          N, C_in, H, W, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
-                         KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, DOT_PRECISION,
-                         BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
+                         KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_CONNECTIONS, POOL_ACTIVATION,
+                         DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
     else:
-        _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, dw_ptr, db_ptr,
+        _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr,
                           ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                           stride_xn, stride_xc, stride_xh, stride_xw,
-                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, DOT_PRECISION,
-                          BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
+                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, HAS_CONNECTIONS,
+                          POOL_ACTIVATION, DOT_PRECISION, BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,8 +401,9 @@ def saves_window(pool) -> bool:
 
 def saves_prepool(activation: str, pool) -> bool:
     """Whether a forward that saves for backward keeps the pre-pool activations: average pooling
-    needs act' at all four window positions, which the pooled output cannot give back."""
-    return pool == "avg" and activation != "identity"
+    needs act' at all four window positions, which the pooled output cannot give back; subsampling
+    also sums them into its weight's gradient, so it keeps them even without an activation."""
+    return (pool == "avg" and activation != "identity") or pool == "subsample"
 
 
 def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[int, int]:
@@ -358,6 +419,12 @@ def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
     return min(max(next_pow2(C_out), 16), 32), 32, 16
 
 
+def channel_grads(has_bias: bool, pool) -> bool:
+    """Whether the weight-gradient reduction also carries per-channel gradients: the bias's, and
+    with subsampling its weight's and bias's too."""
+    return has_bias or pool == "subsample"
+
+
 def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: int, pool, has_bias: bool,
                        enabled: bool = True):
     """The weight-gradient reduction's split (split_reduce.weight_grad_sizes); the forward needs it
@@ -366,17 +433,19 @@ def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: i
     batch fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace."""
     s = pool_stride(pool)
     block_co, block_k, block_r = _weight_grad_blocks(C_out)
-    return weight_grad_sizes(C_out, C_in * ksize * ksize, has_bias, N * s * PH * s * PW, block_out=block_co,
+    return weight_grad_sizes(C_out, C_in * ksize * ksize, channel_grads(has_bias, pool), N * s * PH * s * PW,
+                             block_out=block_co,
                              block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled)
 
 
-def counters_needed(w_shape, has_bias: bool) -> int:
+def counters_needed(w_shape, has_bias: bool, pool=None) -> int:
     """Arrival counters a forward that saves for backward allocates and zeroes for it: as many as
     any batch needs (split_reduce.counter_capacity), so fastlenet.ops's fake implementation can give
     their shape from the weight alone."""
     C_out, C_in, ksize, _ = w_shape
     block_co, block_k, block_r = _weight_grad_blocks(C_out)
-    return counter_capacity(C_out, C_in * ksize * ksize, has_bias, block_co, block_k, block_r, max_split=None)
+    return counter_capacity(C_out, C_in * ksize * ksize, channel_grads(has_bias, pool), block_co, block_k, block_r,
+                            max_split=None)
 
 
 class ForwardPlan(NamedTuple):
@@ -394,7 +463,7 @@ class ForwardPlan(NamedTuple):
 
 
 def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, has_bias: bool,
-                    save_for_backward: bool) -> ForwardPlan:
+                    save_for_backward: bool, has_connections: bool, pool_activation: str) -> ForwardPlan:
     """The ForwardPlan of a call's shapes and settings."""
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
@@ -402,7 +471,7 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     s = pool_stride(pool)
     save_win = save_for_backward and saves_window(pool)
     save_prepool = save_for_backward and saves_prepool(activation, pool)
-    num_counters = counters_needed(w_shape, has_bias) if save_for_backward else 0
+    num_counters = counters_needed(w_shape, has_bias, pool) if save_for_backward else 0
     # Four gathered patch tiles and four accumulators are live per K step: 32 rows x at most 32
     # channels. Without pooling one accumulator replaces the four: 4x the rows is the same work
     # and registers. Warps and BLOCK_K by precision (_forward_dots).
@@ -411,7 +480,8 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
-                DOT_PRECISION=None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
+                HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation, DOT_PRECISION=None,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
                 num_warps=None, num_stages=None)
     return ForwardPlan(N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
 
@@ -428,13 +498,15 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
-def _backward_dots(precision: str, block_dx_n: int) -> dict:
+def _backward_dots(precision: str, block_dx_n: int, subsample: bool = False) -> dict:
     """BLOCK_DX_K and launch options of the backward for its dot precision and grad-input tile
     width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
-    Each choice, and what spilled instead: docs/design.md, "Compiler configurations"."""
+    Each choice, and what spilled instead: docs/design.md, "Compiler configurations". Subsampling's
+    two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90): 128 for it."""
     if precision == "tf32":
-        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1, maxnreg=96 if block_dx_n <= 16 else 168)
+        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1,
+                    maxnreg=(128 if subsample else 96) if block_dx_n <= 16 else 168)
     return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
 
 
@@ -442,12 +514,16 @@ _FWD = PlanCache()
 
 
 def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool: str,
-                            save_for_backward: bool):
+                            save_for_backward: bool, connections=None, pool_weight=None, pool_bias=None,
+                            pool_activation: str = "identity"):
     """Returns (y, win, prepool, counters): y the pooled output; win the int8 window index (max
     pooling, when saving for backward) or None; prepool the pre-pool activations (avg pooling with a
-    non-identity activation, when saving) or None; counters the weight-gradient arrival counters
-    this launch zeroes for the backward (when saving) or None. Inputs must already be validated."""
-    key = (x.shape, weight.shape, padding, activation, pool, bias is not None, save_for_backward)
+    non-identity activation, or subsampling, when saving) or None; counters the weight-gradient
+    arrival counters this launch zeroes for the backward (when saving) or None. connections: bool
+    [C_out, C_in], contiguous, or None (all connected); pool_weight, pool_bias and pool_activation:
+    subsampling's (pool "subsample"). Inputs must already be validated."""
+    key = (x.shape, weight.shape, padding, activation, pool, bias is not None, save_for_backward,
+           connections is not None, pool_activation)
     plan = _FWD.get_or_build(key, _forward_config)
     N, C_out, PH, PW = plan.N, plan.C_out, plan.PH, plan.PW
     device, dtype = x.device, x.dtype
@@ -462,7 +538,10 @@ def conv2d_act_pool_forward(x, weight, bias, padding: int, activation: str, pool
                               meta["BLOCK_N"], pool is not None))
     sx, sw = x.stride(), weight.stride()
     launch(conv2d_act_pool_fwd_kernel, plan.grid,
-           dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight, y_ptr=y,
+           dict(x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else weight,
+                conn_ptr=connections if connections is not None else weight,
+                pw_ptr=pool_weight if pool_weight is not None else weight,
+                pb_ptr=pool_bias if pool_bias is not None else weight, y_ptr=y,
                 win_ptr=win if plan.save_win else y, a_ptr=prepool if plan.save_prepool else y,
                 counter_ptr=counters if save_for_backward else y,
                 N=N, C_in=plan.C_in, C_out=C_out, NUM_COUNTERS=plan.num_counters,
@@ -486,7 +565,8 @@ def _forward_work(d: dict) -> Work:
     programs = math.prod(d["grid"])
     executed = programs * 4 * 2 * m["BLOCK_M"] * m["BLOCK_N"] * round_up(K, m["BLOCK_K"])
     useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
-    reads = ["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"]
+    reads = (["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"] + ["conn_ptr"] * m["HAS_CONNECTIONS"]
+             + ["pw_ptr", "pb_ptr"] * (m["POOL"] == "subsample"))
     writes = (["y_ptr"] + ["win_ptr"] * m["SAVE_WIN"] + ["a_ptr"] * m["SAVE_PREPOOL"]
               + ["counter_ptr"] * (a["NUM_COUNTERS"] > 0))
     return Work((Job("", "conv2d_act_pool_fwd_kernel", programs, executed, useful,
@@ -506,7 +586,8 @@ class BackwardPlan(NamedTuple):
 
 
 def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, pool: str,
-                     saved_prepool: bool, has_bias: bool, need_dx: bool, need_dw: bool) -> BackwardPlan:
+                     saved_prepool: bool, has_bias: bool, need_dx: bool, need_dw: bool, has_connections: bool,
+                     pool_activation: str) -> BackwardPlan:
     """The BackwardPlan of a call's shapes and settings."""
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
@@ -517,7 +598,8 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     plan_sizes = _weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias, enabled=need_dw)
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
-                LEVELS=plan_sizes.levels, DOT_PRECISION=None,
+                LEVELS=plan_sizes.levels, HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation,
+                DOT_PRECISION=None,
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots
@@ -528,22 +610,27 @@ _BWD = PlanCache()
 
 
 def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, activation: str,
-                             pool: str, has_bias: bool, need_dx: bool, need_dw: bool, counters=None):
-    """Returns (dx or None, dw or None, db or None) in one launch. grad_y/y/win/prepool must be
-    contiguous (the caller ensures it); x and weight may be strided. `counters` are those the
-    forward returned (zeroed by it); None allocates zeroed ones."""
+                             pool: str, has_bias: bool, need_dx: bool, need_dw: bool, counters=None,
+                             connections=None, pool_weight=None, pool_activation: str = "identity"):
+    """Returns (dx, dw, db, d pool_weight, d pool_bias), each None when not computed, in one launch;
+    need_dw covers every parameter's gradient (the pool's are computed with subsampling only).
+    grad_y/y/win/prepool must be contiguous (the caller ensures it); x and weight may be strided.
+    `counters` are those the forward returned (zeroed by it); None allocates zeroed ones."""
     key = (x.shape, weight.shape, y.shape, padding, activation, pool, prepool is not None, has_bias,
-           need_dx, need_dw)
+           need_dx, need_dw, connections is not None, pool_activation)
     cfg = _BWD.get_or_build(key, _backward_config)
     C_in, C_out, ksize = cfg.C_in, cfg.C_out, cfg.ksize
     device, dtype = x.device, x.dtype
     dx = empty(x.shape, dtype=dtype, device=device) if need_dx else None
     dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype) if need_dw else None
-    db = empty((C_out,), device=device, dtype=dtype) if need_dw and has_bias else None
+    subsample = pool == "subsample"
+    # With subsampling the reduction's per-channel sums are three: db, d pool_weight, d pool_bias.
+    grads = empty((3, C_out) if subsample else (C_out,), device=device, dtype=dtype) \
+        if need_dw and channel_grads(has_bias, pool) else None
     plan = plan_weight_grad(cfg.sizes, x, counters)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"]))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], pool == "subsample"))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
@@ -551,14 +638,20 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     launch(conv2d_act_pool_bwd_kernel, grid,
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
+                conn_ptr=connections if connections is not None else y,
+                pw_ptr=pool_weight if pool_weight is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=db if db is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
+                db_ptr=grads if grads is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
                 N=cfg.N, C_in=C_in, C_out=C_out, NUM_DW=plan.programs,
                 SPLIT=plan.sizes.split, ROWS_PER_SPLIT=plan.sizes.rows_per_split, GROUP=plan.sizes.group,
                 stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
                 stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
            meta)
-    return dx, dw, db
+    if grads is None:
+        return dx, dw, None, None, None
+    if not subsample:
+        return dx, dw, grads, None, None
+    return dx, dw, grads[0] if has_bias else None, grads[1], grads[2]
 
 
 @accounts(conv2d_act_pool_bwd_kernel)
@@ -580,9 +673,13 @@ def _backward_work(d: dict) -> Work:
              useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
     dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
-    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["a_ptr"] * m["SAVED_PREPOOL"]
+    subsample = m["POOL"] == "subsample"
+    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * subsample
+             + ["a_ptr"] * m["SAVED_PREPOOL"] + ["conn_ptr"] * m["HAS_CONNECTIONS"]
              + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads)
-    writes = ["dx_ptr"] * (num_dx > 0) + extra_writes
+    # Subsampling's parameter gradients share db_ptr's buffer with the bias's (weight_grad_traffic).
+    writes = ["dx_ptr"] * (num_dx > 0) + ["db_ptr"] * (subsample and not m["HAS_BIAS"] and dw_programs > 0) \
+        + extra_writes
     return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))
 
 

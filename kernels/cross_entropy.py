@@ -3,6 +3,8 @@
 Forward sums the mean in a fixed order (one program, or one a row block over logits whose linear layer
 zeroed a counter for it) and saves the per-row log-sum-exp and kept count, so backward is one
 elementwise launch. Bad targets assert on CUDA (debug=True). Why: docs/design.md, "cross_entropy".
+A constant extra logit (HAS_CONSTANT_LOGIT: a class no target names, as the 1998 LeNet-5's MAP
+criterion) only seeds the online log-sum-exp; backward, p = exp(x - lse), is unchanged.
 """
 import functools
 
@@ -36,11 +38,17 @@ def _targets(target_ptr, offs_b, B, C, ignore_index, stride_tb):
 
 
 @triton.jit
-def _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
-                   ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """log(sum(exp(x))) of each row, one class block at a time (online: running max and sum)."""
-    row_max = tl.full([BLOCK_B], float("-inf"), dtype=ACC_DTYPE)
-    row_sum = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
+def _row_logsumexp(logits_ptr, offs_b, mask_b, C, constant_logit, stride_lb, stride_lc,
+                   HAS_CONSTANT_LOGIT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """log(sum(exp(x))) of each row, one class block at a time (online: running max and sum); with
+    HAS_CONSTANT_LOGIT the sum also holds exp(constant_logit), so it starts from that one term."""
+    if HAS_CONSTANT_LOGIT:
+        row_max = tl.full([BLOCK_B], constant_logit, dtype=ACC_DTYPE)
+        row_sum = tl.full([BLOCK_B], 1.0, dtype=ACC_DTYPE)
+    else:
+        row_max = tl.full([BLOCK_B], float("-inf"), dtype=ACC_DTYPE)
+        row_sum = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         x = tl.load(logits_ptr + offs_b[:, None] * stride_lb + offs_c[None, :] * stride_lc,
@@ -53,7 +61,8 @@ def _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
 
 
 @triton.jit
-def _loss_rows(logits_ptr, target_ptr, lse_ptr, start, end, B, C, ignore_index, stride_lb, stride_lc, stride_tb,
+def _loss_rows(logits_ptr, target_ptr, lse_ptr, start, end, B, C, ignore_index, constant_logit,
+               stride_lb, stride_lc, stride_tb, HAS_CONSTANT_LOGIT: tl.constexpr,
                ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Walk rows [start, end) in blocks of BLOCK_B, store their log-sum-exp, and return the sum of
     their NLL over the kept rows, the number of kept rows and the first row with a bad target (B if
@@ -65,8 +74,8 @@ def _loss_rows(logits_ptr, target_ptr, lse_ptr, start, end, B, C, ignore_index, 
         offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         t, mask_b, kept, bad = _targets(target_ptr, offs_b, end, C, ignore_index, stride_tb)
         tl.device_assert(~bad, "cross_entropy: a target is outside [0, num_classes) and is not ignore_index")
-        lse = _row_logsumexp(logits_ptr, offs_b, mask_b, C, stride_lb, stride_lc,
-                             ACC_DTYPE, BLOCK_B, BLOCK_C)
+        lse = _row_logsumexp(logits_ptr, offs_b, mask_b, C, constant_logit, stride_lb, stride_lc,
+                             HAS_CONSTANT_LOGIT, ACC_DTYPE, BLOCK_B, BLOCK_C)
         tl.store(lse_ptr + offs_b, lse, mask=mask_b)
         hit = kept & ~bad
         x_t = tl.load(logits_ptr + offs_b * stride_lb + tl.where(hit, t, 0) * stride_lc, mask=hit, other=0.0)
@@ -90,11 +99,11 @@ def cross_entropy_fwd_kernel(
     # pointers
     logits_ptr, target_ptr, lse_ptr, loss_ptr, rows_ptr, ws_ptr, counter_ptr,
     # sizes
-    B, C, ignore_index, ROWS_PER_PROGRAM, COUNTER,
+    B, C, ignore_index, constant_logit, ROWS_PER_PROGRAM, COUNTER,
     # strides
     stride_lb, stride_lc, stride_tb,
     # meta-parameters
-    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_CONSTANT_LOGIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     ACC_DTYPE: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
     if SPLIT:
@@ -106,7 +115,8 @@ def cross_entropy_fwd_kernel(
         start = pid * ROWS_PER_PROGRAM
         total, kept, first_bad = _loss_rows(logits_ptr, target_ptr, lse_ptr, start,
                                             tl.minimum(start + ROWS_PER_PROGRAM, B), B, C, ignore_index,
-                                            stride_lb, stride_lc, stride_tb, ACC_DTYPE, BLOCK_B, BLOCK_C)
+                                            constant_logit, stride_lb, stride_lc, stride_tb, HAS_CONSTANT_LOGIT,
+                                            ACC_DTYPE, BLOCK_B, BLOCK_C)
         tl.store(ws_ptr + pid, total.to(tl.float64))
         tl.store(ws_ptr + programs + pid, kept.to(tl.float64))
         tl.store(ws_ptr + 2 * programs + pid, first_bad.to(tl.float64))
@@ -129,7 +139,8 @@ def cross_entropy_fwd_kernel(
     else:
         # One program walks the batch: the mean is summed in a fixed order, no counter needed.
         total, kept, first_bad = _loss_rows(logits_ptr, target_ptr, lse_ptr, 0, B, B, C, ignore_index,
-                                            stride_lb, stride_lc, stride_tb, ACC_DTYPE, BLOCK_B, BLOCK_C)
+                                            constant_logit, stride_lb, stride_lc, stride_tb, HAS_CONSTANT_LOGIT,
+                                            ACC_DTYPE, BLOCK_B, BLOCK_C)
         _store_loss(loss_ptr, rows_ptr, total, kept, first_bad)
 
 
@@ -184,10 +195,13 @@ def forward_split(B: int, C: int) -> tuple[int, int]:
     return cdiv(B, rows), rows
 
 
-def cross_entropy_forward(logits, target, ignore_index: int, counters=None):
+def cross_entropy_forward(logits, target, ignore_index: int, counters=None, constant_logit: float | None = None):
     """Returns (loss as a 0-d tensor, per-row log-sum-exp, rows) where rows (int64, on the device)
     is [targets kept, first row whose target is out of range (B if none)]; backward needs the
     first, the caller checks the second where reading it costs no synchronisation.
+
+    `constant_logit`: None, or a finite float: every row's log-sum-exp then also holds one more class
+    of that logit, which no target names (the per-row log-sum-exp returned includes it).
 
     `counters`: int32 arrival counters whose last element a kernel that ran before this one zeroed
     for it and nobody else uses (linear_act_forward hands one out with its output, see there). With
@@ -204,10 +218,13 @@ def cross_entropy_forward(logits, target, ignore_index: int, counters=None):
     launch(cross_entropy_fwd_kernel, (programs,),
            dict(logits_ptr=logits, target_ptr=target, lse_ptr=lse, loss_ptr=loss, rows_ptr=rows,
                 ws_ptr=ws, counter_ptr=counters if split else rows,
-                B=B, C=C, ignore_index=ignore_index, ROWS_PER_PROGRAM=rows_per_program,
+                B=B, C=C, ignore_index=ignore_index,
+                constant_logit=0.0 if constant_logit is None else float(constant_logit),
+                ROWS_PER_PROGRAM=rows_per_program,
                 COUNTER=counters.numel() - 1 if split else 0,
                 stride_lb=logits.stride(0), stride_lc=logits.stride(1), stride_tb=target.stride(0)),
-           dict(SPLIT=split, BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS))
+           dict(SPLIT=split, HAS_CONSTANT_LOGIT=constant_logit is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+                num_warps=NUM_WARPS))
     return loss, lse, rows
 
 

@@ -109,20 +109,37 @@ def _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, first, stride, count
 
 
 @triton.jit
+def channel_sums(a, b, c):
+    """Three per-channel sums of [BLOCK_O, BLOCK_R] partials as columns 0, 1, 2 of one such block
+    (the rest 0), which the reduction then carries as it carries bias partials (COLUMNS)."""
+    col = tl.arange(0, a.shape[1])[None, :]
+    return tl.where(col == 0, tl.sum(a, axis=1)[:, None],
+                    tl.where(col == 1, tl.sum(b, axis=1)[:, None],
+                             tl.where(col == 2, tl.sum(c, axis=1)[:, None], 0.0)))
+
+
+@triton.jit
 def _store_weight_grad(total, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K,
-                       HAS_BIAS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, COLUMNS: tl.constexpr):
     o = offs_o[:, None]
     k = offs_k[None, :]
     tl.store(dw_ptr + o * K + k, total.to(dw_ptr.dtype.element_ty), mask=(o < OUT) & (k < K))
     if HAS_BIAS:
-        tl.store(db_ptr + offs_o, tl.sum(bias_parts, axis=1).to(db_ptr.dtype.element_ty),
-                 mask=offs_o < tl.where(owns_bias, OUT, 0))
+        mask = offs_o < tl.where(owns_bias, OUT, 0)
+        if COLUMNS:  # channel_sums' three columns, into db [3, OUT]
+            col = tl.arange(0, bias_parts.shape[1])[None, :]
+            for j in tl.static_range(3):
+                tl.store(db_ptr + j * OUT + offs_o,
+                         tl.sum(tl.where(col == j, bias_parts, 0.0), axis=1).to(db_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(db_ptr + offs_o, tl.sum(bias_parts, axis=1).to(db_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, offs_o, offs_k, tile,
                        split, owns_bias, OUT, K, SPLIT, GROUP, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
-                       BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                       BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                       COLUMNS: tl.constexpr = False):
     """Reduce a [BLOCK_O, BLOCK_K] weight-gradient partial over the SPLIT programs of its tile and
     store it into the contiguous dw [OUT, K]; with HAS_BIAS, the tile that owns the bias also
     reduces its [BLOCK_O, BLOCK_R] bias partials and stores their row sums into db [OUT].
@@ -133,18 +150,21 @@ def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, off
     finishing program: a cross-warp sum in the busy program (before its partial store) made ptxas
     keep registers on the stack.
 
+    COLUMNS: the bias partials are channel_sums' columns (three per-channel gradients, stored into
+    db [3, OUT]) rather than elementwise partials of one.
+
     LEVELS (WeightGradSizes.levels, a constexpr so that each kernel holds only its own path): 0, one
     program a tile, stored directly; 1, the last of SPLIT arrivals at counter `tile` sums them; 2,
     a tile's groups count at tile * (NUM_GROUPS + 1) + group and its group sums at
     tile * (NUM_GROUPS + 1) + NUM_GROUPS."""
     if LEVELS == 0:
-        _store_weight_grad(acc, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
+        _store_weight_grad(acc, bias_parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS, COLUMNS)
     elif LEVELS == 1:
         if store_partial_and_arrive(ws_ptr, counter_ptr, acc, bias_parts, offs_o, offs_k, tile, split, SPLIT,
                                     OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
             total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, tile, 0, 1, SPLIT, owns_bias,
                                      OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
-            _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
+            _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS, COLUMNS)
     else:
         tl.static_assert(LEVELS == 2, "LEVELS is 0, 1 or 2")
         num_groups = tl.cdiv(SPLIT, GROUP)
@@ -163,7 +183,7 @@ def finish_weight_grad(acc, bias_parts, dw_ptr, db_ptr, ws_ptr, counter_ptr, off
                                         num_groups, OUT, K, SPLIT, owns_bias, HAS_BIAS, BLOCK_R):
                 total, parts = _sum_tile(ws_ptr, counter_ptr, offs_o, offs_k, counter, 0, GROUP, num_groups,
                                          owns_bias, OUT, K, SPLIT, HAS_BIAS, BLOCK_O, BLOCK_K, BLOCK_R, acc.dtype)
-                _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS)
+                _store_weight_grad(total, parts, dw_ptr, db_ptr, offs_o, offs_k, owns_bias, OUT, K, HAS_BIAS, COLUMNS)
 
 
 @triton.jit

@@ -13,9 +13,12 @@ import torch.nn.functional as F
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The PyTorch compositions the kernels are checked against.
-ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda t: t}
-# None: no pooling (the kernel size argument is ignored).
+ACT = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+       "scaled_tanh": lambda t: 1.7159 * torch.tanh(t * (2 / 3)), "identity": lambda t: t}
+# None: no pooling (the kernel size argument is ignored). Trainable subsampling (pool "subsample")
+# takes parameters, so it has tests of its own (tests/kernels/test_subsampling.py).
 POOL = {"max": F.max_pool2d, "avg": F.avg_pool2d, None: lambda t, size: t}
+PARAMETERLESS_POOLS = tuple(POOL)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

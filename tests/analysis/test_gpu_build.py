@@ -25,9 +25,10 @@ import torch
 
 from fastlenet import functional as FF
 from fastlenet.kernels.activations import ACTIVATIONS
-from fastlenet.kernels.conv_act_pool import POOLS
+from utils import PARAMETERLESS_POOLS as POOLS
 from fastlenet.analysis.gpu_build import describe_result, failures, merge_descriptions
 from fastlenet.kernels.launch import describe, record, record_launches
+from fastlenet.engine import loss_function
 from fastlenet.models import NETWORKS, VARIANTS, LeNet5, build_model
 
 from utils import env_without_interpreter
@@ -36,12 +37,16 @@ TARGETS = (80, 90)
 LENET_BATCHES = (1, 3, 128, 4096, 65536)
 # The tutorial networks' stock layers (BatchNorm, dropout, AlexNet's 3x3 pools) run for real while
 # the fused ones are recorded, so AlexNet (large activations) stops at batch 128.
-NETWORK_BATCHES = {"cnn": (1, 3, 128, 4096), "convnet-bn": (1, 3, 128, 4096), "alexnet": (1, 3, 128)}
+NETWORK_BATCHES = {"cnn": (1, 3, 128, 4096), "convnet-bn": (1, 3, 128, 4096), "alexnet": (1, 3, 128),
+                   "lenet5-1998": (1, 3, 128, 4096)}
 LOSS_BATCHES = (1, 3, 128, 4096)
 LOSS_CLASSES = (10, 100, 1000)
 # Logits from a linear layer (the forward then splits from 8 row blocks on): 1024 is the fewest rows
 # that split at 10 classes.
 HEAD_BATCHES = (128, 1024, 65536)
+# The 1998 LeNet-5's RBF output (84 features, 10 classes) beyond its network's batches, and odd
+# wider shapes: (batch, classes, features).
+RBF_SHAPES = ((65536, 10, 84), (300, 17, 130), (128, 100, 84))
 LAYER_BATCHES = (1, 3, 128)
 LINEAR_BATCHES = (1, 3, 128, 4096)
 # Half precision (float16 and bfloat16 tensors, as under autocast): a LeNet-5 step, the wide
@@ -74,7 +79,8 @@ def _network_step(name, batch, device):
     model = build_model(name, fused=True).to(device)
     x = torch.zeros(batch, 1, 28, 28, device=device)
     target = torch.zeros(batch, dtype=torch.int64, device=device)
-    return lambda: FF.cross_entropy(model(x), target).backward()
+    loss_fn = loss_function(True, name)  # the 1998 LeNet-5's MAP criterion has a constant logit
+    return lambda: loss_fn(model(x), target).backward()
 
 
 def _loss_step(batch, classes, device, dtype=torch.float32):
@@ -90,6 +96,12 @@ def _head_step(batch, classes, device, dtype=torch.float32):
     w = torch.empty(classes, 84, device=device, dtype=dtype, requires_grad=True)
     target = torch.zeros(batch, dtype=torch.int64, device=device)
     return lambda: FF.cross_entropy(FF.linear_act(x, w, None, "identity"), target).backward()
+
+
+def _rbf_step(batch, classes, features, device, dtype=torch.float32):
+    x = torch.empty(batch, features, device=device, dtype=dtype, requires_grad=True)
+    prototypes = torch.empty(classes, features, device=device, dtype=dtype)
+    return lambda: FF.rbf_scores(x, prototypes).sum().backward()
 
 
 def _misaligned_loss_step(device):
@@ -131,6 +143,9 @@ def user_launch_configs(device):
             descs += _recorded(f"linear_act + cross_entropy B={batch} C={classes}",
                                _head_step(batch, classes, device))
     descs += _recorded("cross_entropy B=128 C=10 on a misaligned view", _misaligned_loss_step(device))
+    for batch, classes, features in RBF_SHAPES:
+        descs += _recorded(f"rbf_scores B={batch} C={classes} F={features}",
+                           _rbf_step(batch, classes, features, device))
     # Layers without bias (before a norm layer) take another code path; one batch size covers it.
     for activation in ACTIVATIONS:
         for bias, batches in ((True, LAYER_BATCHES), (False, (128,))):
@@ -161,6 +176,8 @@ def half_precision_launches(device):
                                _linear_step(batch, "relu", True, device, dtype))
         for classes in (10, 1000):
             descs += _recorded(f"cross_entropy {name} B=128 C={classes}", _loss_step(128, classes, device, dtype))
+        for batch in HALF_LINEAR_BATCHES:
+            descs += _recorded(f"rbf_scores 84->10 {name} B={batch}", _rbf_step(batch, 10, 84, device, dtype))
     return descs
 
 
@@ -233,7 +250,8 @@ def test_half_precision_configurations_are_recorded(device):
     for dtype in ("float16", "bfloat16"):
         kernels = {d["kernel"] for d in descs if d["args"].get("x_ptr", d["args"].get("logits_ptr"))["dtype"] == dtype}
         assert kernels == {"conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel", "linear_act_fwd_kernel",
-                           "linear_act_bwd_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"}, dtype
+                           "linear_act_bwd_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel",
+                           "rbf_scores_fwd_kernel", "rbf_scores_bwd_kernel"}, dtype
     assert len(descs) <= 80  # each costs two compilations
 
 

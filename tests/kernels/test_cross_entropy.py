@@ -18,6 +18,7 @@ from fastlenet import functional as FF
 from fastlenet.kernels import cross_entropy as xent
 from fastlenet.kernels import launch as launch_module
 from fastlenet.kernels.launch import record_launches
+from fastlenet.kernels.linear_act import LOSS_COUNTER_ATTR
 from fastlenet.profiling import count_device_ops
 from utils import env_without_interpreter, rel_err
 
@@ -336,12 +337,13 @@ from fastlenet.kernels import cross_entropy as xent
 from fastlenet.kernels import launch as launch_module
 k = xent.cross_entropy_fwd_kernel
 ptrs = dict(logits_ptr="*fp32", target_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", rows_ptr="*i64",
-            ws_ptr="*fp64", counter_ptr="*i32")
-meta = ("SPLIT", "BLOCK_B", "BLOCK_C")
+            ws_ptr="*fp64", counter_ptr="*i32", constant_logit="fp32")
+meta = ("SPLIT", "HAS_CONSTANT_LOGIT", "BLOCK_B", "BLOCK_C")
 sig = {name: ptrs.get(name, "i32") for name in k.arg_names if name not in meta} | dict.fromkeys(meta, "constexpr")
 asserts = []
 for split in (False, True):
-    compiled = triton.compile(ASTSource(k, sig, {"SPLIT": split, "BLOCK_B": 128, "BLOCK_C": 16}),
+    constexprs = {"SPLIT": split, "HAS_CONSTANT_LOGIT": split, "BLOCK_B": 128, "BLOCK_C": 16}
+    compiled = triton.compile(ASTSource(k, sig, constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": xent.NUM_WARPS, "debug": k.debug})
     asserts.append("tt.assert" in compiled.asm["ttir"])
 print(k.debug, *asserts)
@@ -375,7 +377,7 @@ torch.cuda.synchronize()
 # argument errors
 # ---------------------------------------------------------------------------------------------
 
-def test_argument_errors(device):
+def test_argument_errors(device):  # constant_logit's: test_bad_constant_logit_is_refused
     logits = torch.randn(3, 10, device=device)
     target = torch.tensor([1, 2, 3], device=device)
     with pytest.raises(ValueError, match=r"logits must be \(batch, classes\), got \(3, 10, 1\)"):
@@ -388,3 +390,189 @@ def test_argument_errors(device):
         FF.cross_entropy(logits, target, ignore_index=1.0)
     with pytest.raises(ValueError, match="empty batch"):
         FF.cross_entropy(logits[:0], target[:0])
+
+
+# ---------------------------------------------------------------------------------------------
+# constant_logit: one more class of a fixed logit that no target names (the 1998 MAP criterion)
+# ---------------------------------------------------------------------------------------------
+
+def with_constant(constant):
+    """The reference: F.cross_entropy over the logits with a column of `constant` appended."""
+    def reference(logits, target, **kwargs):
+        column = logits.new_full((logits.shape[0], 1), constant)
+        return F.cross_entropy(torch.cat([logits, column], 1), target, **kwargs)
+    return reference
+
+
+def compare_constant(logits, target, dtype, constant, **kwargs):
+    """compare() against the reference with the constant column."""
+    loss, grad = loss_and_grad(FF.cross_entropy, logits.to(dtype), target, constant_logit=constant, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(with_constant(constant), logits.double(), target, **kwargs)
+    assert loss.shape == () and loss.dtype == dtype and grad.shape == logits.shape and grad.dtype == dtype
+    assert rel_err(loss, ref_loss) <= TOL[dtype], (loss.item(), ref_loss.item())
+    assert rel_err(grad, ref_grad) <= TOL[dtype]
+    return (loss, grad), (ref_loss, ref_grad)
+
+
+# -0.1: the MAP criterion's -j; 0; 8.0, above most logits (the running max starts at the constant
+# and mostly stays there); -7.5, below them all.
+CONSTANTS = [-0.1, 0.0, 8.0, -7.5]
+
+
+@pytest.mark.parametrize("constant", CONSTANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,classes", SHAPES)
+def test_constant_logit_matches_reference(batch, classes, dtype, constant, device):
+    logits = torch.randn(batch, classes, device=device) * 3
+    target = torch.randint(0, classes, (batch,), device=device)
+    (loss, _), _ = compare_constant(logits, target, dtype, constant)
+    # The extra class takes probability mass: never less loss than without it.
+    assert loss >= FF.cross_entropy(logits.to(dtype), target)
+
+
+def test_constant_logit_changes_only_the_log_sum_exp(device):
+    """The per-row log-sum-exp the forward saves includes the constant; backward reads only it."""
+    logits = torch.randn(300, 10, device=device)
+    target = torch.randint(0, 10, (300,), device=device)
+    _, lse, rows = xent.cross_entropy_forward(logits, target, -100, constant_logit=-0.1)
+    ref = torch.logsumexp(torch.cat([logits.double(), logits.new_full((300, 1), -0.1).double()], 1), 1)
+    assert rel_err(lse, ref) <= TOL[torch.float32]
+    assert rows.tolist() == [300, 300]
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_logit_with_ignored_rows(ignore_index, dtype, device):
+    batch, classes = 300, 10
+    logits = torch.randn(batch, classes, device=device) * 3
+    target = torch.randint(0, classes, (batch,), device=device)
+    target[torch.rand(batch, device=device) < 0.3] = ignore_index
+    (_, grad), _ = compare_constant(logits, target, dtype, -0.1, ignore_index=ignore_index)
+    ignored = target == ignore_index
+    assert 0 < ignored.sum() < batch and (grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,classes", SPLIT_SHAPES)
+def test_constant_logit_in_the_split_forward(batch, classes, dtype, device):
+    """The split forward (one program a row block over the linear layer's logits) seeds every row
+    with the constant too: loss and the gradients through the layer are the reference's."""
+    logits, leaves = head_logits(batch, classes, dtype, device)
+    target = torch.randint(0, classes, (batch,), device=device)
+    target[::5] = -100
+    loss, grids = split_programs(lambda: FF.cross_entropy(logits, target, constant_logit=-0.1))
+    programs = xent.forward_split(batch, classes)[0]
+    assert grids == [(programs,)] and programs >= xent.SPLIT_MIN_BLOCKS
+    (loss * 2.5).backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    x, w, b = ref_leaves
+    ref = with_constant(-0.1)(x @ w.T + b, target)
+    (ref * 2.5).backward()
+    assert rel_err(loss, ref) <= TOL[dtype], (loss.item(), ref.item())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert rel_err(leaf.grad, ref_leaf.grad) <= TOL[dtype]
+
+
+def same_special_values(out, ref):
+    """Same NaN positions, same infinities (with their signs), the rest within float32's TOL."""
+    out, ref = out.double(), ref.double()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (out, ref)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(out[torch.isinf(out)],
+                                                                            ref[torch.isinf(ref)]), (out, ref)
+    finite = torch.isfinite(ref)
+    assert rel_err(out[finite], ref[finite]) <= TOL[torch.float32], (out, ref)
+
+
+NAN, INF = float("nan"), float("inf")
+# One special row among finite ones (its first logits; the rest finite), its target class 0: a NaN
+# (the row's loss and gradient NaN); +Inf (PyTorch's log-softmax makes the whole row NaN); -Inf
+# away from the target (a finite loss, zero probability there); every logit -Inf (the constant is
+# the only class left: the loss is +Inf, the gradient finite); -Inf at the target (loss +Inf).
+SPECIAL_ROWS = {"nan": [0.5, NAN, 1.0], "+inf": [0.5, INF, 1.0], "-inf": [0.5, -INF, 1.0],
+                "all -inf": [-INF] * 10, "-inf target": [-INF, 0.5, 1.0]}
+
+
+@pytest.mark.parametrize("row", SPECIAL_ROWS)
+@pytest.mark.parametrize("split", [False, True], ids=["single", "split"])
+def test_constant_logit_nan_and_inf_like_pytorch(row, split, device):
+    batch, classes = (1100, 10) if split else (5, 10)
+    logits = torch.randn(batch, classes, device=device) * 3
+    special = torch.tensor(SPECIAL_ROWS[row], device=device)
+    logits[2, :len(special)] = special
+    target = torch.randint(0, classes, (batch,), device=device)
+    target[2] = 0
+    logits.requires_grad_()
+    if split:  # a zeroed counter, as the linear layer hangs on its output: the forward splits
+        setattr(logits, LOSS_COUNTER_ATTR, torch.zeros(1, dtype=torch.int32, device=device))
+    loss, grids = split_programs(lambda: FF.cross_entropy(logits, target, constant_logit=-0.1))
+    (loss * 2.5).backward()
+    assert grids == [(xent.forward_split(batch, classes)[0] if split else 1,)] and (grids[0][0] > 1) == split
+    ref_loss, ref_grad = loss_and_grad(with_constant(-0.1), logits.detach().double(), target)
+    same_special_values(loss.detach(), ref_loss)
+    same_special_values(logits.grad, ref_grad)
+    if row in ("all -inf", "-inf target"):
+        assert loss == INF
+
+
+@needs_interpreter
+@pytest.mark.parametrize("batch,classes,constant", [(3, 10, -0.1), (5, 100, 4.0), (3, 1000, -0.1)])
+def test_constant_logit_gradcheck(batch, classes, constant):
+    logits = torch.randn(batch, classes, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, classes, (batch,))
+    target[1] = -100
+    assert torch.autograd.gradcheck(lambda z: FF.cross_entropy(z, target, constant_logit=constant), (logits,),
+                                    fast_mode=classes > 10)
+
+
+def test_constant_logit_takes_ints_and_numpy_floats(device):
+    import numpy as np
+
+    logits = torch.randn(4, 10, device=device)
+    target = torch.randint(0, 10, (4,), device=device)
+    for constant in (1, np.float32(-0.5), np.float64(2.0)):
+        ref = with_constant(float(constant))(logits.double(), target)
+        assert rel_err(FF.cross_entropy(logits, target, constant_logit=constant), ref) <= TOL[torch.float32]
+
+
+def test_bad_constant_logit_is_refused(device):
+    logits = torch.randn(3, 10, device=device)
+    target = torch.tensor([1, 2, 3], device=device)
+    for bad in ("0.1", torch.tensor(0.1), True, [0.1], 1j):
+        with pytest.raises(TypeError, match=r"constant_logit must be a float or None, got"):
+            FF.cross_entropy(logits, target, constant_logit=bad)
+    for bad in (NAN, INF, -INF):
+        with pytest.raises(ValueError, match=rf"constant_logit must be finite, got {bad}"):
+            FF.cross_entropy(logits, target, constant_logit=bad)
+    with pytest.raises(TypeError, match="positional"):
+        FF.cross_entropy(logits, target, -100, -0.1)  # keyword-only: never mistaken for ignore_index
+
+
+def test_constant_logit_op_and_compiled(device):
+    """The op's schema, fake implementation and autograd with the constant (opcheck), and under
+    torch.compile the same loss and gradient as eager (the constant is traced as a constant)."""
+    from fastlenet import ops
+
+    logits = torch.randn(6, 5, device=device, requires_grad=True)
+    target = torch.tensor([0, 4, -100, 2, 1, 3], device=device)
+    torch.library.opcheck(ops.cross_entropy_fwd, (logits, target, -100, -0.1),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+    torch._dynamo.reset()
+    step = torch.compile(lambda z: FF.cross_entropy(z, target, constant_logit=-0.1), backend="aot_eager",
+                         fullgraph=True)
+    got = loss_and_grad(lambda z, t: step(z), logits, target)
+    want = loss_and_grad(FF.cross_entropy, logits, target, constant_logit=-0.1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    ref = loss_and_grad(with_constant(-0.1), logits.double(), target)
+    assert rel_err(got[0], ref[0]) <= TOL[torch.float32] and rel_err(got[1], ref[1]) <= TOL[torch.float32]
+
+
+def test_constant_logit_under_autocast(device):
+    """Under autocast the loss runs in float32 as F.cross_entropy does, constant included."""
+    logits = torch.randn(8, 10, device=device).half()
+    target = torch.randint(0, 10, (8,), device=device)
+    with torch.autocast(device.type, dtype=torch.float16):
+        loss = FF.cross_entropy(logits, target, constant_logit=-0.1)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, with_constant(-0.1)(logits.double(), target)) <= TOL[torch.float32]

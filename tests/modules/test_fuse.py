@@ -20,7 +20,8 @@ from fastlenet import fuse
 from fastlenet.kernels.launch import interpreting
 from fastlenet.models import (MODEL_NAMES, AlexNetMNIST, ConvNetBN, LeNet5, TutorialCNN, TutorialLeNet5,
                               build_model)
-from fastlenet.nn import ConvActPool2d, LinearAct
+from fastlenet.lenet1998 import RBFOutput
+from fastlenet.nn import ConvActPool2d, LinearAct, RBFScores
 from utils import rel_err
 
 DTYPE = torch.float64 if interpreting() else torch.float32
@@ -54,7 +55,10 @@ def assert_fused_whole(original, fused, report):
     the report says so."""
     layers = layer_names(original)
     assert layers and layer_names(fused, (ConvActPool2d, LinearAct)) == layers
-    assert sorted(names[0] for names, _ in report.fused) == sorted(layers)
+    # The 1998 LeNet-5's RBF output is fused too, on its own.
+    rbf = layer_names(original, RBFOutput)
+    assert layer_names(fused, RBFScores) == rbf and not layer_names(fused, RBFOutput)
+    assert sorted(names[0] for names, _ in report.fused) == sorted(layers + rbf)
     assert not [label for label, _ in report.stock if label.split(" ")[0] in layers]
 
 

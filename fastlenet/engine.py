@@ -11,6 +11,7 @@ fastlenet.profiling call it. It knows no flags: its errors are ValueErrors, whic
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -259,11 +260,23 @@ def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE,
     return Scores(loss_sum / len(y), correct / len(y))
 
 
-def loss_function(fused: bool):
-    """Cross-entropy: fastlenet's Triton kernel for the fused model, PyTorch's for the reference."""
+def loss_function(fused: bool, model: str | None = None):
+    """The training criterion of the network named `model` (a fastlenet.names name; None: one of
+    logits): cross-entropy over the logits, or for lenet5-1998 the paper's MAP criterion over its
+    scores, which is cross-entropy with one more logit fixed at -MAP_J (fastlenet.lenet1998.map_loss).
+    fastlenet's Triton kernel for the fused model, PyTorch's for the reference."""
+    map_criterion = model == "lenet5-1998"
     if fused:
         from fastlenet.functional import cross_entropy  # imports Triton: only when asked for
+        if map_criterion:
+            from fastlenet.lenet1998 import MAP_J
+
+            return functools.partial(cross_entropy, constant_logit=-MAP_J)
         return cross_entropy
+    if map_criterion:
+        from fastlenet.lenet1998 import map_loss
+
+        return map_loss
     from torch.nn.functional import cross_entropy
 
     return cross_entropy

@@ -1,11 +1,12 @@
-"""The networks fastlenet trains: LeNet-5 variants, and the other small CNNs of the PyTorch MNIST
-tutorials, each reference (stock torch.nn) and fused, with identical parameter names.
+"""The networks fastlenet trains: LeNet-5 variants, LeNet-5 as published in 1998 (fastlenet.lenet1998),
+and the other small CNNs of the PyTorch MNIST tutorials, each reference (stock torch.nn) and fused,
+with identical parameter names.
 
 LeNet-5's submodules are named conv1, conv2, fc1, fc2, fc3 as in the usual PyTorch LeNet-5 scripts,
 so their state_dicts load unchanged into either path. The reference path applies activation and
 pooling as separate torch.nn.functional calls; the fused path folds them into the layer (one kernel
-each). The tutorial networks are defined once, in stock torch.nn, and their fused form is what
-fastlenet.fuse makes of them (build_model(name, fused=True)).
+each). The 1998 network and the tutorial networks (NETWORKS) are defined once, in stock torch.nn, and
+their fused form is what fastlenet.fuse makes of them (build_model(name, fused=True)).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
+from fastlenet.data import NORMALIZATION
+from fastlenet.lenet1998 import LeNet5_1998
 from fastlenet.names import MODEL_NAMES
 
 
@@ -98,7 +101,18 @@ class LeNet5(nn.Module):
 
 
 def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The trainable parameters: every parameter's entries, less those a module's masked_parameters()
+    says its mask removes (the unconnected weights of the 1998 network's c3)."""
+    masked = sum(m.masked_parameters() for m in model.modules() if callable(getattr(m, "masked_parameters", None)))
+    return sum(p.numel() for p in model.parameters()) - masked
+
+
+def input_normalization(name: str, dataset: str) -> tuple[float, float]:
+    """The (mean, std) that the network `name` takes its input normalised with, (pixel/255 - mean)/std:
+    the network's own, where it declares one as `normalization` (the 1998 LeNet-5: background -0.1,
+    ink 1.175 on any dataset), else the dataset's (fastlenet.data.NORMALIZATION)."""
+    own = getattr(NETWORKS.get(name), "normalization", None)
+    return own if own is not None else NORMALIZATION[dataset]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,8 +203,9 @@ class TutorialLeNet5(nn.Module):
         return self.fc3(x)
 
 
-# The tutorial networks by their command-line names (LeNet-5's variants are in VARIANTS).
+# The stock networks by their command-line names (LeNet-5's variants are in VARIANTS).
 NETWORKS: dict[str, type[nn.Module]] = {
+    "lenet5-1998": LeNet5_1998,
     "cnn": TutorialCNN,
     "convnet-bn": ConvNetBN,
     "alexnet": AlexNetMNIST,
@@ -200,8 +215,8 @@ NETWORKS: dict[str, type[nn.Module]] = {
 
 
 def build_model(name: str, fused: bool = False) -> nn.Module:
-    """The network `name` (a LeNet-5 variant or a tutorial network), stock or fused. A tutorial
-    network's fused form is fastlenet.fuse of its stock form: the same parameter names."""
+    """The network `name` (one of MODEL_NAMES), stock or fused. A network of NETWORKS has as its
+    fused form fastlenet.fuse of its stock form: the same parameter names."""
     if name in VARIANTS:
         return LeNet5(name, fused=fused)
     if name not in NETWORKS:
@@ -212,4 +227,5 @@ def build_model(name: str, fused: bool = False) -> nn.Module:
 
         model, _ = fuse(model, inplace=True)
     model.variant = name  # what the command-line tools call it (LeNet5 has the attribute too)
+    model.fused = fused  # as LeNet5's: which path it is (fastlenet.predict reports it)
     return model

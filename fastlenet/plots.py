@@ -114,3 +114,18 @@ def plot_misclassified(images: torch.Tensor, truth: torch.Tensor, predicted: tor
     fig.suptitle(f"misclassified test images: {n:,} of {total:,} shown" if total else
                  "misclassified test images: none")
     save_figure(path, fig)
+
+
+def plot_prototypes(path: Path) -> None:
+    """The 1998 LeNet-5's ten output prototypes (fastlenet.lenet1998.PROTOTYPES), each its 7x12 bitmap,
+    +1 black: docs/lenet1998-prototypes.png is this picture."""
+    from fastlenet.lenet1998 import PROTOTYPE_SHAPE, PROTOTYPES
+
+    fig = new_figure(figsize=(8, 1.9), layout="constrained")
+    for digit, ax in enumerate(fig.subplots(1, len(PROTOTYPES))):
+        ax.imshow(PROTOTYPES[digit].view(PROTOTYPE_SHAPE).numpy(), cmap="gray_r", vmin=-1, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(str(digit))
+    fig.suptitle("lenet5-1998: the output's fixed prototypes (7x12, +-1), drawn for fastlenet")
+    save_figure(path, fig)

@@ -10,7 +10,9 @@ images the checkpoint was trained on before the model sees it:
    is above 127.5 on the 0-255 scale;
 3. fitted into 28x28, aspect ratio kept: the longer side scaled to 28 (Lanczos resampling), the
    image centred and the rest filled with black, the background after step 2;
-4. normalised with the mean and standard deviation of the checkpoint's dataset.
+4. normalised as the checkpoint's network takes its input: with the mean and standard deviation of
+   its dataset, or, for lenet5-1998, so that the background (0) is -0.1 and the ink (255) 1.175, the 1998
+   paper's scale.
 
 It prints the top class and its probability (softmax of the logits) for each image, or the top K
 with --top K, or one JSON document with --json; on stderr, a hint for each image whose top
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images with a checkpoint written by fastlenet.train. Each image is converted "
                     "as MNIST images are: grayscale (transparent pixels as white), inverted if it is "
                     f"dark-on-light (see --invert), fitted into {SIZE}x{SIZE} with its aspect ratio kept "
-                    "and padded with black, and normalised with the mean and std of the checkpoint's dataset. "
+                    "and padded with black, and normalised as the checkpoint's network takes its input (its dataset's "
+                    "mean and std; lenet5-1998: the 1998 paper's -0.1 to 1.175). "
                     f"A top probability below {LOW_CONFIDENCE:.0%} gets a hint on stderr on what to try.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt or best.pt written by fastlenet.train")
     p.add_argument("images", metavar="IMAGE", nargs="+",
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def predict(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlenet import data, engine
+    from fastlenet import data, engine, models
 
     device = cli.choose_device(args.device)
     path = Path(args.checkpoint)
@@ -99,7 +102,7 @@ def predict(args: argparse.Namespace) -> int:
         pixels, was_inverted = prepare(open_image(Path(name)), args.invert)
         images.append(pixels)
         inverted.append(was_inverted)
-    mean, std = data.NORMALIZATION[dataset]
+    mean, std = models.input_normalization(model.variant, dataset)
     x = data.normalize(torch.stack(images).to(device), mean, std)
     probabilities = torch.softmax(engine.predict(model, x).float(), dim=1).cpu()
     top = probabilities.topk(args.top, dim=1)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 DESCRIPTION = (
     f"Train a network (--model NAME) on MNIST or Fashion-MNIST: one of the LeNet-5 variants "
-    f"{', '.join(names.LENET5_NAMES)}, or one of the PyTorch MNIST tutorials' CNNs "
+    f"{', '.join(names.LENET5_NAMES)}, LeNet-5 as published in 1998 {', '.join(names.PAPER_NAMES)} "
+    f"(scaled tanh, sparse C3, RBF output, MAP loss), or one of the PyTorch MNIST tutorials' CNNs "
     f"{', '.join(names.TUTORIAL_NAMES)}; with stock torch.nn layers, or fastlenet's fused Triton layers (--fused).")
 EPILOG = """\
 examples:
@@ -204,7 +205,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
           + processes)
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     dataset = data.load(args.dataset, args.data_dir)
-    mean, std = data.NORMALIZATION[args.dataset]
+    mean, std = models.input_normalization(args.variant, args.dataset)
     train_split, val_split = _hold_out(dataset.train.first(args.limit_train), args)
     x_train, y_train = data.to_device(train_split, device, mean, std)
     x_val, y_val = data.to_device(val_split, device, mean, std) if val_split else (None, None)
@@ -227,7 +228,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
                                            resumed.get("scheduler") if resumed else None, cycle_momentum=not graph)
     if graph:
         engine.lr_as_tensors(run.optimizer, device)
-    loss_fn = engine.loss_function(args.fused)
+    loss_fn = engine.loss_function(args.fused, args.variant)
     trained, model, note = distributed.wrap(model, ranks, device)  # model: unwrapped, as saved
     if note:
         print(note)

@@ -629,7 +629,7 @@ def test_bad_best_record_is_one_line_of_ours(case, val_run, mnist_dir, tmp_path,
 
 def test_names_are_the_library_names():
     """fastlenet.names, which the parsers read without PyTorch, names what models and data hold."""
-    assert tuple(VARIANTS) == names.LENET5_NAMES and tuple(NETWORKS) == names.TUTORIAL_NAMES
+    assert tuple(VARIANTS) == names.LENET5_NAMES and tuple(NETWORKS) == names.NETWORK_NAMES
     assert MODEL_NAMES == names.MODEL_NAMES == (*VARIANTS, *NETWORKS) and MODEL_NAMES[:3] == tuple(sorted(VARIANTS))
     assert data.DATASETS == names.DATASET_NAMES
     assert tuple(data.CLASS_NAMES) == data.DATASETS and all(len(names) == 10 for names in data.CLASS_NAMES.values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from matplotlib.text import Text
 
-from fastlenet import checkpoint, data, evaluate, plots, predict, train
+from fastlenet import checkpoint, data, evaluate, names, plots, predict, train
 from fastlenet.models import NETWORKS, VARIANTS
 
 from utils import assert_one_line_error, run_cli
@@ -180,8 +180,9 @@ def test_train_help_names_every_network_once_and_shows_examples(capsys):
     assert status == 0
     assert "{lenet5" not in text  # no choice list in braces, in the usage or beside the flag
     prose = " ".join(text.split())  # as wrapped for the terminal
-    for names in (VARIANTS, NETWORKS):
-        assert prose.count(", ".join(names)) == 1, names
+    for group in (VARIANTS, names.PAPER_NAMES, names.TUTORIAL_NAMES):
+        assert prose.count(", ".join(group)) == 1, group
+    assert [*VARIANTS, *NETWORKS] == list(names.MODEL_NAMES)
     assert "--model NAME" in text
     examples = text[text.index("\nexamples:\n"):]
     commands = [shlex.split(line) for line in examples.splitlines() if line.startswith("  python -m")]

@@ -173,7 +173,7 @@ def _module_op(name: str, m: nn.Module) -> _Op:
     if type(m) is nn.Dropout:
         return _Op("dropout", label, name)
     if type(m) is Subsampling2d:
-        return _Op("subsample", label, name, problem=_dtype_problem(m))
+        return _Op("subsample", label, name, value="subsample", problem=_dtype_problem(m))
     if type(m) is RBFOutput:
         return _Op("rbf", label, name)
     return _Op("other", label, name)
@@ -232,13 +232,6 @@ def _extend(chain: _Chain, following) -> None:
             chain.absorbed.append(op)
             chain.pool_activation = op.value
             return
-        if op.kind == "subsample" and chain.layer.kind == "conv" and not have_pool:
-            if op.problem:
-                chain.stopped_at, chain.why_stopped = op, op.problem
-                return
-            chain.absorbed.append(op)
-            chain.pool, chain.subsampling, have_pool = "subsample", op, True
-            continue
         if pending_dropout is not None:
             if op.kind == "act" and op.value == "relu" and not have_act:
                 chain.kept_between.append(pending_dropout)
@@ -257,12 +250,15 @@ def _extend(chain: _Chain, following) -> None:
             if have_pool:
                 return
             continue
-        if op.kind == "pool" and chain.layer.kind == "conv" and not have_pool:
+        if op.kind in ("pool", "subsample") and chain.layer.kind == "conv" and not have_pool:
             if op.problem:
                 chain.stopped_at, chain.why_stopped = op, op.problem
                 return
             chain.absorbed.append(op)
             chain.pool, have_pool = op.value, True
+            if op.kind == "subsample":  # an activation may follow it: its pool_activation
+                chain.subsampling = op
+                continue
             if have_act:
                 return
             continue

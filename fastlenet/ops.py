@@ -140,6 +140,10 @@ def _conv_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, win: Tensor,
     grads = _conv_bwd_eager(grad_y, x, weight, y, win if _conv.saves_window(pool) else None,
                             prepool if _conv.saves_prepool(activation, pool) else None, counters, padding,
                             activation, pool, has_bias, need_dx, need_dw, connections, pool_weight, pool_activation)
+    if pool == "subsample":
+        # The three per-channel gradients are rows of one buffer (the kernel's); an op's outputs
+        # may not alias each other, so here (torch.compile's path) they are copied apart.
+        grads = grads[:2] + tuple(None if g is None else g.clone() for g in grads[2:])
     return tuple(_or_empty(g, x, x.dtype if i == 0 else weight.dtype) for i, g in enumerate(grads))
 
 

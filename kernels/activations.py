@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "scaled_tanh", "identity")
+# Those whose act_backward is a product with the upstream gradient: 0 * act'(NaN) there is NaN.
+PRODUCT_BACKWARD = ("sigmoid", "tanh", "scaled_tanh")
 
 # The 1998 LeNet-5's squashing function A * tanh(S * z) (LeCun et al., 1998, appendix A): f(1) = 1, f(-1) = -1.
 SCALED_TANH_A: tl.constexpr = tl.constexpr(1.7159)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .accounting import Job, Work, accounts, tensor_bytes
-from .activations import ACTIVATIONS, act, act_backward, to_acc
+from .activations import ACTIVATIONS, PRODUCT_BACKWARD, act, act_backward, to_acc
 from .launch import PlanCache, cdiv, dot_precision, empty, launch, next_pow2, round_up
 from .split_reduce import (WeightGradSizes, arrival_counters, channel_sums, counter_capacity, finish_weight_grad,
                            plan_weight_grad, weight_grad_job, weight_grad_program, weight_grad_sizes,
@@ -112,6 +112,16 @@ def _pool_window(z00, z01, z10, z11, POOL: tl.constexpr):
 
 
 @triton.jit
+def _nan_positions(a00, a01, a10, a11):
+    """Bits 2..5 of the window index: which of the four positions (row-major) hold a NaN. PyTorch's
+    composition backpropagates a zero through the activation at every position the window did not
+    keep, and where the activation's backward is a product (sigmoid, tanh) 0 * act'(NaN) is NaN:
+    the backward needs to know those positions to give the same NaN gradients."""
+    bits = ((a00 != a00).to(tl.int8) << 2) | ((a01 != a01).to(tl.int8) << 3)
+    return bits | ((a10 != a10).to(tl.int8) << 4) | ((a11 != a11).to(tl.int8) << 5)
+
+
+@triton.jit
 def _subsample(s, pw_ptr, pb_ptr, offs_co, mask_co, POOL_ACTIVATION: tl.constexpr):
     """The 1998 LeNet-5's trainable subsampling on window sums s [rows, channels]:
     pool_act(pool_weight[co] * s + pool_bias[co])."""
@@ -124,7 +134,7 @@ def _subsample(s, pw_ptr, pb_ptr, offs_co, mask_co, POOL_ACTIVATION: tl.constexp
 def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
                  C_out, PH, PW,
                  ACTIVATION: tl.constexpr, POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr,
-                 POOL_ACTIVATION: tl.constexpr):
+                 POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr):
     """(dz, du, a): dz = dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the
     pooled grad_output g, the pooled output y and the window index (max) or pre-pool activation
     (avg, subsample). Zero where no pooling window covers (oh, ow): the floor-dropped last
@@ -149,8 +159,12 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
         du, a = dz, dz
     elif POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
-        win = tl.load(win_ptr + pooled, mask=inside, other=-1)
-        dz = tl.where(win == (oh % 2) * 2 + ow % 2, act_backward(g, y, ACTIVATION), 0.0)
+        win = tl.load(win_ptr + pooled, mask=inside, other=0).to(tl.int32)
+        pos = (oh % 2) * 2 + ow % 2
+        kept = inside & ((win & 3) == pos)
+        dz = tl.where(kept, act_backward(g, y, ACTIVATION), 0.0)
+        if MARK_NANS:  # 0 * act'(NaN) at a NaN the window did not keep, as PyTorch (_nan_positions)
+            dz = tl.where(inside & ~kept & (((win >> (pos + 2)) & 1) != 0), float("nan"), dz)
         du, a = dz, dz
     else:
         dz = g * 0.25
@@ -174,8 +188,8 @@ def conv2d_act_pool_fwd_kernel(
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_WIN: tl.constexpr, SAVE_PREPOOL: tl.constexpr,
-    HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -228,6 +242,8 @@ def conv2d_act_pool_fwd_kernel(
     a10 = act(z10, ACTIVATION)
     a11 = act(z11, ACTIVATION)
     y, win = _pool_window(a00, a01, a10, a11, POOL)
+    if MARK_NANS:
+        win = win | _nan_positions(a00, a01, a10, a11)
     if POOL == "subsample":
         y = _subsample(y, pw_ptr, pb_ptr, offs_n, mask_n, POOL_ACTIVATION)
 
@@ -253,7 +269,7 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, 
                      stride_wo, stride_wi, stride_wh, stride_ww,
                      KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
                      POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
-                     POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad input: rows are input positions (n, ih, iw), columns input channels; the reduction runs
     over (co, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw)."""
@@ -275,7 +291,7 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, 
         dz, _, _ = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co[None, :],
                                 ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
                                 mask_m[:, None] & mask_k[None, :], C_out, PH, PW,
-                                ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION)
+                                ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION, MARK_NANS)
         mask_w = mask_k[:, None] & (offs_ci[None, :] < C_in)
         w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
                     + kh[:, None] * stride_wh + kw[:, None] * stride_ww, mask=mask_w, other=0.0)
@@ -292,7 +308,8 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr
                       stride_xn, stride_xc, stride_xh, stride_xw,
                       KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
                       POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
-                      HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """grad weight: [C_out, K] = dz^T [C_out, R] @ patches [R, K], and grad bias = the row sums of
     dz^T, R = the conv positions covered by a pooling window; this program sums one slice of R.
@@ -319,7 +336,7 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr
         n = (offs_r // (OW2 * OH2)).to(tl.int64)
         dz, du, a = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n[None, :], offs_co[:, None],
                                  oh[None, :], ow[None, :], mask_r[None, :] & (offs_co[:, None] < C_out),
-                                 C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION)
+                                 C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION, MARK_NANS)
         patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
                           offs_k[None, :], C_in, H, W,
                           stride_xn, stride_xc, stride_xh, stride_xw, KSIZE, PADDING)
@@ -356,8 +373,8 @@ def conv2d_act_pool_bwd_kernel(
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
-    HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
+    HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
     # One launch, two jobs: the first NUM_DW programs compute weight-gradient (tile, split) pairs,
@@ -367,13 +384,13 @@ def conv2d_act_pool_bwd_kernel(
         _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr,
                          N, C_in, H, W, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_CONNECTIONS, POOL_ACTIVATION,
-                         DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
+                         MARK_NANS, DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
     else:
         _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr,
                           ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                           stride_xn, stride_xc, stride_xh, stride_xw,
                           KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, HAS_CONNECTIONS,
-                          POOL_ACTIVATION, DOT_PRECISION, BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
+                          POOL_ACTIVATION, MARK_NANS, DOT_PRECISION, BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +414,12 @@ def pool_stride(pool) -> int:
 def saves_window(pool) -> bool:
     """Whether a forward that saves for backward keeps the int8 window index (max pooling)."""
     return pool == "max"
+
+
+def marks_nans(activation: str, pool) -> bool:
+    """Whether the window index also marks the NaN positions of its window (_nan_positions): max
+    pooling after an activation whose backward is a product (act_backward)."""
+    return pool == "max" and activation in PRODUCT_BACKWARD
 
 
 def saves_prepool(activation: str, pool) -> bool:
@@ -480,7 +503,8 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), HAS_BIAS=has_bias, SAVE_WIN=save_win, SAVE_PREPOOL=save_prepool,
-                HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation, DOT_PRECISION=None,
+                HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation,
+                MARK_NANS=save_win and marks_nans(activation, pool), DOT_PRECISION=None,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=None,
                 num_warps=None, num_stages=None)
     return ForwardPlan(N, C_in, C_out, PH, PW, save_win, save_prepool, num_counters, grid, meta)
@@ -599,7 +623,7 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
                 LEVELS=plan_sizes.levels, HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation,
-                DOT_PRECISION=None,
+                MARK_NANS=marks_nans(activation, pool), DOT_PRECISION=None,
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots

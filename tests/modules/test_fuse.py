@@ -20,7 +20,7 @@ from fastlenet import fuse
 from fastlenet.kernels.launch import interpreting
 from fastlenet.models import (MODEL_NAMES, AlexNetMNIST, ConvNetBN, LeNet5, TutorialCNN, TutorialLeNet5,
                               build_model)
-from fastlenet.lenet1998 import RBFOutput
+from fastlenet.lenet1998 import RBFOutput, Subsampling2d
 from fastlenet.nn import ConvActPool2d, LinearAct, RBFScores
 from utils import rel_err
 
@@ -320,3 +320,32 @@ def test_inplace_and_copy():
     assert report.fused == [] and report.stock == []
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fuse(lambda x: x)
+
+
+def test_subsampling_fuses_in_a_rewritten_graph_too(device):
+    """Function-call activations around the 1998 LeNet-5's Subsampling2d: the graph is rewritten,
+    the Subsampling2d stays (uncalled) under its name and the fused conv reads its Parameters."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3)
+            self.s2 = Subsampling2d(4)
+            self.fc = nn.Linear(4 * 13 * 13, 10)
+
+        def forward(self, x):
+            x = torch.tanh(self.s2(torch.tanh(self.c1(x))))
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    original = Net().to(device=device, dtype=DTYPE)
+    fused, report = fuse(original)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert [names for names, _ in report.fused][0] == ("c1", "tanh", "s2", "tanh_1")
+    assert list(fused.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 1, 28, 28, device=device, dtype=DTYPE)
+    ref, ref_grads = run(original, x)
+    out, grads = run(fused, x)
+    assert rel_err(out, ref) <= TOL
+    assert grads.keys() == ref_grads.keys()
+    for key, g in grads.items():
+        assert rel_err(g, ref_grads[key]) <= TOL, key

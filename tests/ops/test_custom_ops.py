@@ -41,6 +41,25 @@ def test_opcheck_conv2d_act_pool(activation, pool, bias, device):
                               test_utils=OPCHECK_TESTS)
 
 
+def test_opcheck_conv2d_act_pool_with_subsampling_and_connections(device):
+    """The 1998 LeNet-5's settings: a connection table and trainable subsampling, whose two
+    Parameters are inputs of the op with gradients of their own."""
+    x, w, b = _conv_inputs(device)
+    connections = torch.rand(5, 3, device=device) < 0.6
+    pw = torch.randn(5, device=device, requires_grad=True)
+    pb = torch.randn(5, device=device, requires_grad=True)
+    args = (x, w, b, 1, "scaled_tanh", "subsample", True, connections, pw, pb, "scaled_tanh")
+    torch.library.opcheck(ops.conv2d_act_pool_fwd, args, test_utils=OPCHECK_TESTS)
+    y, win, prepool, counters = ops.conv2d_act_pool_fwd(*args)
+    g = torch.randn_like(y)
+    for need_dx, need_dw in ((True, True), (True, False)):
+        torch.library.opcheck(ops.conv2d_act_pool_bwd,
+                              (g, x.detach(), w.detach(), y.detach(), win, prepool.detach(), counters, 1,
+                               "scaled_tanh", "subsample", True, need_dx, need_dw, connections, pw.detach(),
+                               "scaled_tanh"),
+                              test_utils=OPCHECK_TESTS)
+
+
 @pytest.mark.parametrize("activation,bias", [("relu", True), ("sigmoid", False)])
 def test_opcheck_linear_act(activation, bias, device):
     x = torch.randn(5, 9, device=device, requires_grad=True)

@@ -159,12 +159,15 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
         du, a = dz, dz
     elif POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
-        win = tl.load(win_ptr + pooled, mask=inside, other=0).to(tl.int32)
         pos = (oh % 2) * 2 + ow % 2
-        kept = inside & ((win & 3) == pos)
-        dz = tl.where(kept, act_backward(g, y, ACTIVATION), 0.0)
         if MARK_NANS:  # 0 * act'(NaN) at a NaN the window did not keep, as PyTorch (_nan_positions)
+            win = tl.load(win_ptr + pooled, mask=inside, other=0).to(tl.int32)
+            kept = inside & ((win & 3) == pos)
+            dz = tl.where(kept, act_backward(g, y, ACTIVATION), 0.0)
             dz = tl.where(inside & ~kept & (((win >> (pos + 2)) & 1) != 0), float("nan"), dz)
+        else:  # the plain index, compared as it is: the masked-off -1 matches no position
+            win = tl.load(win_ptr + pooled, mask=inside, other=-1)
+            dz = tl.where(win == pos, act_backward(g, y, ACTIVATION), 0.0)
         du, a = dz, dz
     else:
         dz = g * 0.25
@@ -497,8 +500,12 @@ def _forward_config(x_shape, w_shape, padding: int, activation: str, pool: str, 
     num_counters = counters_needed(w_shape, has_bias, pool) if save_for_backward else 0
     # Four gathered patch tiles and four accumulators are live per K step: 32 rows x at most 32
     # channels. Without pooling one accumulator replaces the four: 4x the rows is the same work
-    # and registers. Warps and BLOCK_K by precision (_forward_dots).
+    # and registers. Warps and BLOCK_K by precision (_forward_dots). A conv whose output is 1x1 (the
+    # 1998 LeNet-5's C5, in effect a full layer) takes 64 rows: at 128, Triton 3.9's build kept 8
+    # bytes on the stack on sm_90 (IEEE dots, 80 registers); 64 builds spill-free on 3.8 and 3.9.
     BLOCK_M, BLOCK_N = (32 * 4 // (s * s)), min(max(next_pow2(C_out), 16), 32)
+    if PH * PW == 1 and pool is None:
+        BLOCK_M = 64
     # grid: (tiles of pooled positions N*PH*PW, tiles of output channels)
     grid = (cdiv(N * PH * PW, BLOCK_M), cdiv(C_out, BLOCK_N))
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,

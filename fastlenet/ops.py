@@ -168,9 +168,9 @@ def _conv_setup_context(ctx, inputs, output):
     x, weight, bias, padding, activation, pool, _, connections, pool_weight, _, pool_activation = inputs
     y, win, prepool, counters = output
     # Saved: x and W (the GEMM operands), the output y (act' is recovered from it), what pooling
-    # needs (kernels/conv_act_pool.py says why), the arrival counters this forward zeroed, and the
-    # connection table and subsampling weight (the backward's dx and dz read them).
-    ctx.save_for_backward(x, weight, y, win, prepool, counters, connections, pool_weight)
+    # needs (kernels/conv_act_pool.py says why), the connection table and subsampling weight (the
+    # backward's dx and dz read them) and, last as for every op, the arrival counters this forward zeroed.
+    ctx.save_for_backward(x, weight, y, win, prepool, connections, pool_weight, counters)
     _no_zero_gradients(ctx)
     ctx.settings = (padding, activation, pool, bias is not None, pool_activation)
 
@@ -181,7 +181,7 @@ def _conv_backward(bwd):
         inputs = len(ctx.needs_input_grad)  # 7 to 11: the op's defaults may be left out
         if grad_y is None:
             return (None,) * inputs
-        x, weight, y, win, prepool, counters, connections, pool_weight = ctx.saved_tensors
+        x, weight, y, win, prepool, connections, pool_weight, counters = ctx.saved_tensors
         padding, activation, pool, has_bias, pool_activation = ctx.settings
         _check_saved(counters, "conv2d_act_pool")
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]

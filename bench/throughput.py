@@ -51,7 +51,7 @@ import torch
 from fastlenet import engine
 from fastlenet.cli import DEVICE_CHOICES, CLIError, HelpFormatter, choose_device
 from fastlenet.files import write_json
-from fastlenet.models import build_model, input_normalization
+from fastlenet.models import build_model
 from fastlenet.names import DATASET_NAMES, DEFAULT_DATA_DIR, MODEL_NAMES
 from fastlenet.plots import new_figure, save_figure
 from fastlenet.profiling import count_device_ops, model_flops
@@ -554,7 +554,7 @@ def time_to_accuracy(args, device: torch.device) -> list[dict]:
     from fastlenet import data
 
     ds = data.load(args.dataset, args.data_dir)
-    mean, std = input_normalization(args.variant, args.dataset)
+    mean, std = engine.input_normalization(args.variant, args.dataset)
     x_train, y_train = data.to_device(ds.train, device, mean, std)
     x_test, y_test = data.to_device(ds.test, device, mean, std)
     torch.manual_seed(args.seed)

@@ -25,8 +25,8 @@ from fastlenet import data, distributed
 from fastlenet.names import EVAL_BATCH_SIZE
 
 __all__ = ["training_step", "Amp", "capture", "StepRunner", "train_epoch", "EpochResult", "predict", "evaluate",
-           "score", "Scores", "loss_function", "use_cuda_graph", "OptimizerSettings", "build_optimizer",
-           "build_scheduler", "lr_as_tensors", "channels_last", "EVAL_BATCH_SIZE"]
+           "score", "Scores", "input_normalization", "loss_function", "use_cuda_graph", "OptimizerSettings",
+           "build_optimizer", "build_scheduler", "lr_as_tensors", "channels_last", "EVAL_BATCH_SIZE"]
 
 POSTFIX_EVERY = 50  # steps between progress-bar updates, each of which waits for the device
 
@@ -258,6 +258,16 @@ def evaluate(model, loss_fn, x, y, batch_size: int = EVAL_BATCH_SIZE,
     mine = score(predict(model, x[part], batch_size), y[part], loss_fn) if n else Scores(0.0, 0.0)
     loss_sum, correct = distributed.all_sum([mine.loss * n, mine.accuracy * n], x.device, ranks)
     return Scores(loss_sum / len(y), correct / len(y))
+
+
+def input_normalization(name: str, dataset: str) -> tuple[float, float]:
+    """The (mean, std) that the network `name` takes its input normalised with, (pixel/255 - mean)/std:
+    the network's own, where it declares one as `normalization` (the 1998 LeNet-5: background -0.1,
+    ink 1.175 on any dataset), else the dataset's (fastlenet.data.NORMALIZATION)."""
+    from fastlenet.models import NETWORKS
+
+    own = getattr(NETWORKS.get(name), "normalization", None)
+    return own if own is not None else data.NORMALIZATION[dataset]
 
 
 def loss_function(fused: bool, model: str | None = None):

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlenet import data, engine, models, plots
+    from fastlenet import data, engine, plots
 
     path = Path(args.checkpoint)
     device = cli.choose_device(args.device)
@@ -68,7 +68,7 @@ def evaluate(args: argparse.Namespace) -> int:
           f"({cli.device_name(device)}) | {'fused Triton' if args.fused else 'reference torch.nn'} model")
     dataset = data.load(dataset_name, args.data_dir or _run_data_dir(checkpoint, dataset_name), splits=("test",))
     test = dataset.test.first(args.limit_test)
-    mean, std = models.input_normalization(variant, dataset_name)
+    mean, std = engine.input_normalization(variant, dataset_name)
     x, y = data.to_device(test, device, mean, std)
 
     logits = engine.predict(model, x, args.batch_size)

@@ -203,7 +203,7 @@ class LeNet5_1998(nn.Module):
     INK. Returns the ten output scores (negated RBF distances). Initialised as the paper did:
     weights and biases uniform in +-2.4 / fan-in (reset_parameters)."""
 
-    normalization = NORMALIZATION  # what fastlenet.models.input_normalization gives for it
+    normalization = NORMALIZATION  # what fastlenet.engine.input_normalization gives for it
 
     def __init__(self):
         super().__init__()

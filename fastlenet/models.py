@@ -17,7 +17,6 @@ import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
-from fastlenet.data import NORMALIZATION
 from fastlenet.lenet1998 import LeNet5_1998
 from fastlenet.names import MODEL_NAMES
 
@@ -105,14 +104,6 @@ def num_parameters(model: nn.Module) -> int:
     says its mask removes (the unconnected weights of the 1998 network's c3)."""
     masked = sum(m.masked_parameters() for m in model.modules() if callable(getattr(m, "masked_parameters", None)))
     return sum(p.numel() for p in model.parameters()) - masked
-
-
-def input_normalization(name: str, dataset: str) -> tuple[float, float]:
-    """The (mean, std) that the network `name` takes its input normalised with, (pixel/255 - mean)/std:
-    the network's own, where it declares one as `normalization` (the 1998 LeNet-5: background -0.1,
-    ink 1.175 on any dataset), else the dataset's (fastlenet.data.NORMALIZATION)."""
-    own = getattr(NETWORKS.get(name), "normalization", None)
-    return own if own is not None else NORMALIZATION[dataset]
 
 
 # --------------------------------------------------------------------------------------------------

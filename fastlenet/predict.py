@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def predict(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlenet import data, engine, models
+    from fastlenet import data, engine
 
     device = cli.choose_device(args.device)
     path = Path(args.checkpoint)
@@ -102,7 +102,7 @@ def predict(args: argparse.Namespace) -> int:
         pixels, was_inverted = prepare(open_image(Path(name)), args.invert)
         images.append(pixels)
         inverted.append(was_inverted)
-    mean, std = models.input_normalization(model.variant, dataset)
+    mean, std = engine.input_normalization(model.variant, dataset)
     x = data.normalize(torch.stack(images).to(device), mean, std)
     probabilities = torch.softmax(engine.predict(model, x).float(), dim=1).cpu()
     top = probabilities.topk(args.top, dim=1)

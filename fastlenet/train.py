@@ -205,7 +205,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
           + processes)
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     dataset = data.load(args.dataset, args.data_dir)
-    mean, std = models.input_normalization(args.variant, args.dataset)
+    mean, std = engine.input_normalization(args.variant, args.dataset)
     train_split, val_split = _hold_out(dataset.train.first(args.limit_train), args)
     x_train, y_train = data.to_device(train_split, device, mean, std)
     x_val, y_val = data.to_device(val_split, device, mean, std) if val_split else (None, None)

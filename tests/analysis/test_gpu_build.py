@@ -252,7 +252,7 @@ def test_half_precision_configurations_are_recorded(device):
         assert kernels == {"conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel", "linear_act_fwd_kernel",
                            "linear_act_bwd_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel",
                            "rbf_scores_fwd_kernel", "rbf_scores_bwd_kernel"}, dtype
-    assert len(descs) <= 80  # each costs two compilations
+    assert len(descs) <= 88  # each costs two compilations (84 with the RBF output's)
 
 
 def test_recording_without_executing_records_what_a_run_launches(device):

@@ -9,7 +9,8 @@ from torch import nn
 from fastlenet import data, engine, lenet1998, plots
 from fastlenet.lenet1998 import (BACKGROUND, CONNECTIONS, INK, MAP_J, PROTOTYPES, ConnectedConv2d, LeNet5_1998,
                                  RBFOutput, ScaledTanh, Subsampling2d, map_loss)
-from fastlenet.models import build_model, input_normalization, num_parameters
+from fastlenet.engine import input_normalization
+from fastlenet.models import build_model, num_parameters
 
 # The paper's trainable parameters per layer (section II.B), and the output's none (fixed prototypes).
 PAPER_COUNTS = {"c1": 156, "s2": 12, "c3": 1516, "s4": 32, "c5": 48120, "f6": 10164, "output": 0}

@@ -44,11 +44,11 @@ MAX_PADDING = 3
 # --------------------------------------------------------------------------------------------------
 
 def _check_tensors(op: str, cast: torch.dtype | None, x: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> None:
+                   bias: torch.Tensor | None, names=("input", "weight", "bias")) -> None:
     """Same device, a device the kernels can run on, and a dtype they support, for a layer's input,
-    weight and bias. `cast` is the dtype an autocast region will cast the floating tensors to before
-    the op (_autocast_dtype): then it is their dtype that must be supported, and the tensors may
-    differ in dtype.
+    weight and bias (or the tensors `names` says, as the messages name them). `cast` is the dtype
+    an autocast region will cast the floating tensors to before the op (_autocast_dtype): then it is
+    their dtype that must be supported, and the tensors may differ in dtype.
 
     The common case (one device, one supported dtype, no autocast) costs a few attribute reads, run
     12 times a training step; a tensor that fails a check, or autocast, takes the slow path, which
@@ -59,7 +59,7 @@ def _check_tensors(op: str, cast: torch.dtype | None, x: torch.Tensor, weight: t
                 and (bias is None or (bias.dtype == dtype and bias.device == device))
                 and (device.type, dtype) in _allowed_device_dtypes(op)):
             return
-    _check_tensors_slow(op, {"input": x, "weight": weight, "bias": bias}, cast)
+    _check_tensors_slow(op, dict(zip(names, (x, weight, bias))), cast)
 
 
 def _check_loss_tensors(op: str, cast: torch.dtype | None, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -274,17 +274,16 @@ def conv2d_act_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # Every check below depends only on shapes and settings: a combination that passed once passes
     # again. type(padding) is in the key because True == 1 (and hashes alike) but is refused.
     key = (x.shape, weight.shape, None if bias is None else bias.shape, padding, type(padding),
-           activation, pool) + ((None,) if connections is None and pool_weight is None and pool_bias is None
-                                and pool_activation == "identity" else
-                                tuple(getattr(t, "shape", t) for t in extra.values())
-                                + tuple(getattr(t, "dtype", None) for t in extra.values()))
+           activation, pool)
+    if connections is not None or pool_weight is not None or pool_bias is not None or pool_activation != "identity":
+        key += tuple((getattr(t, "shape", t), getattr(t, "dtype", None)) for t in extra.values())
     _check_once(_CONV_SHAPES_OK, key, _check_conv_shapes, op, x, weight, bias, padding, activation, pool,
                 connections, pool_weight, pool_bias, pool_activation)
     cast = _autocast_dtype(op, x.device.type)
     _check_tensors(op, cast, x, weight, bias)
     grad = _grad_wanted(x, weight, bias)
     if pool_weight is not None:  # pool="subsample" (checked above)
-        _check_tensors_slow(op, {"input": x, "pool_weight": pool_weight, "pool_bias": pool_bias}, cast)
+        _check_tensors(op, cast, x, pool_weight, pool_bias, ("input", "pool_weight", "pool_bias"))
         grad = grad or (torch.is_grad_enabled() and (pool_weight.requires_grad or pool_bias.requires_grad))
     if connections is not None:
         if connections.device != x.device:
@@ -410,16 +409,8 @@ def rbf_scores(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{op}: the prototypes are fixed and get no gradient, but this tensor requires one; "
                          "pass prototypes.detach() (or keep them as a buffer, as fastlenet.nn.RBFScores does)")
     cast = _autocast_dtype(op, x.device.type)
-    if not _rbf_tensors_ok(op, cast, x, prototypes):
-        _check_tensors_slow(op, {"input": x, "prototypes": prototypes}, cast)
+    _check_tensors(op, cast, x, prototypes, None, ("input", "prototypes", None))
     return _forward(op, cast, x.device.type, x, prototypes)
-
-
-def _rbf_tensors_ok(op, cast, x, prototypes) -> bool:
-    """_check_tensors' fast path (one device, one supported dtype, no autocast); the slow path's
-    messages then name the prototypes, not a weight."""
-    return (cast is None and prototypes.dtype == x.dtype and prototypes.device == x.device
-            and (x.device.type, x.dtype) in _allowed_device_dtypes(op))
 
 
 _RBF_SHAPES_OK: set = set()

@@ -661,7 +661,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(cfg.sizes, x, counters)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], pool == "subsample"))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

@@ -439,6 +439,11 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
     return (h + 2 * padding - ksize + 1) // s, (w + 2 * padding - ksize + 1) // s
 
 
+# Weight-gradient programs a small batch is split into: about four an SM of a 132-SM GPU, all
+# resident at once (5 fit an SM at LeNet's 96 registers).
+WEIGHT_GRAD_PROGRAMS = 512
+
+
 def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
     """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs (BLOCK_DW_R 16: see
     docs/design.md, "Compiler configurations")."""
@@ -455,13 +460,16 @@ def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: i
                        enabled: bool = True):
     """The weight-gradient reduction's split (split_reduce.weight_grad_sizes); the forward needs it
     too, to zero the backward's arrival counters. Its rows are the conv positions a pooling window
-    covers; the split grows with them, 64 row blocks (1024 positions) a program at least, so a large
-    batch fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace."""
+    covers; the split grows with them, 64 row blocks (1024 positions) a program, so a large batch
+    fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace. A small
+    batch gets about WEIGHT_GRAD_PROGRAMS programs of at least 4 row blocks instead: fewer trips
+    each, so the longest program is shorter (docs/design.md, "conv_act_pool")."""
     s = pool_stride(pool)
     block_co, block_k, block_r = _weight_grad_blocks(C_out)
     return weight_grad_sizes(C_out, C_in * ksize * ksize, channel_grads(has_bias, pool), N * s * PH * s * PW,
                              block_out=block_co,
-                             block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled)
+                             block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled,
+                             fill=WEIGHT_GRAD_PROGRAMS, fill_blocks=4)
 
 
 def counters_needed(w_shape, has_bias: bool, pool=None) -> int:
@@ -529,15 +537,16 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
-def _backward_dots(precision: str, block_dx_n: int, subsample: bool = False) -> dict:
+def _backward_dots(precision: str, block_dx_n: int, subsample: bool = False, wide_two_level: bool = False) -> dict:
     """BLOCK_DX_K and launch options of the backward for its dot precision and grad-input tile
     width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
     Each choice, and what spilled instead: docs/design.md, "Compiler configurations". Subsampling's
-    two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90): 128 for it."""
+    two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a
+    two-level finishing sum of a 32-channel weight-gradient tile (wide_two_level): 128 for them."""
     if precision == "tf32":
         return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1,
-                    maxnreg=(128 if subsample else 96) if block_dx_n <= 16 else 168)
+                    maxnreg=(128 if subsample or wide_two_level else 96) if block_dx_n <= 16 else 168)
     return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
 
 
@@ -661,7 +670,8 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(cfg.sizes, x, counters)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample,
+                               meta["BLOCK_DW_CO"] > 16 and meta["LEVELS"] == 2))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

@@ -273,17 +273,22 @@ ONE_LEVEL_SPLIT = 16
 
 @functools.lru_cache(maxsize=256)
 def weight_grad_sizes(out_features: int, k: int, has_bias: bool, rows: int, block_out: int, block_k: int,
-                      block_rows: int, min_blocks: int, max_split: int | None, enabled: bool = True
-                      ) -> WeightGradSizes:
+                      block_rows: int, min_blocks: int, max_split: int | None, enabled: bool = True,
+                      fill: int = 0, fill_blocks: int = 1) -> WeightGradSizes:
     """The WeightGradSizes of the [out_features, k] weight-gradient (and bias-gradient) reduction
-    over `rows` rows: the split grows with the rows, each program summing at least min_blocks row
-    blocks, up to max_split (None: no bound but the workspace's, MAX_WORKSPACE). The forward calls
-    it too (enabled) to know how many counters to zero. Cached: a training loop plans the same few
-    shapes every step."""
+    over `rows` rows: the split grows with the rows, each program summing min_blocks row blocks,
+    up to max_split (None: no bound but the workspace's, MAX_WORKSPACE). Where that gives fewer than
+    `fill` programs, the split grows towards fill, each program then summing at least fill_blocks
+    blocks: a program's row blocks are trips one after another, so a small batch is better served by
+    more, shorter programs. The forward calls it too (enabled) to know how many counters to zero.
+    Cached: a training loop plans the same few shapes every step."""
     num_tiles = weight_grad_tiles(out_features, k, block_out, block_k) if enabled else 0
     # Each split's partials: an [out_features, k] tile, then (with a bias) [out_features, block_rows].
     per_split = out_features * (k + (block_rows if has_bias else 0))
-    split = max(1, min(max_split or rows, cdiv(rows, min_blocks * block_rows), MAX_WORKSPACE // per_split))
+    split = cdiv(rows, min_blocks * block_rows)
+    if fill and num_tiles:
+        split = max(split, min(cdiv(fill, num_tiles), cdiv(rows, fill_blocks * block_rows)))
+    split = max(1, min(max_split or rows, split, MAX_WORKSPACE // per_split))
     rows_per_split = cdiv(cdiv(max(rows, 1), split), block_rows) * block_rows
     split = max(1, cdiv(rows, rows_per_split))
     group = split if split <= ONE_LEVEL_SPLIT else math.isqrt(split - 1) + 1

@@ -222,15 +222,17 @@ def test_conv1_forward_work_by_hand(step256):
 
 def test_conv1_backward_work_by_hand(step256):
     # No dx (the image needs no gradient). dw: one 16x32 tile of the 6x25 gradient, split over
-    # 256*28*28 = 200704 conv positions, 1024 rows (64 row blocks) a split: 196 splits, summed in
-    # two levels, 14 groups of 14 (15 counters); workspace 196 x 6 x (25 + 16): 16 rows a step.
+    # 256*28*28 = 200704 conv positions. 64 row blocks a split would give 196 programs, fewer than the
+    # 512 a small batch is spread over, so the split aims at 512: 392 rows, rounded up to 400 (25 row
+    # blocks), make 502 splits, summed in two levels, groups of isqrt(501) + 1 = 23 (22 groups, 23
+    # counters); workspace 502 x 6 x (25 + 16): 16 rows a step.
     d = step256["conv1 backward"]
-    assert (d["args"]["SPLIT"], d["args"]["ROWS_PER_SPLIT"], d["args"]["GROUP"]) == (196, 1024, 14)
+    assert (d["args"]["SPLIT"], d["args"]["ROWS_PER_SPLIT"], d["args"]["GROUP"]) == (502, 400, 23)
     w = work(d)
     dx, dw = w.jobs
     assert (dx.programs, dx.executed, dx.useful) == (0, 0, 0)
-    assert (dw.programs, dw.executed, dw.useful) == (196, 196 * 2 * 16 * 32 * 1024, 2 * 256 * 784 * 6 * 25)
-    maps, workspace = 256 * 6 * 14 * 14, 196 * 6 * (25 + 16) * 4
+    assert (dw.programs, dw.executed, dw.useful) == (502, 502 * 2 * 16 * 32 * 400, 2 * 256 * 784 * 6 * 25)
+    maps, workspace = 256 * 6 * 14 * 14, 502 * 6 * (25 + 16) * 4
     assert w.reads == {"g_ptr": maps * 4, "y_ptr": maps * 4, "win_ptr": maps, "x_ptr": 256 * 784 * 4,
                        "ws_ptr": workspace, "counter_ptr": 186 * 4}
     assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 186 * 4}

@@ -1,4 +1,5 @@
-"""The weight-gradient reduction keeps no state between calls (kernels/split_reduce.py).
+"""The weight-gradient reduction (kernels/split_reduce.py): how it splits, and that it keeps no state
+between calls.
 
 Its arrival counters belong to one forward call: allocated by the forward's launch helper, zeroed by
 the forward kernel, used by that call's backward. So nothing a launch leaves behind (a stray count, an
@@ -93,3 +94,17 @@ def test_a_second_backward_through_the_same_graph_gives_the_same_gradient(device
     loss.backward()
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, first[n]), n
+
+
+def test_a_small_reduction_is_spread_over_more_shorter_programs():
+    # conv1's gradient (one 16 x 32 tile, 16-row blocks): at batch 4096, 64 row blocks a program
+    # already make 3,136 programs, so the fill target changes nothing; at batch 3, 64 blocks would be
+    # 3 programs, so the split grows towards 512, down to 4 blocks (64 rows) a program: 37.
+    def sizes(images, fill):
+        return split_reduce.weight_grad_sizes(6, 25, True, images * 784, 16, 32, 16, min_blocks=64,
+                                              max_split=None, fill=fill, fill_blocks=4)
+    assert (sizes(4096, 512).split, sizes(4096, 512).rows_per_split) == (3136, 1024)
+    assert (sizes(3, 0).split, sizes(3, 0).rows_per_split) == (3, 784)
+    assert (sizes(3, 512).split, sizes(3, 512).rows_per_split, sizes(3, 512).levels) == (37, 64, 2)
+    # Aiming at 512 in all: 256 images give 200,704 rows, 392 a program rounded up to 400.
+    assert (sizes(256, 512).split, sizes(256, 512).rows_per_split) == (502, 400)

@@ -131,27 +131,32 @@ def _subsample(s, pw_ptr, pb_ptr, offs_co, mask_co, POOL_ACTIVATION: tl.constexp
 
 
 @triton.jit
-def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
+def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, image, co, oh, ow, mask,
                  C_out, PH, PW,
                  ACTIVATION: tl.constexpr, POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr,
                  POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr):
-    """(dz, du, a): dz = dL/dz at full-resolution conv positions (n, co, oh, ow), gathered from the
+    """(dz, du, a): dz = dL/dz at full-resolution conv positions (n, co, oh, ow) of the images at
+    offsets `image` = n * C_out*PH*PW (int64) of the pooled maps, gathered from the
     pooled grad_output g, the pooled output y and the window index (max) or pre-pool activation
     (avg, subsample). Zero where no pooling window covers (oh, ow): the floor-dropped last
     row/column, or outside. Without pooling the output is the conv map itself (PH, PW its size):
     dz = act'(g) from y. With subsampling, du = dL/du at the window covering (oh, ow), u = the affine
     pool_act undoes, and a the activation there, of which the pool parameters' gradients are sums;
     other pools return dz in their place (unused, compiled away).
-    n is int64; co, oh, ow int32; all broadcast against each other. dz is float32 (float64 for
+    image is int64; co, oh, ow int32; all broadcast against each other. dz is float32 (float64 for
     float64 tensors) whatever the storage dtype; the GEMMs round it to their operand dtype."""
     S: tl.constexpr = _pool_stride(POOL)
-    inside = mask & (oh >= 0) & (ow >= 0) & (oh < S * PH) & (ow < S * PW)
-    pooled = n * (C_out * PH * PW) + (co * (PH * PW) + (oh // S) * PW + ow // S)
+    # Positions' parts first, then the channels': where positions and channels broadcast (a tile),
+    # each element costs an and, and an add.
+    inside = ((oh >= 0) & (ow >= 0) & (oh < S * PH) & (ow < S * PW)) & mask
+    # Shifts and masks, not // and %: oh and ow may be negative (masked off), and signed division
+    # compiled to sign fix-ups of 8-bit arithmetic, most of the gather's instructions.
+    pooled = (image + ((oh >> (S - 1)) * PW + (ow >> (S - 1)))) + co * (PH * PW)
     g = to_acc(tl.load(g_ptr + pooled, mask=inside, other=0.0))
     if POOL == "subsample":
         du = act_backward(g, tl.load(y_ptr + pooled, mask=inside, other=0.0), POOL_ACTIVATION)
         coef = to_acc(tl.load(pw_ptr + co, mask=inside, other=0.0))
-        full = n * (C_out * 4 * PH * PW) + (co * (4 * PH * PW) + oh * (2 * PW) + ow)
+        full = (4 * image + (oh * (2 * PW) + ow)) + co * (4 * PH * PW)
         a = to_acc(tl.load(a_ptr + full, mask=inside, other=0.0))
         dz = act_backward(du * coef, a, ACTIVATION)
     elif POOL == "none":
@@ -159,7 +164,7 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
         du, a = dz, dz
     elif POOL == "max":
         y = tl.load(y_ptr + pooled, mask=inside, other=0.0)
-        pos = (oh % 2) * 2 + ow % 2
+        pos = (oh & 1) * 2 + (ow & 1)
         if MARK_NANS:  # 0 * act'(NaN) at a NaN the window did not keep, as PyTorch (_nan_positions)
             win = tl.load(win_ptr + pooled, mask=inside, other=0).to(tl.int32)
             kept = inside & ((win & 3) == pos)
@@ -172,7 +177,7 @@ def _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co, oh, ow, mask,
     else:
         dz = g * 0.25
         if SAVED_PREPOOL:
-            full = n * (C_out * 4 * PH * PW) + (co * (4 * PH * PW) + oh * (2 * PW) + ow)
+            full = (4 * image + (oh * (2 * PW) + ow)) + co * (4 * PH * PW)
             dz = act_backward(dz, tl.load(a_ptr + full, mask=inside, other=0.0), ACTIVATION)
         du, a = dz, dz
     return dz, du, a
@@ -267,6 +272,32 @@ def conv2d_act_pool_fwd_kernel(
 
 
 @triton.jit
+def _grad_input_operands(t, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, image, ih, iw, mask_m, offs_ci,
+                         mask_ci,
+                         C_in, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
+                         KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
+                         SAVED_PREPOOL: tl.constexpr, HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr,
+                         MARK_NANS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grad-input's operands at step t of its reduction, (channel block, tap) flattened: dz at the
+    tap's conv position for the block's BLOCK_K output channels [rows, BLOCK_K], and their weights
+    [BLOCK_K, channels]."""
+    TAPS: tl.constexpr = KSIZE * KSIZE
+    tap = t % TAPS
+    kh = tap // KSIZE
+    kw = tap % KSIZE
+    co = (t // TAPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_co = co < C_out
+    dz, _, _ = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, image, co[None, :], ih + (PADDING - kh),
+                            iw + (PADDING - kw), mask_m & mask_co[None, :], C_out, PH, PW,
+                            ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION, MARK_NANS)
+    mask_w = mask_co[:, None] & mask_ci
+    w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi + (kh * stride_wh + kw * stride_ww),
+                mask=mask_w, other=0.0)
+    w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
+    return dz.to(w.dtype), w
+
+
+@triton.jit
 def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr,
                      N, C_in, H, W, C_out, PH, PW,
                      stride_wo, stride_wi, stride_wh, stride_ww,
@@ -275,34 +306,29 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, 
                      POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad input: rows are input positions (n, ih, iw), columns input channels; the reduction runs
-    over (co, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw)."""
+    over (output channel block, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw).
+    Tap by tap, a row's conv position, bounds and pooling window are one value a row, so each
+    gathered element costs an and and an add (docs/design.md, "conv_act_pool")."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     num_n = tl.cdiv(C_in, BLOCK_N)
     offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ci = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * H * W
+    mask_m = (offs_m < N * H * W)[:, None]
     iw = (offs_m % W)[:, None]
     ih = ((offs_m // W) % H)[:, None]
     n = (offs_m // (W * H)).to(tl.int64)[:, None]
+    mask_ci = (offs_ci < C_in)[None, :]
+    image = n * (C_out * PH * PW)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for k0 in range(0, C_out * KSIZE * KSIZE, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        co = offs_k // (KSIZE * KSIZE)
-        kh = (offs_k // KSIZE) % KSIZE
-        kw = offs_k % KSIZE
-        mask_k = offs_k < C_out * KSIZE * KSIZE
-        dz, _, _ = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n, co[None, :],
-                                ih + PADDING - kh[None, :], iw + PADDING - kw[None, :],
-                                mask_m[:, None] & mask_k[None, :], C_out, PH, PW,
-                                ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION, MARK_NANS)
-        mask_w = mask_k[:, None] & (offs_ci[None, :] < C_in)
-        w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
-                    + kh[:, None] * stride_wh + kw[:, None] * stride_ww, mask=mask_w, other=0.0)
-        w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
-        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    for t in range(0, tl.cdiv(C_out, BLOCK_K) * (KSIZE * KSIZE)):
+        dz, w = _grad_input_operands(t, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, image, ih, iw, mask_m,
+                                     offs_ci, mask_ci, C_in, C_out, PH, PW, stride_wo, stride_wi, stride_wh,
+                                     stride_ww, KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_CONNECTIONS,
+                                     POOL_ACTIVATION, MARK_NANS, BLOCK_K)
+        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
     # dx is contiguous NCHW.
     dx = dx_ptr + ((n * C_in + offs_ci[None, :]) * H + ih) * W + iw
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_ci[None, :] < C_in))
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m & mask_ci)
 
 
 @triton.jit
@@ -337,7 +363,8 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr
         ow = offs_r % OW2
         oh = (offs_r // OW2) % OH2
         n = (offs_r // (OW2 * OH2)).to(tl.int64)
-        dz, du, a = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, n[None, :], offs_co[:, None],
+        image = n * (C_out * PH * PW)
+        dz, du, a = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, image[None, :], offs_co[:, None],
                                  oh[None, :], ow[None, :], mask_r[None, :] & (offs_co[:, None] < C_out),
                                  C_out, PH, PW, ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION, MARK_NANS)
         patches = _im2col(x_ptr, n[:, None], oh[:, None], ow[:, None], mask_r[:, None],
@@ -440,7 +467,7 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
 
 
 # Weight-gradient programs a small batch is split into: about four an SM of a 132-SM GPU, all
-# resident at once (5 fit an SM at LeNet's 96 registers).
+# resident at once (LeNet's backward fits 5-6 an SM).
 WEIGHT_GRAD_PROGRAMS = 512
 
 
@@ -537,16 +564,16 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
-def _backward_dots(precision: str, block_dx_n: int, subsample: bool = False, wide_two_level: bool = False) -> dict:
+def _backward_dots(precision: str, block_dx_n: int, subsample: bool = False, wide_dw: bool = False) -> dict:
     """BLOCK_DX_K and launch options of the backward for its dot precision and grad-input tile
     width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
     Each choice, and what spilled instead: docs/design.md, "Compiler configurations". Subsampling's
     two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a
-    two-level finishing sum of a 32-channel weight-gradient tile (wide_two_level): 128 for them."""
+    32-channel weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
     if precision == "tf32":
         return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1,
-                    maxnreg=(128 if subsample or wide_two_level else 96) if block_dx_n <= 16 else 168)
+                    maxnreg=(128 if subsample or wide_dw else 96) if block_dx_n <= 16 else 168)
     return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
 
 
@@ -670,8 +697,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     plan = plan_weight_grad(cfg.sizes, x, counters)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample,
-                               meta["BLOCK_DW_CO"] > 16 and meta["LEVELS"] == 2))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample, meta["BLOCK_DW_CO"] > 16))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
@@ -699,8 +725,8 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
 def _backward_work(d: dict) -> Work:
     """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_CO x BLOCK_DW_K tiles (see
     split_reduce.weight_grad_job). dx: the remaining NUM_DX programs, BLOCK_DX_M input positions x
-    BLOCK_DX_N input channels, reducing over C_out*k*k taps in steps of BLOCK_DX_K:
-        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * ceil(C_out*k*k / BLOCK_DX_K) * BLOCK_DX_K
+    BLOCK_DX_N input channels, reducing over ceil(C_out / BLOCK_DX_K) channel blocks x k*k taps:
+        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * BLOCK_DX_K * ceil(C_out / BLOCK_DX_K) * k*k
     Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
     Reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), w
     (dx) and x (dw); writes dx, dw and db, and the reduction's workspace and counters."""
@@ -710,7 +736,7 @@ def _backward_work(d: dict) -> Work:
     dw_programs = a["NUM_DW"]
     num_dx = d["grid"][0] - dw_programs
     dx = Job("dx", "_grad_input_tile", num_dx,
-             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"] * m["KSIZE"] ** 2, m["BLOCK_DX_K"]),
+             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"], m["BLOCK_DX_K"]) * m["KSIZE"] ** 2,
              useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
     dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)

@@ -272,43 +272,43 @@ def conv2d_act_pool_fwd_kernel(
 
 
 @triton.jit
-def _grad_input_operands(t, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, image, ih, iw, mask_m, offs_ci,
-                         mask_ci,
-                         C_in, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
-                         KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
-                         SAVED_PREPOOL: tl.constexpr, HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr,
-                         MARK_NANS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grad-input's operands at step t of its reduction, (channel block, tap) flattened: dz at the
-    tap's conv position for the block's BLOCK_K output channels [rows, BLOCK_K], and their weights
-    [BLOCK_K, channels]."""
-    TAPS: tl.constexpr = KSIZE * KSIZE
-    tap = t % TAPS
-    kh = tap // KSIZE
-    kw = tap % KSIZE
-    co = (t // TAPS) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_co = co < C_out
-    dz, _, _ = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, image, co[None, :], ih + (PADDING - kh),
-                            iw + (PADDING - kw), mask_m & mask_co[None, :], C_out, PH, PW,
+def conv2d_act_pool_dz_kernel(
+    # pointers
+    g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, dz_ptr,
+    # sizes
+    N, C_out,
+    # meta-parameters
+    PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
+    SAVED_PREPOOL: tl.constexpr, POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz = dL/dz at every conv position a pooling window covers, channels last: [N, S*PH, S*PW, C_out].
+    Gathered once here, so grad-input reads one value per tap instead of decoding its pooling
+    window 25 times, and a filter row's taps are plain loads that can be in flight together."""
+    S: tl.constexpr = _pool_stride(POOL)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < N * (S * PH * S * PW)
+    ow = offs_p % (S * PW)
+    oh = (offs_p // (S * PW)) % (S * PH)
+    n = (offs_p // (S * PH * S * PW)).to(tl.int64)
+    mask = mask_p[:, None] & (co < C_out)[None, :]
+    dz, _, _ = _grad_preact(g_ptr, y_ptr, win_ptr, a_ptr, pw_ptr, (n * (C_out * PH * PW))[:, None], co[None, :],
+                            oh[:, None], ow[:, None], mask, C_out, PH, PW,
                             ACTIVATION, POOL, SAVED_PREPOOL, POOL_ACTIVATION, MARK_NANS)
-    mask_w = mask_co[:, None] & mask_ci
-    w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi + (kh * stride_wh + kw * stride_ww),
-                mask=mask_w, other=0.0)
-    w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
-    return dz.to(w.dtype), w
+    tl.store(dz_ptr + offs_p.to(tl.int64)[:, None] * C_out + co[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr,
-                     N, C_in, H, W, C_out, PH, PW,
+def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
+                     N, C_in, H, W, C_out, OH, OW,
                      stride_wo, stride_wi, stride_wh, stride_ww,
-                     KSIZE: tl.constexpr, PADDING: tl.constexpr, ACTIVATION: tl.constexpr,
-                     POOL: tl.constexpr, SAVED_PREPOOL: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
-                     POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     KSIZE: tl.constexpr, PADDING: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad input: rows are input positions (n, ih, iw), columns input channels; the reduction runs
-    over (output channel block, kh, kw), reading dz at conv position (ih + p - kh, iw + p - kw).
-    Tap by tap, a row's conv position, bounds and pooling window are one value a row, so each
-    gathered element costs an and and an add (docs/design.md, "conv_act_pool")."""
+    over (output channel block, kh, kw), reading dz (conv2d_act_pool_dz_kernel's, channels last) at
+    conv position (ih + p - kh, iw + p - kw). A trip is one filter row: its k taps' loads depend on
+    nothing loaded, so they can all be in flight at once (docs/design.md, "conv_act_pool")."""
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     num_n = tl.cdiv(C_in, BLOCK_N)
     offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -318,14 +318,24 @@ def _grad_input_tile(pid, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, 
     ih = ((offs_m // W) % H)[:, None]
     n = (offs_m // (W * H)).to(tl.int64)[:, None]
     mask_ci = (offs_ci < C_in)[None, :]
-    image = n * (C_out * PH * PW)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for t in range(0, tl.cdiv(C_out, BLOCK_K) * (KSIZE * KSIZE)):
-        dz, w = _grad_input_operands(t, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, image, ih, iw, mask_m,
-                                     offs_ci, mask_ci, C_in, C_out, PH, PW, stride_wo, stride_wi, stride_wh,
-                                     stride_ww, KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_CONNECTIONS,
-                                     POOL_ACTIVATION, MARK_NANS, BLOCK_K)
-        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+    for t in range(0, tl.cdiv(C_out, BLOCK_K) * KSIZE):
+        kh = t % KSIZE
+        co = (t // KSIZE) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_co = co < C_out
+        oh = ih + (PADDING - kh)
+        # A row's conv position, bounds and address are one value a row; each element adds its channel.
+        row_ok = mask_m & (oh >= 0) & (oh < OH)
+        row = (n * OH + oh) * OW
+        mask_w = mask_co[:, None] & mask_ci
+        w_row = w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi + kh * stride_wh
+        for kw in tl.static_range(KSIZE):
+            ow = iw + (PADDING - kw)
+            ok = row_ok & (ow >= 0) & (ow < OW)
+            dz = tl.load(dz_ptr + ((row + ow) * C_out + co[None, :]), mask=ok & mask_co[None, :], other=0.0)
+            w = tl.load(w_row + kw * stride_ww, mask=mask_w, other=0.0)
+            w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
+            acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     # dx is contiguous NCHW.
     dx = dx_ptr + ((n * C_in + offs_ci[None, :]) * H + ih) * W + iw
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m & mask_ci)
@@ -393,7 +403,8 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr
 @triton.jit
 def conv2d_act_pool_bwd_kernel(
     # pointers
-    x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
+    x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dz_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr,
+    counter_ptr,
     # sizes
     N, C_in, C_out, NUM_DW, SPLIT, ROWS_PER_SPLIT, GROUP,
     # strides
@@ -411,10 +422,10 @@ def conv2d_act_pool_bwd_kernel(
     # the others grad-input tiles.
     pid = tl.program_id(0)
     if pid >= NUM_DW:
-        _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dx_ptr,
-                         N, C_in, H, W, C_out, PH, PW, stride_wo, stride_wi, stride_wh, stride_ww,
-                         KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_CONNECTIONS, POOL_ACTIVATION,
-                         MARK_NANS, DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
+        S: tl.constexpr = _pool_stride(POOL)
+        _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr, N, C_in, H, W, C_out, S * PH, S * PW,
+                         stride_wo, stride_wi, stride_wh, stride_ww, KSIZE, PADDING, HAS_CONNECTIONS, DOT_PRECISION,
+                         BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
     else:
         _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr,
                           ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
@@ -648,6 +659,9 @@ class BackwardPlan(NamedTuple):
     C_out: int
     ksize: int
     num_dx: int  # grad-input programs, after the weight-gradient ones (0 without dx)
+    dz_shape: tuple  # grad-input's dz, channels last [N, S*PH, S*PW, C_out] (computed only with dx)
+    dz_grid: tuple[int, int]  # conv2d_act_pool_dz_kernel's: (position blocks, channel blocks)
+    dz_meta: dict  # its constexprs and launch options
     sizes: WeightGradSizes  # the weight-gradient reduction's split
     meta: dict  # constexprs and launch options; DOT_PRECISION and _backward_dots' per call
 
@@ -670,7 +684,17 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
                 BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
                 num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots
-    return BackwardPlan(N, C_in, C_out, ksize, num_dx, plan_sizes, meta)
+    s = pool_stride(pool)
+    dz_shape = (N, s * PH, s * PW, C_out)
+    # 1,024 elements a program (8 a thread at 4 warps), a row's channels contiguous.
+    BLOCK_C = min(next_pow2(C_out), 64)
+    BLOCK_P = 1024 // BLOCK_C
+    # grid: (blocks of conv positions N * S*PH * S*PW, blocks of output channels)
+    dz_grid = (cdiv(N * s * PH * s * PW, BLOCK_P), cdiv(C_out, BLOCK_C))
+    dz_meta = dict(PH=PH, PW=PW, ACTIVATION=activation, POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool,
+                   POOL_ACTIVATION=pool_activation, MARK_NANS=marks_nans(activation, pool), BLOCK_P=BLOCK_P,
+                   BLOCK_C=BLOCK_C, num_warps=4)
+    return BackwardPlan(N, C_in, C_out, ksize, num_dx, dz_shape, dz_grid, dz_meta, plan_sizes, meta)
 
 
 _BWD = PlanCache()
@@ -695,6 +719,14 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     grads = empty((3, C_out) if subsample else (C_out,), device=device, dtype=dtype) \
         if need_dw and channel_grads(has_bias, pool) else None
     plan = plan_weight_grad(cfg.sizes, x, counters)
+    dz = None
+    if need_dx:  # dz first, in a launch of its own: every grad-input program reads it 25 times
+        dz = empty(cfg.dz_shape, dtype=dtype, device=device)
+        launch(conv2d_act_pool_dz_kernel, cfg.dz_grid,
+               dict(g_ptr=grad_y, y_ptr=y, win_ptr=win if win is not None else y,
+                    a_ptr=prepool if prepool is not None else y,
+                    pw_ptr=pool_weight if pool_weight is not None else y, dz_ptr=dz, N=cfg.N, C_out=C_out),
+               cfg.dz_meta)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
     meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample, meta["BLOCK_DW_CO"] > 16))
@@ -706,7 +738,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
            dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
                 win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
                 conn_ptr=connections if connections is not None else y,
-                pw_ptr=pool_weight if pool_weight is not None else y,
+                pw_ptr=pool_weight if pool_weight is not None else y, dz_ptr=dz if dz is not None else y,
                 dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
                 db_ptr=grads if grads is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
                 N=cfg.N, C_in=C_in, C_out=C_out, NUM_DW=plan.programs,
@@ -728,8 +760,9 @@ def _backward_work(d: dict) -> Work:
     BLOCK_DX_N input channels, reducing over ceil(C_out / BLOCK_DX_K) channel blocks x k*k taps:
         executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * BLOCK_DX_K * ceil(C_out / BLOCK_DX_K) * k*k
     Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
-    Reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), w
-    (dx) and x (dw); writes dx, dw and db, and the reduction's workspace and counters."""
+    dw reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), and
+    x; dx reads dz (conv2d_act_pool_dz_kernel's) and w. Writes dx, dw and db, and the reduction's
+    workspace and counters."""
     a, m = d["args"], d["meta"]
     K = a["C_in"] * m["KSIZE"] ** 2
     useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
@@ -737,18 +770,29 @@ def _backward_work(d: dict) -> Work:
     num_dx = d["grid"][0] - dw_programs
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"], m["BLOCK_DX_K"]) * m["KSIZE"] ** 2,
-             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]))
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]), dots=m["KSIZE"])
     dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
     subsample = m["POOL"] == "subsample"
-    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * subsample
-             + ["a_ptr"] * m["SAVED_PREPOOL"] + ["conn_ptr"] * m["HAS_CONNECTIONS"]
-             + ["w_ptr"] * (num_dx > 0) + ["x_ptr"] * (dw_programs > 0) + extra_reads)
+    reads = ((["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * subsample
+              + ["a_ptr"] * m["SAVED_PREPOOL"] + ["x_ptr"]) * (dw_programs > 0)
+             + ["conn_ptr"] * m["HAS_CONNECTIONS"] + ["dz_ptr", "w_ptr"] * (num_dx > 0) + extra_reads)
     # Subsampling's parameter gradients share db_ptr's buffer with the bias's (weight_grad_traffic).
     writes = ["dx_ptr"] * (num_dx > 0) + ["db_ptr"] * (subsample and not m["HAS_BIAS"] and dw_programs > 0) \
         + extra_writes
     return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))
 
 
+@accounts(conv2d_act_pool_dz_kernel)
+def _dz_work(d: dict) -> Work:
+    """No dot. Reads grad_y, and y and the window index (max pooling) or the pre-pool activations
+    (avg, subsample) and the pool weight (subsample); writes dz."""
+    m = d["meta"]
+    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * (m["POOL"] == "subsample")
+             + ["y_ptr"] * (m["POOL"] == "none") + ["a_ptr"] * m["SAVED_PREPOOL"])
+    return Work((), tensor_bytes(d, *reads), tensor_bytes(d, "dz_ptr"))
+
+
 __all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward",
-           "conv2d_act_pool_backward", "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_bwd_kernel"]
+           "conv2d_act_pool_backward", "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_dz_kernel",
+           "conv2d_act_pool_bwd_kernel"]

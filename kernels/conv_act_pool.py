@@ -2,7 +2,8 @@
 
 Forward rows are pooled positions with four accumulators (one per window position): pooling happens in
 registers, only the pooled map is stored. act' comes from the output, so backward needs only a 1-byte
-window index (max) or the pre-pool activations (avg), in one launch. Why: docs/design.md, "conv_act_pool".
+window index (max) or the pre-pool activations (avg), in one launch; grad-input reads dz k*k times, so
+where it is wanted dz is gathered once before, in a launch of its own. Why: docs/design.md, "conv_act_pool".
 """
 import math
 from typing import NamedTuple
@@ -304,11 +305,14 @@ def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
                      N, C_in, H, W, C_out, OH, OW,
                      stride_wo, stride_wi, stride_wh, stride_ww,
                      KSIZE: tl.constexpr, PADDING: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     TAPS: tl.constexpr):
     """grad input: rows are input positions (n, ih, iw), columns input channels; the reduction runs
     over (output channel block, kh, kw), reading dz (conv2d_act_pool_dz_kernel's, channels last) at
-    conv position (ih + p - kh, iw + p - kw). A trip is one filter row: its k taps' loads depend on
-    nothing loaded, so they can all be in flight at once (docs/design.md, "conv_act_pool")."""
+    conv position (ih + p - kh, iw + p - kw). A trip is TAPS taps of one filter row (1, or all k):
+    their loads depend on nothing loaded, so they can all be in flight at once (docs/design.md,
+    "conv_act_pool")."""
+    tl.static_assert(TAPS == 1 or TAPS == KSIZE, "a trip is one tap or a whole filter row")
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     num_n = tl.cdiv(C_in, BLOCK_N)
     offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -319,9 +323,11 @@ def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
     n = (offs_m // (W * H)).to(tl.int64)[:, None]
     mask_ci = (offs_ci < C_in)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
-    for t in range(0, tl.cdiv(C_out, BLOCK_K) * KSIZE):
-        kh = t % KSIZE
-        co = (t // KSIZE) * BLOCK_K + tl.arange(0, BLOCK_K)
+    TRIPS_PER_ROW: tl.constexpr = KSIZE // TAPS
+    for t in range(0, tl.cdiv(C_out, BLOCK_K) * (KSIZE * TRIPS_PER_ROW)):
+        kh = (t // TRIPS_PER_ROW) % KSIZE
+        kw0 = (t % TRIPS_PER_ROW) * TAPS
+        co = (t // (KSIZE * TRIPS_PER_ROW)) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_co = co < C_out
         oh = ih + (PADDING - kh)
         # A row's conv position, bounds and address are one value a row; each element adds its channel.
@@ -329,11 +335,11 @@ def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
         row = (n * OH + oh) * OW
         mask_w = mask_co[:, None] & mask_ci
         w_row = w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi + kh * stride_wh
-        for kw in tl.static_range(KSIZE):
-            ow = iw + (PADDING - kw)
+        for j in tl.static_range(TAPS):
+            ow = iw + (PADDING - (kw0 + j))
             ok = row_ok & (ow >= 0) & (ow < OW)
             dz = tl.load(dz_ptr + ((row + ow) * C_out + co[None, :]), mask=ok & mask_co[None, :], other=0.0)
-            w = tl.load(w_row + kw * stride_ww, mask=mask_w, other=0.0)
+            w = tl.load(w_row + (kw0 + j) * stride_ww, mask=mask_w, other=0.0)
             w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
             acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     # dx is contiguous NCHW.
@@ -415,18 +421,21 @@ def conv2d_act_pool_bwd_kernel(
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
     HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr,
+    HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr, DX_TAPS: tl.constexpr,
     BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
     # One launch, two jobs: the first NUM_DW programs compute weight-gradient (tile, split) pairs,
-    # the others grad-input tiles.
+    # the others grad-input tiles. A job not asked for is not compiled (HAS_DX, HAS_DW), so its
+    # registers never weigh on the other's.
     pid = tl.program_id(0)
     if pid >= NUM_DW:
-        S: tl.constexpr = _pool_stride(POOL)
-        _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr, N, C_in, H, W, C_out, S * PH, S * PW,
-                         stride_wo, stride_wi, stride_wh, stride_ww, KSIZE, PADDING, HAS_CONNECTIONS, DOT_PRECISION,
-                         BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K)
-    else:
+        if HAS_DX:
+            S: tl.constexpr = _pool_stride(POOL)
+            _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr, N, C_in, H, W, C_out, S * PH,
+                             S * PW, stride_wo, stride_wi, stride_wh, stride_ww, KSIZE, PADDING, HAS_CONNECTIONS,
+                             DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K, DX_TAPS)
+    elif HAS_DW:
         _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr,
                           ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
                           stride_xn, stride_xc, stride_xh, stride_xw,
@@ -575,17 +584,21 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
-def _backward_dots(precision: str, block_dx_n: int, subsample: bool = False, wide_dw: bool = False) -> dict:
-    """BLOCK_DX_K and launch options of the backward for its dot precision and grad-input tile
-    width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
+def _backward_dots(precision: str, block_dx_n: int, ksize: int, subsample: bool = False,
+                   wide_dw: bool = False) -> dict:
+    """BLOCK_DX_K, DX_TAPS and launch options of the backward for its dot precision and grad-input
+    tile width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
-    Each choice, and what spilled instead: docs/design.md, "Compiler configurations". Subsampling's
-    two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a
-    32-channel weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
+    Grad-input takes a whole filter row a trip (DX_TAPS = k) only in the narrow TF32 tile beside a
+    narrow weight-gradient tile (LeNet's conv2); elsewhere a tap a trip, which kept 8-48 bytes on the
+    stack instead. Each choice, and what spilled instead: docs/design.md, "Compiler configurations".
+    Subsampling's two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90),
+    as does a 32-channel weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
     if precision == "tf32":
-        return dict(BLOCK_DX_K=16, num_warps=4, num_stages=1,
-                    maxnreg=(128 if subsample or wide_dw else 96) if block_dx_n <= 16 else 168)
-    return dict(BLOCK_DX_K=32, num_warps=8, num_stages=1, maxnreg=128)
+        narrow = block_dx_n <= 16
+        return dict(BLOCK_DX_K=16, DX_TAPS=ksize if narrow and not wide_dw else 1, num_warps=4, num_stages=1,
+                    maxnreg=(128 if subsample or wide_dw else 96) if narrow else 168)
+    return dict(BLOCK_DX_K=32, DX_TAPS=1, num_warps=8, num_stages=1, maxnreg=128)
 
 
 _FWD = PlanCache()
@@ -680,10 +693,10 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
                 LEVELS=plan_sizes.levels, HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation,
-                MARK_NANS=marks_nans(activation, pool), DOT_PRECISION=None,
-                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None,
+                MARK_NANS=marks_nans(activation, pool), HAS_DX=need_dx, HAS_DW=need_dw, DOT_PRECISION=None,
+                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None, DX_TAPS=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=None, num_stages=None)  # BLOCK_DX_K, warps and stages by precision: _backward_dots
+                num_warps=None, num_stages=None)  # BLOCK_DX_K, DX_TAPS, warps, stages by precision: _backward_dots
     s = pool_stride(pool)
     dz_shape = (N, s * PH, s * PW, C_out)
     # 1,024 elements a program (8 a thread at 4 warps), a row's channels contiguous.
@@ -729,7 +742,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
                cfg.dz_meta)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], subsample, meta["BLOCK_DW_CO"] > 16))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], ksize, subsample, meta["BLOCK_DW_CO"] > 16))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
@@ -770,7 +783,7 @@ def _backward_work(d: dict) -> Work:
     num_dx = d["grid"][0] - dw_programs
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"], m["BLOCK_DX_K"]) * m["KSIZE"] ** 2,
-             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]), dots=m["KSIZE"])
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]), dots=m["DX_TAPS"])
     dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
     extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
     subsample = m["POOL"] == "subsample"

@@ -100,6 +100,52 @@ def test_conv_skips_grad_input_when_not_needed(device):
     assert x.grad is None and w.grad is not None
 
 
+# (N, C_in, H, W, C_out, k, padding): two output-channel blocks (20 > 16), odd sizes, paddings 0..2.
+TRIP_SHAPES = [(2, 6, 14, 14, 20, 5, 0), (1, 3, 9, 7, 5, 3, 1), (3, 2, 6, 5, 17, 3, 2)]
+
+
+@pytest.mark.parametrize("pool", ["max", None])
+@pytest.mark.parametrize("shape", TRIP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_grad_input_sums_a_filter_row_a_trip_as_a_tap_a_trip(shape, pool, device, monkeypatch):
+    """Grad-input takes a whole filter row a trip where its registers allow it (TF32 dots, LeNet's
+    conv2) and one tap a trip elsewhere, which is all the interpreter picks (its dots are IEEE).
+    Both add the taps' dots in the same order, so in float64 they agree bit for bit, and with the
+    reference."""
+    from fastlenet.kernels import conv_act_pool as conv
+
+    N, C_in, H, W, C_out, k, p = shape
+    x0, w0 = torch.randn(N, C_in, H, W), torch.randn(C_out, C_in, k, k) / k
+    xr, wr = leaves(x0, w0, dtype=torch.float64, device=device)
+    ref = conv_reference(xr, wr, None, p, "tanh", pool)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    chosen = conv._backward_dots
+    grads = []
+    for taps in (1, k):
+        monkeypatch.setattr(conv, "_backward_dots", lambda *args, taps=taps, **kw: {**chosen(*args, **kw),
+                                                                                     "DX_TAPS": taps})
+        x, w = leaves(x0, w0, dtype=torch.float64, device=device)
+        y = FF.conv2d_act_pool(x, w, None, padding=p, activation="tanh", pool=pool)
+        with record_launches() as launches:
+            y.backward(g)
+        assert [launch.meta["DX_TAPS"] for launch in launches if launch.name == "conv2d_act_pool_bwd_kernel"] == [taps]
+        assert rel_err(x.grad, xr.grad) <= TOL[torch.float64]
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_lenets_conv2_takes_a_filter_row_a_trip_with_tf32_dots():
+    from fastlenet.kernels.launch import record
+
+    x = torch.randn(4, 6, 14, 14, requires_grad=True)
+    w = torch.randn(16, 6, 5, 5, requires_grad=True)
+    taps = {precision: [(launch.meta["DX_TAPS"], launch.meta["BLOCK_DX_N"])
+                        for launch in record(lambda: FF.conv2d_act_pool(x, w, None).sum().backward(), precision)
+                        if launch.name == "conv2d_act_pool_bwd_kernel"]
+            for precision in ("tf32", "ieee")}
+    assert taps == {"tf32": [(5, 16)], "ieee": [(1, 16)]}
+
+
 def test_conv_noncontiguous_input(device):
     base = torch.randn(2, 9, 7, 3, device=device)  # NHWC storage, viewed as NCHW
     x = base.permute(0, 3, 1, 2).requires_grad_()

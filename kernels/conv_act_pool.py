@@ -326,7 +326,6 @@ def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
     TRIPS_PER_ROW: tl.constexpr = KSIZE // TAPS
     for t in range(0, tl.cdiv(C_out, BLOCK_K) * (KSIZE * TRIPS_PER_ROW)):
         kh = (t // TRIPS_PER_ROW) % KSIZE
-        kw0 = (t % TRIPS_PER_ROW) * TAPS
         co = (t // (KSIZE * TRIPS_PER_ROW)) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_co = co < C_out
         oh = ih + (PADDING - kh)
@@ -334,12 +333,17 @@ def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
         row_ok = mask_m & (oh >= 0) & (oh < OH)
         row = (n * OH + oh) * OW
         mask_w = mask_co[:, None] & mask_ci
-        w_row = w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi + kh * stride_wh
         for j in tl.static_range(TAPS):
-            ow = iw + (PADDING - (kw0 + j))
+            # A whole row's taps are constants; a tap a trip decodes its own.
+            if TAPS == KSIZE:
+                kw = j
+            else:
+                kw = t % KSIZE
+            ow = iw + (PADDING - kw)
             ok = row_ok & (ow >= 0) & (ow < OW)
             dz = tl.load(dz_ptr + ((row + ow) * C_out + co[None, :]), mask=ok & mask_co[None, :], other=0.0)
-            w = tl.load(w_row + (kw0 + j) * stride_ww, mask=mask_w, other=0.0)
+            w = tl.load(w_ptr + co[:, None] * stride_wo + offs_ci[None, :] * stride_wi
+                        + (kh * stride_wh + kw * stride_ww), mask=mask_w, other=0.0)
             w = _connected(conn_ptr, co[:, None], offs_ci[None, :], C_in, mask_w, w, HAS_CONNECTIONS)
             acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     # dx is contiguous NCHW.

@@ -47,7 +47,7 @@ class OpCount:
         return len(self.triton_launches) + len(self.aten_ops)
 
     def breakdown(self) -> str:
-        """One line, e.g. '15 = 12 Triton (linear_act_fwd_kernel x3, ...) + 3 ATen (ones_like, ...)'."""
+        """One line, e.g. '16 = 13 Triton (linear_act_fwd_kernel x3, ...) + 3 ATen (ones_like, ...)'."""
         def summary(names: list[str]) -> str:
             return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in Counter(names).items())
         return (f"{self.total} = {len(self.triton_launches)} Triton ({summary(self.triton_launches)}) "

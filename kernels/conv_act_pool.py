@@ -6,6 +6,7 @@ window index (max) or the pre-pool activations (avg), in one launch; grad-input 
 where it is wanted dz is gathered once before, in a launch of its own. Why: docs/design.md, "conv_act_pool".
 """
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -588,19 +589,22 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
-def _backward_dots(precision: str, block_dx_n: int, ksize: int, subsample: bool = False,
+def _backward_dots(precision: str, block_dx_n: int, ksize: int, need_dx: bool, subsample: bool = False,
                    wide_dw: bool = False) -> dict:
     """BLOCK_DX_K, DX_TAPS and launch options of the backward for its dot precision and grad-input
     tile width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
     Grad-input takes a whole filter row a trip (DX_TAPS = k) only in the narrow TF32 tile beside a
-    narrow weight-gradient tile (LeNet's conv2); elsewhere a tap a trip, which kept 8-48 bytes on the
-    stack instead. Each choice, and what spilled instead: docs/design.md, "Compiler configurations".
-    Subsampling's two more per-channel sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90),
-    as does a 32-channel weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
+    narrow weight-gradient tile (LeNet's conv2), at 2 warps: Triton lays a chain of dots (the row's
+    k taps) out with every warp along the rows, and 4 warps over 32 rows computed each product
+    twice. Elsewhere a tap a trip, which kept 8-48 bytes on the stack instead. Each choice, and what
+    spilled instead: docs/design.md, "Compiler configurations". Subsampling's two more per-channel
+    sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a 32-channel
+    weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
     if precision == "tf32":
         narrow = block_dx_n <= 16
-        return dict(BLOCK_DX_K=16, DX_TAPS=ksize if narrow and not wide_dw else 1, num_warps=4, num_stages=1,
+        row = need_dx and narrow and not wide_dw
+        return dict(BLOCK_DX_K=16, DX_TAPS=ksize if row else 1, num_warps=2 if row else 4, num_stages=1,
                     maxnreg=(128 if subsample or wide_dw else 96) if narrow else 168)
     return dict(BLOCK_DX_K=32, DX_TAPS=1, num_warps=8, num_stages=1, maxnreg=128)
 
@@ -746,7 +750,8 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
                cfg.dz_meta)
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], ksize, subsample, meta["BLOCK_DW_CO"] > 16))
+    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], ksize, need_dx, subsample,
+                               meta["BLOCK_DW_CO"] > 16))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
@@ -787,8 +792,9 @@ def _backward_work(d: dict) -> Work:
     num_dx = d["grid"][0] - dw_programs
     dx = Job("dx", "_grad_input_tile", num_dx,
              num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"], m["BLOCK_DX_K"]) * m["KSIZE"] ** 2,
-             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]), dots=m["DX_TAPS"])
-    dw = weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful)
+             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]), dots=int(m["HAS_DX"]))
+    # A job not asked for is not compiled (HAS_DX, HAS_DW): no dot of it in the kernel.
+    dw = replace(weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful), dots=int(m["HAS_DW"]))
     extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
     subsample = m["POOL"] == "subsample"
     reads = ((["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * subsample

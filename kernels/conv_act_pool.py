@@ -605,7 +605,7 @@ def _backward_dots(precision: str, block_dx_n: int, ksize: int, need_dx: bool, s
         narrow = block_dx_n <= 16
         row = need_dx and narrow and not wide_dw
         return dict(BLOCK_DX_K=16, DX_TAPS=ksize if row else 1, num_warps=2 if row else 4, num_stages=1,
-                    maxnreg=(128 if subsample or wide_dw else 96) if narrow else 168)
+                    maxnreg=168 if row or not narrow else 128 if subsample or wide_dw else 96)
     return dict(BLOCK_DX_K=32, DX_TAPS=1, num_warps=8, num_stages=1, maxnreg=128)
 
 

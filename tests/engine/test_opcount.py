@@ -7,7 +7,7 @@ one op more in each, 35 and 41: it also counts the ones_like that seeds loss.bac
 op out gives the issue's figures exactly (so would leaving out Adam's step-counter increment; the
 issue does not say which it left out). The fused step was held to 15 by the stricter count; it is 16
 since conv2's backward gathers dz in a launch of its own, which the timing model predicts cuts the
-step (docs/performance.md: 3.8 to 2.5 ms at batch 4096), so the budget moved with it.
+step (docs/performance.md: 3.8 to 2.8 ms at batch 4096), so the budget moved with it.
 
 Runs on the CPU through Triton's interpreter (conftest.py), at batch 2.
 """

@@ -595,9 +595,10 @@ def _backward_dots(precision: str, block_dx_n: int, ksize: int, need_dx: bool, s
     tile width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
     Grad-input takes a whole filter row a trip (DX_TAPS = k) only in the narrow TF32 tile beside a
-    narrow weight-gradient tile (LeNet's conv2), at 2 warps: Triton lays a chain of dots (the row's
-    k taps) out with every warp along the rows, and 4 warps over 32 rows computed each product
-    twice. Elsewhere a tap a trip, which kept 8-48 bytes on the stack instead. Each choice, and what
+    narrow weight-gradient tile (LeNet's conv2), at 2 warps and 168 registers: Triton lays a chain
+    of dots (the row's k taps) out with every warp along the rows, so 4 warps over 32 rows computed
+    each product twice, and at 96 registers 2 warps kept 64-96 bytes on the stack. Elsewhere a tap
+    a trip, which kept 8-48 bytes on the stack instead. Each choice, and what
     spilled instead: docs/design.md, "Compiler configurations". Subsampling's two more per-channel
     sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a 32-channel
     weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
@@ -741,7 +742,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
         if need_dw and channel_grads(has_bias, pool) else None
     plan = plan_weight_grad(cfg.sizes, x, counters)
     dz = None
-    if need_dx:  # dz first, in a launch of its own: every grad-input program reads it 25 times
+    if need_dx:  # dz first, in a launch of its own: grad-input reads each value k*k times
         dz = empty(cfg.dz_shape, dtype=dtype, device=device)
         launch(conv2d_act_pool_dz_kernel, cfg.dz_grid,
                dict(g_ptr=grad_y, y_ptr=y, win_ptr=win if win is not None else y,

@@ -195,6 +195,33 @@ def _width(opcode: str) -> int:
     return 4 if ".128" in opcode else 2 if ".64" in opcode else 1
 
 
+_TYPE = re.compile(r"[FSU]\d+")
+
+
+def destination_width(opcode: str) -> int:
+    """Registers an instruction's first destination names from its first: a 64-bit result (an address
+    from IMAD.WIDE, CS2R's zero pair, a float64) fills two, an MMA's accumulator fragment four (m16n8,
+    float32) and LDSM one per 8x8 matrix. Counting only the first would leave the second holding
+    whatever it held before, a loaded value's depth included: a wait that is not there."""
+    parts = opcode.split(".")
+    op, types = parts[0], [p for p in parts[1:] if _TYPE.fullmatch(p)]
+    if op in ("HMMA", "IMMA"):
+        return 4 if "F32" in types or "S32" in types else 2
+    if op == "DMMA":
+        return 2
+    if op == "LDSM":
+        return int(parts[-1]) if parts[-1] in ("2", "4") else 1
+    if op == "CS2R":
+        return 1 if "32" in parts else 2
+    if "WIDE" in parts or op in ("DADD", "DMUL", "DFMA", "DMNMX"):
+        return 2
+    if op in ("F2F", "I2F"):  # the first type is the result's, where it is a float
+        return 2 if types and types[0] == "F64" else 1
+    if op == "F2I":
+        return 2 if types and types[0] in ("S64", "U64") else 1
+    return _width(opcode)
+
+
 def load_depth(instructions: list[Instruction]) -> int:
     """The longest chain of global loads (and atomics) in a straight run of instructions in which each
     load's address or predicate comes from an earlier one's value, through the registers that
@@ -212,10 +239,9 @@ def load_depth(instructions: list[Instruction]) -> int:
         predicate = _registers(ins.operands.split()[0]) if ins.predicated else []
         writes = not ins.opcode.startswith(_NO_DESTINATION) and parts and _REGISTER.match(parts[0])
         dest = _registers(parts[0]) if writes else []
-        if writes and ins.opcode.startswith(("LDG", "LDS", "LD.", "ATOM")) and dest:
-            first = dest[0]
-            kind, index = re.match(r"(U?[RP])(\d+)", first).groups()
-            dest = [f"{kind}{int(index) + k}" for k in range(_width(ins.opcode))]
+        if dest:
+            kind, index = re.match(r"(U?[RP])(\d+)", dest[0]).groups()
+            dest = [f"{kind}{int(index) + k}" for k in range(destination_width(ins.opcode))]
         sources = predicate + [r for p in (parts[1:] if writes else parts) for r in _registers(p)]
         ready = max((depth.get(r, 0) for r in sources), default=0)
         if ins.opcode.startswith(("STS", "STSM")):

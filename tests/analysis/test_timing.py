@@ -81,6 +81,22 @@ def test_load_depth_follows_the_registers_a_gather_reads():
                         .replace("LDG.E R10, desc[UR4][R6.64]", "LDS R6, [R31]")
                         .replace("IADD3 R2, P1, R2, 0x4, RZ", "LDG.E R10, desc[UR4][R6.64]"))
     assert sass.load_depth(shared.instructions[3:8]) == 2
+    # A 64-bit result fills both registers of its pair: an address computed over a loaded pair
+    # leaves nothing of the load in it (counting the first alone found a second wait a trip in
+    # grad-input, where ptxas reused a loaded fragment's registers for the next tap's address).
+    pair = sass.parse(_SASS.replace("LDG.E R4, desc[UR4][R2.64]", "LDG.E.64 R6, desc[UR4][R2.64]")
+                      .replace("IMAD.WIDE R6, R4, 0x4, R8", "IMAD.WIDE R6, R5, 0x4, R8"))
+    assert sass.load_depth(pair.instructions[3:8]) == 1
+    assert sass.load_depth(pair.instructions[3:4] + pair.instructions[5:8]) == 2  # without it: the load's
+
+
+def test_destination_widths():
+    widths = {"IMAD": 1, "IMAD.WIDE": 2, "IMAD.WIDE.U32": 2, "UIMAD.WIDE.U32": 2, "CS2R": 2, "CS2R.32": 1,
+              "HMMA.1688.F32.TF32": 4, "HMMA.16816.F16": 2, "LDSM.16.M88.4": 4, "LDSM.16.MT88.2": 2,
+              "LDG.E.128": 4, "LDS.64": 2, "LDC.64": 2, "DFMA": 2, "F2F.F64.F32": 2, "F2F.F32.F64": 1,
+              "I2F.F64.S64": 2, "I2F.S64": 1, "F2I.S64.F64.TRUNC": 2, "F2I.FTZ.U32.TRUNC.NTZ": 1,
+              "SHF.L.U64.HI": 1, "ISETP.GE.AND": 1}
+    assert {op: sass.destination_width(op) for op in widths} == widths
 
 
 def test_flops_of_mma_and_fma_instructions():

@@ -496,10 +496,19 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
 WEIGHT_GRAD_PROGRAMS = 512
 
 
-def _weight_grad_blocks(C_out: int) -> tuple[int, int, int]:
-    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs (BLOCK_DW_R 16: see
-    docs/design.md, "Compiler configurations")."""
-    return min(max(next_pow2(C_out), 16), 32), 32, 16
+# Rows a weight-gradient program sums: 64 row blocks of 16, or 16 of 64 (_weight_grad_blocks).
+WEIGHT_GRAD_ROWS = 1024
+
+
+def _weight_grad_blocks(C_out: int, K: int, pool) -> tuple[int, int, int]:
+    """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs, K = C_in*k*k. A trip's
+    rows are one dependent memory wait (its gathers), so the more rows the fewer waits: 64 where the
+    tile is one 16 x 32 block (a few channels in and out, as conv1's) and dz comes from the output
+    and at most a window index (max pooling or none); 16 elsewhere, where taller tiles kept registers
+    on the stack (docs/design.md, "Compiler configurations")."""
+    block_co = min(max(next_pow2(C_out), 16), 32)
+    tall = K <= 32 and block_co == 16 and pool in ("max", None)
+    return block_co, 32, 64 if tall else 16
 
 
 def channel_grads(has_bias: bool, pool) -> bool:
@@ -512,16 +521,16 @@ def _weight_grad_sizes(N: int, C_in: int, C_out: int, ksize: int, PH: int, PW: i
                        enabled: bool = True):
     """The weight-gradient reduction's split (split_reduce.weight_grad_sizes); the forward needs it
     too, to zero the backward's arrival counters. Its rows are the conv positions a pooling window
-    covers; the split grows with them, 64 row blocks (1024 positions) a program, so a large batch
-    fills the GPU even for conv1, whose gradient is a single tile, bounded by the workspace. A small
-    batch gets about WEIGHT_GRAD_PROGRAMS programs of at least 4 row blocks instead: fewer trips
-    each, so the longest program is shorter (docs/design.md, "conv_act_pool")."""
+    covers; the split grows with them, WEIGHT_GRAD_ROWS a program, so a large batch fills the GPU
+    even for conv1, whose gradient is a single tile, bounded by the workspace. A small batch gets
+    about WEIGHT_GRAD_PROGRAMS programs of at least 64 rows instead: fewer trips each, so the
+    longest program is shorter (docs/design.md, "conv_act_pool")."""
     s = pool_stride(pool)
-    block_co, block_k, block_r = _weight_grad_blocks(C_out)
+    block_co, block_k, block_r = _weight_grad_blocks(C_out, C_in * ksize * ksize, pool)
     return weight_grad_sizes(C_out, C_in * ksize * ksize, channel_grads(has_bias, pool), N * s * PH * s * PW,
-                             block_out=block_co,
-                             block_k=block_k, block_rows=block_r, min_blocks=64, max_split=None, enabled=enabled,
-                             fill=WEIGHT_GRAD_PROGRAMS, fill_blocks=4)
+                             block_out=block_co, block_k=block_k, block_rows=block_r,
+                             min_blocks=WEIGHT_GRAD_ROWS // block_r, max_split=None, enabled=enabled,
+                             fill=WEIGHT_GRAD_PROGRAMS, fill_blocks=max(64 // block_r, 1))
 
 
 def counters_needed(w_shape, has_bias: bool, pool=None) -> int:
@@ -529,7 +538,7 @@ def counters_needed(w_shape, has_bias: bool, pool=None) -> int:
     any batch needs (split_reduce.counter_capacity), so fastlenet.ops's fake implementation can give
     their shape from the weight alone."""
     C_out, C_in, ksize, _ = w_shape
-    block_co, block_k, block_r = _weight_grad_blocks(C_out)
+    block_co, block_k, block_r = _weight_grad_blocks(C_out, C_in * ksize * ksize, pool)
     return counter_capacity(C_out, C_in * ksize * ksize, channel_grads(has_bias, pool), block_co, block_k, block_r,
                             max_split=None)
 
@@ -590,7 +599,7 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
 
 
 def _backward_dots(precision: str, block_dx_n: int, ksize: int, need_dx: bool, subsample: bool = False,
-                   wide_dw: bool = False) -> dict:
+                   wide_dw: bool = False, tall_dw: bool = False) -> dict:
     """BLOCK_DX_K, DX_TAPS and launch options of the backward for its dot precision and grad-input
     tile width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
     register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
@@ -601,12 +610,13 @@ def _backward_dots(precision: str, block_dx_n: int, ksize: int, need_dx: bool, s
     a trip, which kept 8-48 bytes on the stack instead. Each choice, and what
     spilled instead: docs/design.md, "Compiler configurations". Subsampling's two more per-channel
     sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a 32-channel
-    weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them."""
+    weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them. 64 weight-gradient
+    rows a trip (tall_dw) kept 8 bytes on sm_80's stack at 128: 152."""
     if precision == "tf32":
         narrow = block_dx_n <= 16
         row = need_dx and narrow and not wide_dw
         return dict(BLOCK_DX_K=16, DX_TAPS=ksize if row else 1, num_warps=2 if row else 4, num_stages=1,
-                    maxnreg=168 if row or not narrow else 128 if subsample or wide_dw else 96)
+                    maxnreg=168 if row or not narrow else 152 if tall_dw else 128 if subsample or wide_dw else 96)
     return dict(BLOCK_DX_K=32, DX_TAPS=1, num_warps=8, num_stages=1, maxnreg=128)
 
 
@@ -697,7 +707,7 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     PH, PW = y_shape[2], y_shape[3]
     BLOCK_DX_M, BLOCK_DX_N = 32, min(max(next_pow2(C_in), 16), 64)
     num_dx = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
-    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out)
+    BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out, C_in * ksize * ksize, pool)
     plan_sizes = _weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias, enabled=need_dw)
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
@@ -752,7 +762,7 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     meta = dict(cfg.meta)
     meta["DOT_PRECISION"] = dot_precision(x, "conv")
     meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], ksize, need_dx, subsample,
-                               meta["BLOCK_DW_CO"] > 16))
+                               meta["BLOCK_DW_CO"] > 16, meta["BLOCK_DW_R"] > 16))
     sx, sw = x.stride(), weight.stride()
 
     # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.

@@ -216,27 +216,28 @@ def test_conv1_forward_work_by_hand(step256):
     assert job.useful == 2 * 256 * 28 * 28 * 6 * 25  # every conv position, 6 channels, 25 taps
     assert w.reads == {"x_ptr": 256 * 28 * 28 * 4, "w_ptr": 6 * 25 * 4, "b_ptr": 6 * 4}
     # The backward's arrival counters, as many as any batch needs (split_reduce.counter_capacity):
-    # one tile, 32 MiB of workspace / (6 x (25 + 16) partials) = 34,100 splits at most, in at most
-    # 185 groups, so 186 counters, zeroed.
-    assert w.writes == {"y_ptr": 256 * 6 * 14 * 14 * 4, "win_ptr": 256 * 6 * 14 * 14, "counter_ptr": 186 * 4}
+    # one tile, 32 MiB of workspace / (6 x (25 + 64) partials: 64 rows a trip) = 15,709 splits at
+    # most, in at most 126 groups, so 127 counters, zeroed.
+    assert w.writes == {"y_ptr": 256 * 6 * 14 * 14 * 4, "win_ptr": 256 * 6 * 14 * 14, "counter_ptr": 127 * 4}
 
 
 def test_conv1_backward_work_by_hand(step256):
-    # No dx (the image needs no gradient). dw: one 16x32 tile of the 6x25 gradient, split over
-    # 256*28*28 = 200704 conv positions. 64 row blocks a split would give 196 programs, fewer than the
-    # 512 a small batch is spread over, so the split aims at 512: 392 rows, rounded up to 400 (25 row
-    # blocks), make 502 splits, summed in two levels, groups of isqrt(501) + 1 = 23 (22 groups, 23
-    # counters); workspace 502 x 6 x (25 + 16): 16 rows a step.
+    # No dx (the image needs no gradient). dw: one 16x32 tile of the 6x25 gradient, 64 rows a trip,
+    # split over 256*28*28 = 200704 conv positions. 1024 a split would give 196 programs, fewer than
+    # the 512 a small batch is spread over, so the split aims at 512: 392 rows, rounded up to 448 (7
+    # trips), make 448 splits, summed in two levels, groups of isqrt(447) + 1 = 22 (21 groups, 22
+    # counters); workspace 448 x 6 x (25 + 64).
     d = step256["conv1 backward"]
-    assert (d["args"]["SPLIT"], d["args"]["ROWS_PER_SPLIT"], d["args"]["GROUP"]) == (502, 400, 23)
+    assert d["meta"]["BLOCK_DW_R"] == 64
+    assert (d["args"]["SPLIT"], d["args"]["ROWS_PER_SPLIT"], d["args"]["GROUP"]) == (448, 448, 22)
     w = work(d)
     dx, dw = w.jobs
     assert (dx.programs, dx.executed, dx.useful) == (0, 0, 0)
-    assert (dw.programs, dw.executed, dw.useful) == (502, 502 * 2 * 16 * 32 * 400, 2 * 256 * 784 * 6 * 25)
-    maps, workspace = 256 * 6 * 14 * 14, 502 * 6 * (25 + 16) * 4
+    assert (dw.programs, dw.executed, dw.useful) == (448, 448 * 2 * 16 * 32 * 448, 2 * 256 * 784 * 6 * 25)
+    maps, workspace = 256 * 6 * 14 * 14, 448 * 6 * (25 + 64) * 4
     assert w.reads == {"g_ptr": maps * 4, "y_ptr": maps * 4, "win_ptr": maps, "x_ptr": 256 * 784 * 4,
-                       "ws_ptr": workspace, "counter_ptr": 186 * 4}
-    assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 186 * 4}
+                       "ws_ptr": workspace, "counter_ptr": 127 * 4}
+    assert w.writes == {"dw_ptr": 6 * 25 * 4, "db_ptr": 6 * 4, "ws_ptr": workspace, "counter_ptr": 127 * 4}
 
 
 def test_a_weight_gradient_of_one_split_is_stored_directly(step256):

@@ -793,8 +793,8 @@ def _backward_work(d: dict) -> Work:
     BLOCK_DX_N input channels, reducing over ceil(C_out / BLOCK_DX_K) channel blocks x k*k taps:
         executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * BLOCK_DX_K * ceil(C_out / BLOCK_DX_K) * k*k
     Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
-    dw reads grad_y, and y and the window index (max pooling) or the pre-pool activations (avg), and
-    x; dx reads dz (conv2d_act_pool_dz_kernel's) and w. Writes dx, dw and db, and the reduction's
+    dw reads what dz is made of (_grad_preact_reads) and x; dx reads dz (conv2d_act_pool_dz_kernel's)
+    and w. Writes dx, dw and db, and the reduction's
     workspace and counters."""
     a, m = d["args"], d["meta"]
     K = a["C_in"] * m["KSIZE"] ** 2
@@ -808,8 +808,7 @@ def _backward_work(d: dict) -> Work:
     dw = replace(weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful), dots=int(m["HAS_DW"]))
     extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
     subsample = m["POOL"] == "subsample"
-    reads = ((["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * subsample
-              + ["a_ptr"] * m["SAVED_PREPOOL"] + ["x_ptr"]) * (dw_programs > 0)
+    reads = ((_grad_preact_reads(m) + ["x_ptr"]) * (dw_programs > 0)
              + ["conn_ptr"] * m["HAS_CONNECTIONS"] + ["dz_ptr", "w_ptr"] * (num_dx > 0) + extra_reads)
     # Subsampling's parameter gradients share db_ptr's buffer with the bias's (weight_grad_traffic).
     writes = ["dx_ptr"] * (num_dx > 0) + ["db_ptr"] * (subsample and not m["HAS_BIAS"] and dw_programs > 0) \
@@ -817,14 +816,19 @@ def _backward_work(d: dict) -> Work:
     return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))
 
 
+def _grad_preact_reads(m: dict) -> list[str]:
+    """What _grad_preact reads to make dz: grad_y, and y and the window index (max pooling), y alone
+    (no pooling: act' from the output), y and the pool weight (subsample), the pre-pool activations
+    where they were saved (avg with an activation, subsample)."""
+    pool = m["POOL"]
+    return (["g_ptr"] + ["y_ptr", "win_ptr"] * (pool == "max") + ["y_ptr"] * (pool == "none")
+            + ["y_ptr", "pw_ptr"] * (pool == "subsample") + ["a_ptr"] * m["SAVED_PREPOOL"])
+
+
 @accounts(conv2d_act_pool_dz_kernel)
 def _dz_work(d: dict) -> Work:
-    """No dot. Reads grad_y, and y and the window index (max pooling) or the pre-pool activations
-    (avg, subsample) and the pool weight (subsample); writes dz."""
-    m = d["meta"]
-    reads = (["g_ptr"] + ["y_ptr", "win_ptr"] * (m["POOL"] == "max") + ["y_ptr", "pw_ptr"] * (m["POOL"] == "subsample")
-             + ["y_ptr"] * (m["POOL"] == "none") + ["a_ptr"] * m["SAVED_PREPOOL"])
-    return Work((), tensor_bytes(d, *reads), tensor_bytes(d, "dz_ptr"))
+    """No dot. Reads what dz is made of (_grad_preact_reads); writes dz."""
+    return Work((), tensor_bytes(d, *_grad_preact_reads(d["meta"])), tensor_bytes(d, "dz_ptr"))
 
 
 __all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward",

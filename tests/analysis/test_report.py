@@ -2,6 +2,7 @@
 arithmetic against hand-computed cases, its reading of TTGIR layouts (literal snippets and a really
 compiled tiny dot), its FLOP and byte formulas against one layer worked by hand and against
 model_flops, and its command line (one row per launch; the second run compiles nothing)."""
+import functools
 import json
 import os
 import subprocess
@@ -9,10 +10,13 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fastlenet.analysis.gpu_build import SM_LIMITS
 from fastlenet.analysis.report import GPUS, analyse, dot_sites, occupancy, record_step
+from fastlenet.kernels import conv_act_pool as conv
 from fastlenet.kernels.accounting import work
+from fastlenet.kernels.launch import describe, record
 from fastlenet.models import LeNet5
 from fastlenet.profiling import model_flops, step_launches
 
@@ -243,12 +247,6 @@ def test_conv1_backward_work_by_hand(step256):
 def test_the_weight_gradient_counts_what_dz_is_made_of():
     # Without pooling dz = act'(y) * grad_y: the weight gradient reads y as the dz launch does;
     # with max pooling the window index too.
-    import functools
-
-    import torch
-    from fastlenet.kernels import conv_act_pool as conv
-    from fastlenet.kernels.launch import describe, record
-
     x, w = torch.empty(2, 3, 12, 12), torch.empty(4, 3, 5, 5)
     for pool, shape, extra in ((None, (2, 4, 8, 8), {"y_ptr"}), ("max", (2, 4, 4, 4), {"y_ptr", "win_ptr"})):
         y, g = torch.empty(shape), torch.empty(shape)

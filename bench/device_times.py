@@ -36,15 +36,16 @@ def launch_labels(mode: str) -> list[str]:
         return forward
     backward = []
     for n in reversed(LAYERS):
-        if n.startswith("conv") and n != LAYERS[0]:  # its input needs a gradient: dz first, in a launch of its own
-            backward.append(f"{n} backward dz")
+        if n.startswith("conv") and n != LAYERS[0]:  # its input needs a gradient: dz, then grad-input, first
+            backward += [f"{n} backward dz", f"{n} backward dx"]
         backward.append(f"{n} backward")
     return forward + ["loss forward", "loss backward"] + backward
 
 
 def _kernel_of(label: str) -> str:
     """The fastlenet kernel a launch label's layer and direction run ("conv2 backward" ->
-    conv2d_act_pool_bwd_kernel, "conv2 backward dz" -> conv2d_act_pool_dz_kernel)."""
+    conv2d_act_pool_bwd_kernel, "conv2 backward dz" -> conv2d_act_pool_dz_kernel, "conv2 backward dx"
+    -> conv2d_act_pool_dx_kernel)."""
     layer, direction, *part = label.split()
     family = {"conv": "conv2d_act_pool", "fc": "linear_act", "loss": "cross_entropy"}[layer.rstrip("0123456789")]
     return f"{family}_{part[0] if part else 'fwd' if direction == 'forward' else 'bwd'}_kernel"
@@ -52,12 +53,12 @@ def _kernel_of(label: str) -> str:
 
 def label_kernels(names: list[str], mode: str) -> list[str | None]:
     """The label of each kernel of one step, in launch order: fastlenet's Triton kernels (names ending
-    _fwd_kernel / _dz_kernel / _bwd_kernel) take the step's labels in order; any other kernel (ATen's, cuDNN's) has
-    none. Refuses a sequence whose Triton kernels are not the step's."""
+    _fwd_kernel / _dz_kernel / _dx_kernel / _bwd_kernel) take the step's labels in order; any other
+    kernel (ATen's, cuDNN's) has none. Refuses a sequence whose Triton kernels are not the step's."""
     labels = iter(launch_labels(mode))
     out = []
     for name in names:
-        if name.endswith(("_fwd_kernel", "_dz_kernel", "_bwd_kernel")):
+        if name.endswith(("_fwd_kernel", "_dz_kernel", "_dx_kernel", "_bwd_kernel")):
             label = next(labels, None)
             if label is None or name != _kernel_of(label):
                 raise ValueError(f"kernel {name} where the step launches {label or 'nothing more'}")

@@ -115,7 +115,7 @@ def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | di
     """The Triton launches of one fused LeNet-5 training_step (SGD), recorded without running a
     kernel, as launch.describe dicts whose one origin says which layer and direction launched it:
     "conv1 forward", ..., "loss forward", "loss backward", "fc3 backward", ..., "conv2 backward dz",
-    "conv2 backward", "conv1 backward".
+    "conv2 backward dx", "conv2 backward", "conv1 backward".
     mode="inference": those of one forward call under torch.inference_mode instead.
 
     precision: float32 dots as launch.record_precision takes it; None reads PyTorch's switches as a
@@ -141,12 +141,13 @@ def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | di
     elif mode == "train":
         launches = record(lambda: training_step(model, optimizer, FF.cross_entropy, x, y), precision)
         # One launch per layer and direction, forward in layer order, backward in reverse; a
-        # convolution that passes its gradient on gathers dz in a launch before its backward's.
+        # convolution that passes its gradient on gathers dz and computes grad-input in two launches
+        # before its parameters' gradients.
         layers = [name for name, _ in model.named_children()] + ["loss"]
         expected = [(f"{n} forward", "_fwd_kernel") for n in layers]
         for n in reversed(layers):
             if len(expected) < len(launches) and launches[len(expected)].name.endswith("_dz_kernel"):
-                expected.append((f"{n} backward dz", "_dz_kernel"))
+                expected += [(f"{n} backward dz", "_dz_kernel"), (f"{n} backward dx", "_dx_kernel")]
             expected.append((f"{n} backward", "_bwd_kernel"))
     else:
         raise ValueError(f"mode must be 'train' or 'inference', not {mode!r}")
@@ -154,7 +155,8 @@ def step_launches(variant: str = "lenet5", batch: int = 256, precision: str | di
             not launch.name.endswith(suffix) for launch, (_, suffix) in zip(launches, expected)):
         raise RuntimeError(f"a {variant} training step launched {[launch.name for launch in launches]}; "
                            f"expected one forward launch per layer and the loss, then their backward "
-                           f"launches in reverse (a convolution's dz launch before its backward)")
+                           f"launches in reverse (a convolution's dz and grad-input launches before its "
+                           f"backward)")
     return [describe(launch, label) for launch, (label, _) in zip(launches, expected)]
 
 

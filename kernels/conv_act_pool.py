@@ -2,11 +2,11 @@
 
 Forward rows are pooled positions with four accumulators (one per window position): pooling happens in
 registers, only the pooled map is stored. act' comes from the output, so backward needs only a 1-byte
-window index (max) or the pre-pool activations (avg), in one launch; grad-input reads dz k*k times, so
-where it is wanted dz is gathered once before, in a launch of its own. Why: docs/design.md, "conv_act_pool".
+window index (max) or the pre-pool activations (avg). The parameters' gradients are one launch, dz
+gathered on the fly; grad-input reads dz k*k times, so where it is wanted dz is gathered once, in a
+launch of its own, then read by grad-input's. Why: docs/design.md, "conv_act_pool".
 """
 import math
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -302,7 +302,7 @@ def conv2d_act_pool_dz_kernel(
 
 
 @triton.jit
-def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
+def _grad_input_tile(pid, w_ptr, conn_ptr, dz_ptr, dx_ptr,
                      N, C_in, H, W, C_out, OH, OW,
                      stride_wo, stride_wi, stride_wh, stride_ww,
                      KSIZE: tl.constexpr, PADDING: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
@@ -314,7 +314,7 @@ def _grad_input_tile(pid, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr,
     their loads depend on nothing loaded, so they can all be in flight at once (docs/design.md,
     "conv_act_pool")."""
     tl.static_assert(TAPS == 1 or TAPS == KSIZE, "a trip is one tap or a whole filter row")
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc_dtype = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     num_n = tl.cdiv(C_in, BLOCK_N)
     offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ci = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -412,40 +412,48 @@ def _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr
 
 
 @triton.jit
+def conv2d_act_pool_dx_kernel(
+    # pointers
+    w_ptr, conn_ptr, dz_ptr, dx_ptr,
+    # sizes
+    N, C_in, C_out,
+    # strides
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    # meta-parameters
+    KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, POOL: tl.constexpr, HAS_CONNECTIONS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAPS: tl.constexpr,
+):
+    """Grad-input: one BLOCK_M x BLOCK_N tile of dx a program, from conv2d_act_pool_dz_kernel's dz."""
+    S: tl.constexpr = _pool_stride(POOL)
+    _grad_input_tile(tl.program_id(0), w_ptr, conn_ptr, dz_ptr, dx_ptr, N, C_in, H, W, C_out, S * PH, S * PW,
+                     stride_wo, stride_wi, stride_wh, stride_ww, KSIZE, PADDING, HAS_CONNECTIONS,
+                     DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TAPS)
+
+
+@triton.jit
 def conv2d_act_pool_bwd_kernel(
     # pointers
-    x_ptr, w_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dz_ptr, dx_ptr, dw_ptr, db_ptr, ws_ptr,
-    counter_ptr,
+    x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr, ws_ptr, counter_ptr,
     # sizes
-    N, C_in, C_out, NUM_DW, SPLIT, ROWS_PER_SPLIT, GROUP,
+    N, C_in, C_out, SPLIT, ROWS_PER_SPLIT, GROUP,
     # strides
     stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_wo, stride_wi, stride_wh, stride_ww,
     # meta-parameters
     KSIZE: tl.constexpr, PADDING: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, ACTIVATION: tl.constexpr, POOL: tl.constexpr,
     SAVED_PREPOOL: tl.constexpr, HAS_BIAS: tl.constexpr, LEVELS: tl.constexpr,
     HAS_CONNECTIONS: tl.constexpr, POOL_ACTIVATION: tl.constexpr, MARK_NANS: tl.constexpr,
-    HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_DX_M: tl.constexpr, BLOCK_DX_N: tl.constexpr, BLOCK_DX_K: tl.constexpr, DX_TAPS: tl.constexpr,
-    BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_DW_CO: tl.constexpr, BLOCK_DW_K: tl.constexpr, BLOCK_DW_R: tl.constexpr,
 ):
-    # One launch, two jobs: the first NUM_DW programs compute weight-gradient (tile, split) pairs,
-    # the others grad-input tiles. A job not asked for is not compiled (HAS_DX, HAS_DW), so its
-    # registers never weigh on the other's.
-    pid = tl.program_id(0)
-    if pid >= NUM_DW:
-        if HAS_DX:
-            S: tl.constexpr = _pool_stride(POOL)
-            _grad_input_tile(pid - NUM_DW, x_ptr, w_ptr, conn_ptr, dz_ptr, dx_ptr, N, C_in, H, W, C_out, S * PH,
-                             S * PW, stride_wo, stride_wi, stride_wh, stride_ww, KSIZE, PADDING, HAS_CONNECTIONS,
-                             DOT_PRECISION, BLOCK_DX_M, BLOCK_DX_N, BLOCK_DX_K, DX_TAPS)
-    elif HAS_DW:
-        _grad_weight_tile(pid, x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr,
-                          ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
-                          stride_xn, stride_xc, stride_xh, stride_xw,
-                          KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, HAS_CONNECTIONS,
-                          POOL_ACTIVATION, MARK_NANS, DOT_PRECISION, BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
+    """The parameters' gradients: weight and bias (and subsampling's pool weight and bias), one
+    (tile, split) pair of the weight-gradient reduction a program, dz gathered on the fly."""
+    _grad_weight_tile(tl.program_id(0), x_ptr, g_ptr, y_ptr, win_ptr, a_ptr, conn_ptr, pw_ptr, dw_ptr, db_ptr,
+                      ws_ptr, counter_ptr, N, C_in, H, W, C_out, PH, PW, SPLIT, ROWS_PER_SPLIT, GROUP,
+                      stride_xn, stride_xc, stride_xh, stride_xw,
+                      KSIZE, PADDING, ACTIVATION, POOL, SAVED_PREPOOL, HAS_BIAS, LEVELS, HAS_CONNECTIONS,
+                      POOL_ACTIVATION, MARK_NANS, DOT_PRECISION, BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,13 +510,15 @@ WEIGHT_GRAD_ROWS = 1024
 
 def _weight_grad_blocks(C_out: int, K: int, pool) -> tuple[int, int, int]:
     """(BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R) of the weight-gradient programs, K = C_in*k*k. A trip's
-    rows are one dependent memory wait (its gathers), so the more rows the fewer waits: 64 where the
-    tile is one 16 x 32 block (a few channels in and out, as conv1's) and dz comes from the output
-    and at most a window index (max pooling or none); 16 elsewhere, where taller tiles kept registers
-    on the stack (docs/design.md, "Compiler configurations")."""
+    rows are one dependent memory wait (its gathers), so the more rows the fewer waits. Where the
+    tile is 16 output channels and dz comes from the output and at most a window index (max pooling
+    or none), a trip takes 64 rows if the tile is the whole K (a few input channels, as conv1's 25
+    taps), else 32 (conv2's); 16 elsewhere, where taller tiles kept registers on the stack
+    (docs/design.md, "Compiler configurations")."""
     block_co = min(max(next_pow2(C_out), 16), 32)
-    tall = K <= 32 and block_co == 16 and pool in ("max", None)
-    return block_co, 32, 64 if tall else 16
+    if block_co > 16 or pool not in ("max", None):
+        return block_co, 32, 16
+    return block_co, 32, 64 if K <= 32 else 32
 
 
 def channel_grads(has_bias: bool, pool) -> bool:
@@ -598,26 +608,31 @@ def _forward_dots(dtype, precision: str, K: int, BLOCK_M: int, BLOCK_N: int, poo
     return dict(BLOCK_K=16, num_warps=8, num_stages=2 if pooled else 1)
 
 
-def _backward_dots(precision: str, block_dx_n: int, ksize: int, need_dx: bool, subsample: bool = False,
-                   wide_dw: bool = False, tall_dw: bool = False) -> dict:
-    """BLOCK_DX_K, DX_TAPS and launch options of the backward for its dot precision and grad-input
-    tile width: TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8, one stage, and a
-    register budget (maxnreg) that builds spill-free on both Triton releases and both targets.
-    Grad-input takes a whole filter row a trip (DX_TAPS = k) only in the narrow TF32 tile beside a
-    narrow weight-gradient tile (LeNet's conv2), at 2 warps and 168 registers: Triton lays a chain
-    of dots (the row's k taps) out with every warp along the rows, so 4 warps over 32 rows computed
-    each product twice, and at 96 registers 2 warps kept 64-96 bytes on the stack. Elsewhere a tap
-    a trip, which kept 8-48 bytes on the stack instead. Each choice, and what
-    spilled instead: docs/design.md, "Compiler configurations". Subsampling's two more per-channel
-    sums take 8-24 bytes of stack at 96 registers (sm_80/sm_90), as does a 32-channel
-    weight-gradient tile beside a narrow grad-input one (wide_dw): 128 for them. 64 weight-gradient
-    rows a trip (tall_dw) kept 8 bytes on sm_80's stack at 128: 152."""
+def _grad_input_options(precision: str, block_n: int, ksize: int, C_out: int, has_connections: bool) -> dict:
+    """BLOCK_K, TAPS and launch options of grad-input for its dot precision and tile, one stage, and
+    a register budget (maxnreg) that builds spill-free on both Triton releases and both targets. A
+    whole filter row a trip (TAPS = k) where the TF32 tile is narrow and C_out one channel block
+    (LeNet's conv2), at 2 warps: Triton lays a chain of dots (the row's k taps) out with every warp
+    along the rows, so 4 warps over 32 rows computed each product twice; 128 registers, 168 with a
+    connection table (its mask kept 8-16 bytes on sm_80's stack at 128). Elsewhere a tap a trip:
+    TF32 at 4 warps (one 16x8 MMA instruction a warp), IEEE (FMA) at 8; a whole row there kept 8-368
+    bytes on the stack. Each choice: docs/design.md, "Compiler configurations"."""
     if precision == "tf32":
-        narrow = block_dx_n <= 16
-        row = need_dx and narrow and not wide_dw
-        return dict(BLOCK_DX_K=16, DX_TAPS=ksize if row else 1, num_warps=2 if row else 4, num_stages=1,
-                    maxnreg=168 if row or not narrow else 152 if tall_dw else 128 if subsample or wide_dw else 96)
-    return dict(BLOCK_DX_K=32, DX_TAPS=1, num_warps=8, num_stages=1, maxnreg=128)
+        row = block_n <= 16 and C_out <= 16
+        return dict(BLOCK_K=16, TAPS=ksize if row else 1, num_warps=2 if row else 4, num_stages=1,
+                    maxnreg=168 if has_connections or not row else 128)
+    return dict(BLOCK_K=32, TAPS=1, num_warps=8, num_stages=1, maxnreg=128)
+
+
+def _weight_grad_options(precision: str, block_r: int, subsample: bool, wide: bool) -> dict:
+    """Launch options of the weight gradient: TF32 at 4 warps, IEEE (FMA) at 8, one stage, and a
+    register budget: 96 for 16 rows a trip, 128 with subsampling's two more per-channel sums or a
+    32-channel tile (wide), which kept 8-24 bytes on the stack at 96, and for 32 rows a trip; 152
+    for 64 rows a trip, which kept 8 bytes on sm_80's stack at 128."""
+    if precision == "tf32":
+        return dict(num_warps=4, num_stages=1,
+                    maxnreg=152 if block_r > 32 else 128 if block_r > 16 or subsample or wide else 96)
+    return dict(num_warps=8, num_stages=1, maxnreg=128)
 
 
 _FWD = PlanCache()
@@ -674,7 +689,7 @@ def _forward_work(d: dict) -> Work:
     K = a["C_in"] * m["KSIZE"] ** 2
     programs = math.prod(d["grid"])
     executed = programs * 4 * 2 * m["BLOCK_M"] * m["BLOCK_N"] * round_up(K, m["BLOCK_K"])
-    useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
+    useful = _layer_flops(a, m)
     reads = (["x_ptr", "w_ptr"] + ["b_ptr"] * m["HAS_BIAS"] + ["conn_ptr"] * m["HAS_CONNECTIONS"]
              + ["pw_ptr", "pb_ptr"] * (m["POOL"] == "subsample"))
     writes = (["y_ptr"] + ["win_ptr"] * m["SAVE_WIN"] + ["a_ptr"] * m["SAVE_PREPOOL"]
@@ -690,12 +705,13 @@ class BackwardPlan(NamedTuple):
     C_in: int
     C_out: int
     ksize: int
-    num_dx: int  # grad-input programs, after the weight-gradient ones (0 without dx)
     dz_shape: tuple  # grad-input's dz, channels last [N, S*PH, S*PW, C_out] (computed only with dx)
     dz_grid: tuple[int, int]  # conv2d_act_pool_dz_kernel's: (position blocks, channel blocks)
     dz_meta: dict  # its constexprs and launch options
+    dx_grid: tuple[int]  # conv2d_act_pool_dx_kernel's: (input position blocks x input channel blocks,)
+    dx_meta: dict  # its constexprs and launch options; DOT_PRECISION and _grad_input_options' per call
     sizes: WeightGradSizes  # the weight-gradient reduction's split
-    meta: dict  # constexprs and launch options; DOT_PRECISION and _backward_dots' per call
+    meta: dict  # conv2d_act_pool_bwd_kernel's; DOT_PRECISION and _weight_grad_options' per call
 
 
 def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, pool: str,
@@ -705,17 +721,14 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     N, C_in, H, W = x_shape
     C_out, _, ksize, _ = w_shape
     PH, PW = y_shape[2], y_shape[3]
-    BLOCK_DX_M, BLOCK_DX_N = 32, min(max(next_pow2(C_in), 16), 64)
-    num_dx = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N)) if need_dx else 0
     BLOCK_DW_CO, BLOCK_DW_K, BLOCK_DW_R = _weight_grad_blocks(C_out, C_in * ksize * ksize, pool)
     plan_sizes = _weight_grad_sizes(N, C_in, C_out, ksize, PH, PW, pool, has_bias, enabled=need_dw)
     meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, ACTIVATION=activation,
                 POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool, HAS_BIAS=has_bias,
                 LEVELS=plan_sizes.levels, HAS_CONNECTIONS=has_connections, POOL_ACTIVATION=pool_activation,
-                MARK_NANS=marks_nans(activation, pool), HAS_DX=need_dx, HAS_DW=need_dw, DOT_PRECISION=None,
-                BLOCK_DX_M=BLOCK_DX_M, BLOCK_DX_N=BLOCK_DX_N, BLOCK_DX_K=None, DX_TAPS=None,
+                MARK_NANS=marks_nans(activation, pool), DOT_PRECISION=None,
                 BLOCK_DW_CO=BLOCK_DW_CO, BLOCK_DW_K=BLOCK_DW_K, BLOCK_DW_R=BLOCK_DW_R,
-                num_warps=None, num_stages=None)  # BLOCK_DX_K, DX_TAPS, warps, stages by precision: _backward_dots
+                num_warps=None, num_stages=None)  # warps, stages by precision: _weight_grad_options
     s = pool_stride(pool)
     dz_shape = (N, s * PH, s * PW, C_out)
     # 1,024 elements a program (8 a thread at 4 warps), a row's channels contiguous.
@@ -726,7 +739,13 @@ def _backward_config(x_shape, w_shape, y_shape, padding: int, activation: str, p
     dz_meta = dict(PH=PH, PW=PW, ACTIVATION=activation, POOL=_pool_constexpr(pool), SAVED_PREPOOL=saved_prepool,
                    POOL_ACTIVATION=pool_activation, MARK_NANS=marks_nans(activation, pool), BLOCK_P=BLOCK_P,
                    BLOCK_C=BLOCK_C, num_warps=4)
-    return BackwardPlan(N, C_in, C_out, ksize, num_dx, dz_shape, dz_grid, dz_meta, plan_sizes, meta)
+    # grid: (tiles of input positions N*H*W x tiles of input channels,)
+    BLOCK_DX_M, BLOCK_DX_N = 32, min(max(next_pow2(C_in), 16), 64)
+    dx_grid = (cdiv(N * H * W, BLOCK_DX_M) * cdiv(C_in, BLOCK_DX_N),)
+    dx_meta = dict(KSIZE=ksize, PADDING=padding, H=H, W=W, PH=PH, PW=PW, POOL=_pool_constexpr(pool),
+                   HAS_CONNECTIONS=has_connections, DOT_PRECISION=None, BLOCK_M=BLOCK_DX_M, BLOCK_N=BLOCK_DX_N,
+                   BLOCK_K=None, TAPS=None, num_warps=None, num_stages=None)  # by precision: _grad_input_options
+    return BackwardPlan(N, C_in, C_out, ksize, dz_shape, dz_grid, dz_meta, dx_grid, dx_meta, plan_sizes, meta)
 
 
 _BWD = PlanCache()
@@ -735,50 +754,58 @@ _BWD = PlanCache()
 def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, activation: str,
                              pool: str, has_bias: bool, need_dx: bool, need_dw: bool, counters=None,
                              connections=None, pool_weight=None, pool_activation: str = "identity"):
-    """Returns (dx, dw, db, d pool_weight, d pool_bias), each None when not computed, in one launch;
-    need_dw covers every parameter's gradient (the pool's are computed with subsampling only).
-    grad_y/y/win/prepool must be contiguous (the caller ensures it); x and weight may be strided.
-    `counters` are those the forward returned (zeroed by it); None allocates zeroed ones."""
+    """Returns (dx, dw, db, d pool_weight, d pool_bias), each None when not computed. Grad-input is
+    two launches, dz gathered once and then the GEMM over it; the parameters' gradients one more, on
+    its own, so that each job gets the warps and registers it needs (docs/design.md,
+    "conv_act_pool"). need_dw covers every parameter's gradient (the pool's are computed with
+    subsampling only). grad_y/y/win/prepool must be contiguous (the caller ensures it); x and
+    weight may be strided. `counters` are those the forward returned (zeroed by it); None allocates
+    zeroed ones."""
     key = (x.shape, weight.shape, y.shape, padding, activation, pool, prepool is not None, has_bias,
            need_dx, need_dw, connections is not None, pool_activation)
     cfg = _BWD.get_or_build(key, _backward_config)
     C_in, C_out, ksize = cfg.C_in, cfg.C_out, cfg.ksize
     device, dtype = x.device, x.dtype
-    dx = empty(x.shape, dtype=dtype, device=device) if need_dx else None
-    dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype) if need_dw else None
+    precision = dot_precision(x, "conv")
     subsample = pool == "subsample"
-    # With subsampling the reduction's per-channel sums are three: db, d pool_weight, d pool_bias.
-    grads = empty((3, C_out) if subsample else (C_out,), device=device, dtype=dtype) \
-        if need_dw and channel_grads(has_bias, pool) else None
-    plan = plan_weight_grad(cfg.sizes, x, counters)
-    dz = None
+    # A stand-in for a pointer the launch does not read (a kernel argument must be a tensor).
+    unused = y
+    dx = dw = grads = None
     if need_dx:  # dz first, in a launch of its own: grad-input reads each value k*k times
         dz = empty(cfg.dz_shape, dtype=dtype, device=device)
         launch(conv2d_act_pool_dz_kernel, cfg.dz_grid,
-               dict(g_ptr=grad_y, y_ptr=y, win_ptr=win if win is not None else y,
-                    a_ptr=prepool if prepool is not None else y,
-                    pw_ptr=pool_weight if pool_weight is not None else y, dz_ptr=dz, N=cfg.N, C_out=C_out),
+               dict(g_ptr=grad_y, y_ptr=y, win_ptr=win if win is not None else unused,
+                    a_ptr=prepool if prepool is not None else unused,
+                    pw_ptr=pool_weight if pool_weight is not None else unused, dz_ptr=dz, N=cfg.N, C_out=C_out),
                cfg.dz_meta)
-    meta = dict(cfg.meta)
-    meta["DOT_PRECISION"] = dot_precision(x, "conv")
-    meta.update(_backward_dots(meta["DOT_PRECISION"], meta["BLOCK_DX_N"], ksize, need_dx, subsample,
-                               meta["BLOCK_DW_CO"] > 16, meta["BLOCK_DW_R"] > 16))
-    sx, sw = x.stride(), weight.stride()
-
-    # grid: (weight-gradient tile x split) programs, then NUM_DX grad-input tiles.
-    grid = (plan.programs + cfg.num_dx,)
-    launch(conv2d_act_pool_bwd_kernel, grid,
-           dict(x_ptr=x, w_ptr=weight, g_ptr=grad_y, y_ptr=y,
-                win_ptr=win if win is not None else y, a_ptr=prepool if prepool is not None else y,
-                conn_ptr=connections if connections is not None else y,
-                pw_ptr=pool_weight if pool_weight is not None else y, dz_ptr=dz if dz is not None else y,
-                dx_ptr=dx if dx is not None else y, dw_ptr=dw if dw is not None else y,
-                db_ptr=grads if grads is not None else y, ws_ptr=plan.workspace, counter_ptr=plan.counters,
-                N=cfg.N, C_in=C_in, C_out=C_out, NUM_DW=plan.programs,
-                SPLIT=plan.sizes.split, ROWS_PER_SPLIT=plan.sizes.rows_per_split, GROUP=plan.sizes.group,
-                stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3],
-                stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
-           meta)
+        dx = empty(x.shape, dtype=dtype, device=device)
+        sw = weight.stride()
+        launch(conv2d_act_pool_dx_kernel, cfg.dx_grid,
+               dict(w_ptr=weight, conn_ptr=connections if connections is not None else unused, dz_ptr=dz,
+                    dx_ptr=dx, N=cfg.N, C_in=C_in, C_out=C_out,
+                    stride_wo=sw[0], stride_wi=sw[1], stride_wh=sw[2], stride_ww=sw[3]),
+               {**cfg.dx_meta, "DOT_PRECISION": precision,
+                **_grad_input_options(precision, cfg.dx_meta["BLOCK_N"], ksize, C_out, connections is not None)})
+    if need_dw:
+        dw = empty((C_out, C_in, ksize, ksize), device=device, dtype=dtype)
+        # With subsampling the reduction's per-channel sums are three: db, d pool_weight, d pool_bias.
+        grads = empty((3, C_out) if subsample else (C_out,), device=device, dtype=dtype) \
+            if channel_grads(has_bias, pool) else None
+        plan = plan_weight_grad(cfg.sizes, x, counters)
+        meta = {**cfg.meta, "DOT_PRECISION": precision,
+                **_weight_grad_options(precision, cfg.meta["BLOCK_DW_R"], subsample, cfg.meta["BLOCK_DW_CO"] > 16)}
+        sx = x.stride()
+        # grid: (weight-gradient tile x split,)
+        launch(conv2d_act_pool_bwd_kernel, (plan.programs,),
+               dict(x_ptr=x, g_ptr=grad_y, y_ptr=y,
+                    win_ptr=win if win is not None else unused, a_ptr=prepool if prepool is not None else unused,
+                    conn_ptr=connections if connections is not None else unused,
+                    pw_ptr=pool_weight if pool_weight is not None else unused, dw_ptr=dw,
+                    db_ptr=grads if grads is not None else unused, ws_ptr=plan.workspace, counter_ptr=plan.counters,
+                    N=cfg.N, C_in=C_in, C_out=C_out,
+                    SPLIT=plan.sizes.split, ROWS_PER_SPLIT=plan.sizes.rows_per_split, GROUP=plan.sizes.group,
+                    stride_xn=sx[0], stride_xc=sx[1], stride_xh=sx[2], stride_xw=sx[3]),
+               meta)
     if grads is None:
         return dx, dw, None, None, None
     if not subsample:
@@ -786,34 +813,42 @@ def conv2d_act_pool_backward(grad_y, x, weight, y, win, prepool, padding: int, a
     return dx, dw, grads[0] if has_bias else None, grads[1], grads[2]
 
 
+def _layer_flops(a: dict, m: dict) -> int:
+    """2 per multiply-add of the layer at the conv positions the pooling windows cover (model_flops'
+    convention): the forward's, the weight gradient's and grad-input's alike."""
+    return 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * a["C_in"] * m["KSIZE"] ** 2
+
+
 @accounts(conv2d_act_pool_bwd_kernel)
 def _backward_work(d: dict) -> Work:
-    """Two jobs in one grid. dw: the first NUM_DW programs, BLOCK_DW_CO x BLOCK_DW_K tiles (see
-    split_reduce.weight_grad_job). dx: the remaining NUM_DX programs, BLOCK_DX_M input positions x
-    BLOCK_DX_N input channels, reducing over ceil(C_out / BLOCK_DX_K) channel blocks x k*k taps:
-        executed = NUM_DX * 2 * BLOCK_DX_M * BLOCK_DX_N * BLOCK_DX_K * ceil(C_out / BLOCK_DX_K) * k*k
-    Each job's useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out * C_in*k*k (model_flops' convention).
-    dw reads what dz is made of (_grad_preact_reads) and x; dx reads dz (conv2d_act_pool_dz_kernel's)
-    and w. Writes dx, dw and db, and the reduction's
-    workspace and counters."""
+    """The weight gradient: (tile x split) programs of BLOCK_DW_CO x BLOCK_DW_K tiles (see
+    split_reduce.weight_grad_job); its useful FLOPs are the forward's, 2 * (N * 4*PH*PW) * C_out *
+    C_in*k*k (model_flops' convention). Reads what dz is made of (_grad_preact_reads) and x; writes
+    dw and db, and the reduction's workspace and counters."""
     a, m = d["args"], d["meta"]
-    K = a["C_in"] * m["KSIZE"] ** 2
-    useful = 2 * a["N"] * 4 * m["PH"] * m["PW"] * a["C_out"] * K
-    dw_programs = a["NUM_DW"]
-    num_dx = d["grid"][0] - dw_programs
-    dx = Job("dx", "_grad_input_tile", num_dx,
-             num_dx * 2 * m["BLOCK_DX_M"] * m["BLOCK_DX_N"] * round_up(a["C_out"], m["BLOCK_DX_K"]) * m["KSIZE"] ** 2,
-             useful if num_dx else 0, (m["BLOCK_DX_M"], m["BLOCK_DX_N"]), dots=int(m["HAS_DX"]))
-    # A job not asked for is not compiled (HAS_DX, HAS_DW): no dot of it in the kernel.
-    dw = replace(weight_grad_job(d, dw_programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful), dots=int(m["HAS_DW"]))
-    extra_reads, extra_writes = weight_grad_traffic(d, dw_programs)
-    subsample = m["POOL"] == "subsample"
-    reads = ((_grad_preact_reads(m) + ["x_ptr"]) * (dw_programs > 0)
-             + ["conn_ptr"] * m["HAS_CONNECTIONS"] + ["dz_ptr", "w_ptr"] * (num_dx > 0) + extra_reads)
+    useful = _layer_flops(a, m)
+    programs = d["grid"][0]
+    extra_reads, extra_writes = weight_grad_traffic(d, programs)
+    reads = _grad_preact_reads(m) + ["x_ptr"] + ["conn_ptr"] * m["HAS_CONNECTIONS"] + extra_reads
     # Subsampling's parameter gradients share db_ptr's buffer with the bias's (weight_grad_traffic).
-    writes = ["dx_ptr"] * (num_dx > 0) + ["db_ptr"] * (subsample and not m["HAS_BIAS"] and dw_programs > 0) \
-        + extra_writes
-    return Work((dx, dw), tensor_bytes(d, *reads), tensor_bytes(d, *writes))
+    writes = ["db_ptr"] * (m["POOL"] == "subsample" and not m["HAS_BIAS"]) + extra_writes
+    return Work((weight_grad_job(d, programs, m["BLOCK_DW_CO"], m["BLOCK_DW_K"], useful),),
+                tensor_bytes(d, *reads), tensor_bytes(d, *writes))
+
+
+@accounts(conv2d_act_pool_dx_kernel)
+def _grad_input_work(d: dict) -> Work:
+    """Grad-input: BLOCK_M input positions x BLOCK_N input channels a program, reducing over
+    ceil(C_out / BLOCK_K) channel blocks x k*k taps:
+        executed = programs * 2 * BLOCK_M * BLOCK_N * BLOCK_K * ceil(C_out / BLOCK_K) * k*k
+    useful as the forward's. Reads dz (conv2d_act_pool_dz_kernel's) and w; writes dx."""
+    a, m = d["args"], d["meta"]
+    useful = _layer_flops(a, m)
+    programs = d["grid"][0]
+    executed = programs * 2 * m["BLOCK_M"] * m["BLOCK_N"] * round_up(a["C_out"], m["BLOCK_K"]) * m["KSIZE"] ** 2
+    reads = ["dz_ptr", "w_ptr"] + ["conn_ptr"] * m["HAS_CONNECTIONS"]
+    return Work((Job("dx", "_grad_input_tile", programs, executed, useful, (m["BLOCK_M"], m["BLOCK_N"])),),
+                tensor_bytes(d, *reads), tensor_bytes(d, "dx_ptr"))
 
 
 def _grad_preact_reads(m: dict) -> list[str]:
@@ -833,4 +868,4 @@ def _dz_work(d: dict) -> Work:
 
 __all__ = ["ACTIVATIONS", "POOLS", "ROW_INDEX_LIMIT", "pooled_size", "conv2d_act_pool_forward",
            "conv2d_act_pool_backward", "conv2d_act_pool_fwd_kernel", "conv2d_act_pool_dz_kernel",
-           "conv2d_act_pool_bwd_kernel"]
+           "conv2d_act_pool_dx_kernel", "conv2d_act_pool_bwd_kernel"]

@@ -248,11 +248,12 @@ def test_half_precision_configurations_are_recorded(device):
     too, which the interpreter cannot run: recording runs nothing)."""
     descs = merge_descriptions(half_precision_launches(device))
     for dtype in ("float16", "bfloat16"):
-        # The first tensor each kernel reads: its input, logits, or (dz) the pooled gradient.
-        first = [next(d["args"][k] for k in ("x_ptr", "logits_ptr", "g_ptr") if k in d["args"]) for d in descs]
+        # The first tensor each kernel reads: its input, logits, (dz) the pooled gradient, (dx) dz.
+        first = [next(d["args"][k] for k in ("x_ptr", "logits_ptr", "g_ptr", "dz_ptr") if k in d["args"])
+                 for d in descs]
         kernels = {d["kernel"] for d, arg in zip(descs, first) if arg["dtype"] == dtype}
-        assert kernels == {"conv2d_act_pool_fwd_kernel", "conv2d_act_pool_dz_kernel", "conv2d_act_pool_bwd_kernel",
-                           "linear_act_fwd_kernel",
+        assert kernels == {"conv2d_act_pool_fwd_kernel", "conv2d_act_pool_dz_kernel", "conv2d_act_pool_dx_kernel",
+                           "conv2d_act_pool_bwd_kernel", "linear_act_fwd_kernel",
                            "linear_act_bwd_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel",
                            "rbf_scores_fwd_kernel", "rbf_scores_bwd_kernel"}, dtype
     # Each costs two compilations: 84 with the RBF output's, 94 with the dz launches (small kernels).

@@ -28,7 +28,8 @@ def test_without_a_gpu_it_says_so_in_one_line(bench):
 
 TRAIN = (["conv2d_act_pool_fwd_kernel"] * 2 + ["linear_act_fwd_kernel"] * 3 + ["cross_entropy_fwd_kernel",
          "void at::native::vectorized_elementwise_kernel<ones_like>", "cross_entropy_bwd_kernel"]
-         + ["linear_act_bwd_kernel"] * 3 + ["conv2d_act_pool_dz_kernel"] + ["conv2d_act_pool_bwd_kernel"] * 2
+         + ["linear_act_bwd_kernel"] * 3 + ["conv2d_act_pool_dz_kernel", "conv2d_act_pool_dx_kernel"]
+         + ["conv2d_act_pool_bwd_kernel"] * 2
          + ["void at::native::multi_tensor_apply_kernel<foreach_add>", "void at::native::fused_adam"])
 
 
@@ -37,13 +38,14 @@ def test_a_training_steps_kernels_take_the_reports_labels_in_order(bench):
     assert [lbl for lbl in labels if lbl] == bench.launch_labels("train")
     assert labels[TRAIN.index("conv2d_act_pool_bwd_kernel")] == "conv2 backward"  # the first one launched
     assert labels[TRAIN.index("conv2d_act_pool_dz_kernel")] == "conv2 backward dz"  # conv1's input needs none
+    assert labels[TRAIN.index("conv2d_act_pool_dx_kernel")] == "conv2 backward dx"
     assert labels[6] is None and labels[-1] is None  # ATen's kernels have no label
 
 
 def test_a_sequence_that_is_not_the_step_is_refused(bench):
     with pytest.raises(ValueError, match="where the step launches"):
         bench.label_kernels(["linear_act_fwd_kernel", *TRAIN[1:]], "train")
-    with pytest.raises(ValueError, match="of its 13 Triton kernels"):
+    with pytest.raises(ValueError, match="of its 14 Triton kernels"):
         bench.label_kernels(TRAIN[:5], "train")
 
 

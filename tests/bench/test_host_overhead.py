@@ -24,7 +24,7 @@ def test_bench_smoke(tmp_path):
     assert "NOT included" in run.stdout and "launcher" in run.stdout
     res = json.loads(out.read_text())
     assert res["batch"] == 4 and res["adam"] is True
-    assert res["fused"]["launches_per_step"] == 13
+    assert res["fused"]["launches_per_step"] == 14
     for key in ("fused", "pytorch_floor", "eager_cpu_batch1", "eager_cpu"):
         for stat in ("us_per_step_median", "us_per_step_p10", "us_per_step_p90", "repeats"):
             assert stat in res[key]

@@ -5,9 +5,10 @@ device operations, Triton launches plus remaining ATen compute ops. The issue qu
 torch.nn LeNet-5 + F.cross_entropy + fused Adam and 40 with foreach Adam. count_device_ops counts
 one op more in each, 35 and 41: it also counts the ones_like that seeds loss.backward(). Leaving that
 op out gives the issue's figures exactly (so would leaving out Adam's step-counter increment; the
-issue does not say which it left out). The fused step was held to 15 by the stricter count; it is 16
-since conv2's backward gathers dz in a launch of its own, which the timing model predicts cuts the
-step (docs/performance.md: 3.8 to 2.8 ms at batch 4096), so the budget moved with it.
+issue does not say which it left out). The fused step was held to 15 by the stricter count; it is 17
+since conv2's backward gathers dz in a launch of its own and computes grad-input in another, each of
+which the timing model predicts cuts the step (docs/performance.md: 3.8 to 2.8 ms, then 2.0 to 1.9 ms
+at batch 4096), so the budget moved with them.
 
 Runs on the CPU through Triton's interpreter (conftest.py), at batch 2.
 """
@@ -21,7 +22,7 @@ from fastlenet.kernels.launch import record_launches, skip_launches
 from fastlenet.engine import training_step
 from fastlenet.profiling import count_device_ops, model_flops
 
-FUSED_STEP_BUDGET = 16
+FUSED_STEP_BUDGET = 17
 SEED_OP = "ones_like"  # the gradient of the loss w.r.t. itself, filled in by loss.backward()
 # The only ATen ops a fused step may contain: the backward seed and fused Adam's two ops.
 FUSED_STEP_ATEN = {SEED_OP, "_foreach_add_.Scalar", "_fused_adam_"}
@@ -53,9 +54,11 @@ def test_fused_training_step_is_within_budget(device):
     count = step_count(model, optimizer, FF.cross_entropy, device)
     assert count.total <= FUSED_STEP_BUDGET, f"fused step: {count.breakdown()}"
     # One launch per layer and for the loss, each way (conv1's backward included: it computes the
-    # weight gradient), conv2's dz before its backward, and no PyTorch compute standing in for a kernel.
-    assert len(count.triton_launches) == 13, count.breakdown()
+    # weight gradient), conv2's dz and grad-input before its backward, and no PyTorch compute standing
+    # in for a kernel.
+    assert len(count.triton_launches) == 14, count.breakdown()
     assert count.triton_launches.count("conv2d_act_pool_dz_kernel") == 1, count.breakdown()
+    assert count.triton_launches.count("conv2d_act_pool_dx_kernel") == 1, count.breakdown()
     assert set(count.aten_ops) <= FUSED_STEP_ATEN, count.breakdown()
 
 

@@ -96,7 +96,7 @@ def test_conv_skips_grad_input_when_not_needed(device):
     y = FF.conv2d_act_pool(x, w, None, padding=1)
     with record_launches() as launches:
         y.sum().backward()
-    assert [launch.grid[0] - launch.args["NUM_DW"] for launch in launches] == [0]
+    assert [launch.name for launch in launches] == ["conv2d_act_pool_bwd_kernel"]  # no dz, no grad-input
     assert x.grad is None and w.grad is not None
 
 
@@ -119,16 +119,16 @@ def test_grad_input_sums_a_filter_row_a_trip_as_a_tap_a_trip(shape, pool, device
     ref = conv_reference(xr, wr, None, p, "tanh", pool)
     g = torch.randn_like(ref)
     ref.backward(g)
-    chosen = conv._backward_dots
+    chosen = conv._grad_input_options
     grads = []
     for taps in (1, k):
-        monkeypatch.setattr(conv, "_backward_dots", lambda *args, taps=taps, **kw: {**chosen(*args, **kw),
-                                                                                     "DX_TAPS": taps})
+        monkeypatch.setattr(conv, "_grad_input_options", lambda *args, taps=taps, **kw: {**chosen(*args, **kw),
+                                                                                         "TAPS": taps})
         x, w = leaves(x0, w0, dtype=torch.float64, device=device)
         y = FF.conv2d_act_pool(x, w, None, padding=p, activation="tanh", pool=pool)
         with record_launches() as launches:
             y.backward(g)
-        assert [launch.meta["DX_TAPS"] for launch in launches if launch.name == "conv2d_act_pool_bwd_kernel"] == [taps]
+        assert [launch.meta["TAPS"] for launch in launches if launch.name == "conv2d_act_pool_dx_kernel"] == [taps]
         assert rel_err(x.grad, xr.grad) <= TOL[torch.float64]
         grads.append(x.grad)
     assert torch.equal(grads[0], grads[1])
@@ -139,9 +139,9 @@ def test_lenets_conv2_takes_a_filter_row_a_trip_with_tf32_dots():
 
     x = torch.randn(4, 6, 14, 14, requires_grad=True)
     w = torch.randn(16, 6, 5, 5, requires_grad=True)
-    taps = {precision: [(launch.meta["DX_TAPS"], launch.meta["BLOCK_DX_N"])
+    taps = {precision: [(launch.meta["TAPS"], launch.meta["BLOCK_N"])
                         for launch in record(lambda: FF.conv2d_act_pool(x, w, None).sum().backward(), precision)
-                        if launch.name == "conv2d_act_pool_bwd_kernel"]
+                        if launch.name == "conv2d_act_pool_dx_kernel"]
             for precision in ("tf32", "ieee")}
     assert taps == {"tf32": [(5, 16)], "ieee": [(1, 16)]}
 

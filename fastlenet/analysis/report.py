@@ -341,7 +341,8 @@ class StepReport:
                     groups.setdefault(key, []).append(str(d["line"]) + (f" ({d['ops']} ops)" if d["ops"] > 1 else ""))
                 who = f"{r.label} {job['name']}".strip()
                 for (function, tile, layout, covers, replication), where in groups.items():
-                    lines.append(f"  {who:<18}{function}:{','.join(where)}: {tile[0]}x{tile[1]}, {layout} -> "
+                    lines.append(f"  {who:<{max(18, len(who) + 1)}}{function}:{','.join(where)}: {tile[0]}x{tile[1]}, "
+                                 f"{layout} -> "
                                  f"{covers[0]}x{covers[1]}, x{replication}")
         return "\n".join(lines)
 

@@ -504,7 +504,7 @@ def pooled_size(h: int, w: int, ksize: int, padding: int, pool="max") -> tuple[i
 WEIGHT_GRAD_PROGRAMS = 512
 
 
-# Rows a weight-gradient program sums: 64 row blocks of 16, or 16 of 64 (_weight_grad_blocks).
+# Rows a weight-gradient program sums, WEIGHT_GRAD_ROWS // BLOCK_DW_R trips (_weight_grad_blocks).
 WEIGHT_GRAD_ROWS = 1024
 
 
